@@ -1,0 +1,37 @@
+# Two commands: `make run` (execute every notebook on its defaults) and `make test` (unit tests, then nbval).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch by default. GPU users: make setup TORCH_SPEC="torch" TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu126"
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test unit nbtest benchmark clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC) $(TORCH_PIP_ARGS)
+	$(PY) -m pip install -q -e ".[sae]"
+	touch $(STAMP)
+
+run: setup
+	$(PY) -m helpers.run_notebooks
+
+test: unit nbtest
+
+unit: setup
+	$(PY) -m pytest -q tests
+
+nbtest: setup
+	$(PY) -m pytest -q --nbval-lax --nbval-sanitize-with notebooks/sanitize.cfg notebooks
+	$(PY) -m helpers.run_notebooks --only 01_grokking --set task=addition --out runs/ci-addition
+
+benchmark: setup
+	$(PY) benchmarks/grokking_step.py
+
+clean:
+	rm -rf $(VENV) runs

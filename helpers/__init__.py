@@ -1,0 +1,1 @@
+"""Helpers for the mechanistic-interpretability notebook collection, organised by technique and concern."""

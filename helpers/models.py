@@ -1,0 +1,149 @@
+"""One loader for every model the notebooks use: the project's zoo, local folders and the Hugging Face hub.
+
+`load_model` always returns a `TransformerBridge` in compatibility mode, so notebooks see TransformerLens hook names
+(`blocks.{L}.mlp.hook_post`, `blocks.{L}.attn.hook_z`, ...) whether the weights came from `data/models/` or the hub.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformer_lens.model_bridge import TransformerBridge
+
+from helpers import zoo
+
+_HUB_ERRORS: tuple[type[BaseException], ...] = (OSError, ConnectionError, TimeoutError)
+
+
+class ModelNotFoundError(ValueError):
+    """The name is neither a zoo model, a local checkpoint folder, nor reachable on the hub."""
+
+
+class HubUnreachableError(RuntimeError):
+    """The Hugging Face hub could not be reached (no network, or offline mode)."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`"auto"` picks cuda, then mps, then cpu; an explicit device that is not available raises."""
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} was asked for but CUDA is not available; use device='cpu' or 'auto'")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={str(device)!r} was asked for but MPS is not available; use device='cpu' or 'auto'")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """Accept `torch.bfloat16` or its name (`"bfloat16"`, `"bf16"`); None means float32."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+    resolved = getattr(torch, aliases.get(dtype, dtype), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32' or 'bfloat16'")
+    return resolved
+
+
+def hub_offline() -> bool:
+    """True when the user asked the Hugging Face libraries to stay offline."""
+    return any(os.environ.get(var, "").lower() in {"1", "true", "yes"} for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def resolve_source(name: str | Path) -> tuple[str, bool]:
+    """Map a model name to what the bridge boots from: `(path_or_hub_id, is_local)`.
+
+    Zoo names map to their folder under `data/models/`; an existing folder with a `config.json` is used as is;
+    anything else is a hub id. Raises before any loading when a local model is missing.
+    """
+    name = str(name)
+    if zoo.is_zoo_name(name):
+        folder = zoo.checkpoint_dir(name)
+        if not (folder / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"zoo model {name!r} has no checkpoint at {folder}; rebuild it with: python -m helpers.zoo train {name}"
+            )
+        return str(folder), True
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} is a folder but holds no config.json (a Hugging Face checkpoint)")
+        return str(path.resolve()), True
+    looks_local = name.startswith("toy-") or "/" not in name and hub_offline()
+    if looks_local:
+        raise ModelNotFoundError(f"unknown model {name!r}. The project's zoo has: {', '.join(zoo.names())}")
+    if hub_offline():
+        raise HubUnreachableError(
+            f"{name!r} would come from the Hugging Face hub, but offline mode is on (HF_HUB_OFFLINE). "
+            f"Run offline with a zoo model ({', '.join(zoo.names())}) or a local checkpoint folder."
+        )
+    return name, False
+
+
+def load_model(
+    name: str | Path,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype | None = None,
+    *,
+    fold_ln: bool = True,
+    center_writing_weights: bool = True,
+    center_unembed: bool = True,
+    process_weights: bool = True,
+    device_map: str | dict[str, Any] | None = None,
+    revision: str | None = None,
+) -> TransformerBridge:
+    """Load a causal LM as a TransformerBridge in compatibility mode.
+
+    Args:
+        name: a zoo name (`toy-bilingual`, ...), a local Hugging Face checkpoint folder, or a hub id
+            (`EleutherAI/pythia-70m`).
+        device: `"auto"` (cuda, then mps, then cpu) or an explicit device. Ignored when `device_map` is given.
+        dtype: torch dtype or its name; float32 by default.
+        fold_ln, center_writing_weights, center_unembed: the seeds' HookedTransformer processing, each on by default.
+        process_weights: False skips all weight processing (raw HF numerics, hook aliases still enabled).
+        device_map: a Hugging Face device map (`"auto"`, or a dict) to spread a large model over several GPUs.
+        revision: a hub revision (branch, tag or commit).
+    """
+    source, is_local = resolve_source(name)
+    torch_dtype = resolve_dtype(dtype)
+    placement: dict[str, Any] = {"device_map": device_map} if device_map is not None else {"device": resolve_device(device)}
+    try:
+        bridge = TransformerBridge.boot_transformers(
+            source, dtype=torch_dtype, revision=revision, trust_remote_code=False, **placement
+        )
+    except _HUB_ERRORS as error:
+        if is_local:
+            raise
+        raise HubUnreachableError(
+            f"could not load {name!r} from the Hugging Face hub ({type(error).__name__}: {error}). "
+            f"Check the network or the model id; to run offline use a zoo model ({', '.join(zoo.names())}) "
+            "or pass the path of a locally saved checkpoint folder."
+        ) from error
+    bridge.enable_compatibility_mode(
+        disable_warnings=True,
+        no_processing=not process_weights,
+        fold_ln=fold_ln,
+        center_writing_weights=center_writing_weights,
+        center_unembed=center_unembed,
+    )
+    bridge.eval()
+    return bridge
+
+
+def build_native_model(config: dict[str, Any], seed: int, device: str | torch.device = "auto") -> TransformerBridge:
+    """A freshly initialised TransformerLens-native model behind the bridge (the grokking transformer).
+
+    `config` holds TransformerLens config fields (`n_layers`, `d_model`, `d_vocab`, `normalization_type`, ...);
+    `seed` fixes the initialisation.
+    """
+    bridge = TransformerBridge.boot_native({**config, "seed": seed}, device=resolve_device(device))
+    return bridge

@@ -1,0 +1,165 @@
+"""The project's own toy models: a registry of name -> task, architecture and training recipe.
+
+Each toy is a real Hugging Face checkpoint (config.json, model.safetensors, tokenizer.json) under
+`data/models/<name>/`, trained by the project. Its recipe lives in `helpers/toys/<module>.py` and exposes
+`train(out_dir: Path) -> None`. Retrain one with `python -m helpers.zoo train <name>`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from helpers.paths import MODELS_DIR
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """One toy model of the zoo.
+
+    Attributes:
+        name: the zoo name, also the folder name under `data/models/`.
+        architecture: the Hugging Face architecture it shares with a real model (`GPTNeoXForCausalLM`, ...).
+        stands_in_for: the real model the toy replaces in the notebook's default run.
+        task: what it was trained on.
+        recipe: module under `helpers.toys` whose `train(out_dir)` rebuilds the checkpoint.
+    """
+
+    name: str
+    architecture: str
+    stands_in_for: str
+    task: str
+    recipe: str
+
+
+ZOO: dict[str, ZooModel] = {
+    model.name: model
+    for model in [
+    ]
+}
+
+
+def names() -> list[str]:
+    """The zoo's model names, sorted."""
+    return sorted(ZOO)
+
+
+def is_zoo_name(name: str) -> bool:
+    return name in ZOO
+
+
+def checkpoint_dir(name: str) -> Path:
+    """The folder that holds the checkpoint of zoo model `name`."""
+    if name not in ZOO:
+        raise KeyError(f"unknown zoo model {name!r}; the zoo has: {', '.join(names())}")
+    return MODELS_DIR / name
+
+
+def write_checkpoint_atomically(save: Callable[[Path], None], folder: Path) -> Path:
+    """Run `save(tmp_folder)` and move the finished folder to `folder`, so a crash never leaves half a checkpoint."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        save(tmp)
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}-old-{os.getpid()}")
+            folder.rename(old)
+            tmp.rename(folder)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def save_hf_checkpoint(model, tokenizer, folder: Path, metadata: dict | None = None) -> Path:
+    """Save a Hugging Face model + tokenizer (safetensors) atomically, with an optional `zoo.json` of metadata."""
+
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if metadata is not None:
+            (tmp / "zoo.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+
+    return write_checkpoint_atomically(save, folder)
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int,
+    *,
+    special_tokens: tuple[str, ...] = ("<|endoftext|>",),
+    forced_tokens: tuple[str, ...] = (),
+    add_bos: bool = False,
+):
+    """Train a byte-level BPE tokenizer (GPT-2 style) and wrap it as a `PreTrainedTokenizerFast`.
+
+    `special_tokens[0]` serves as BOS, EOS, UNK and PAD. `forced_tokens` are added as ordinary (non-special) tokens
+    so each is guaranteed to be a single token (e.g. `."` for the quotation notebook). `add_bos=True` makes the
+    tokenizer prepend BOS, as Llama's does.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    if forced_tokens:
+        from tokenizers import AddedToken
+
+        tokenizer.add_tokens([AddedToken(token, normalized=False) for token in forced_tokens])
+    bos = special_tokens[0]
+    if add_bos:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=bos, eos_token=bos, unk_token=bos, pad_token=bos,
+        add_bos_token=add_bos,
+    )
+
+
+def train(name: str, out_dir: Path | None = None) -> Path:
+    """Rebuild zoo model `name` with its recipe; returns the checkpoint folder."""
+    folder = Path(out_dir) if out_dir is not None else checkpoint_dir(name)
+    recipe = importlib.import_module(f"helpers.toys.{ZOO[name].recipe}")
+    recipe.train(folder)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m helpers.zoo", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the zoo")
+    train_parser = sub.add_parser("train", help="retrain one toy model")
+    train_parser.add_argument("name", choices=names())
+    train_parser.add_argument("--out", type=Path, default=None, help="write here instead of data/models/<name>")
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        for model in ZOO.values():
+            print(f"{model.name:16s} {model.architecture:22s} stands in for {model.stands_in_for}: {model.task}")
+        return
+    start = time.perf_counter()
+    folder = train(args.name, args.out)
+    print(f"trained {args.name} into {folder} in {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
