@@ -1,0 +1,66 @@
+"""Shared fixtures: offline mode, two threads, and tiny real-architecture checkpoints saved to disk."""
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+TOKENIZER_TEXTS = [
+    "All cats are red, not blue. Kittens are cats. Therefore, kittens are red.",
+    "Das ist ein kleiner Test mit vielen deutschen Wörtern und Vorschlägen.",
+    'Tom said, "Let us go to the park." Mia asked, "Can we play?"',
+    "12+34=46 99-5=94 7*8=56 81/9=9",
+] * 30
+
+ARCHITECTURES = ("gpt_neox", "llama", "gpt_neo")
+
+
+def build_tiny_checkpoint(architecture: str, folder: Path, *, d_model: int = 32, n_layers: int = 2,
+                          n_heads: int = 4, d_mlp: int = 64, vocab_size: int = 320, seed: int = 0) -> Path:
+    """Write a randomly initialised Hugging Face checkpoint of `architecture` with a freshly trained tokenizer."""
+    from transformers import (GPTNeoConfig, GPTNeoForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
+                              LlamaForCausalLM)
+
+    from helpers.zoo import save_hf_checkpoint, train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(TOKENIZER_TEXTS, vocab_size, add_bos=architecture == "llama")
+    vocab = len(tokenizer)
+    common = dict(vocab_size=vocab, max_position_embeddings=128, bos_token_id=0, eos_token_id=0)
+    if architecture == "gpt_neox":
+        config = GPTNeoXConfig(hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
+                               intermediate_size=d_mlp, rotary_pct=0.25, use_parallel_residual=True, **common)
+        model_class = GPTNeoXForCausalLM
+    elif architecture == "llama":
+        config = LlamaConfig(hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
+                             num_key_value_heads=n_heads, intermediate_size=d_mlp, **common)
+        model_class = LlamaForCausalLM
+    elif architecture == "gpt_neo":
+        config = GPTNeoConfig(hidden_size=d_model, num_layers=n_layers, num_heads=n_heads, intermediate_size=d_mlp,
+                              attention_types=[[["global", "local"], n_layers // 2]], window_size=32, **common)
+        model_class = GPTNeoForCausalLM
+    else:
+        raise ValueError(f"unknown architecture {architecture!r}")
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    return save_hf_checkpoint(model, tokenizer, folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """`tiny_checkpoint("gpt_neox" | "llama" | "gpt_neo") -> Path` of a saved tiny model (built once per session)."""
+    built: dict[str, Path] = {}
+
+    def get(architecture: str) -> Path:
+        if architecture not in built:
+            built[architecture] = build_tiny_checkpoint(architecture, tmp_path_factory.mktemp(architecture))
+        return built[architecture]
+
+    return get
