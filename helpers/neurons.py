@@ -76,3 +76,20 @@ def correlations(activations: Tensor, target: Tensor) -> Tensor:
     denominator = acts.norm(dim=0) * centred.norm()
     r = (acts * centred[:, None]).sum(0) / denominator
     return torch.where(denominator > 0, r, torch.zeros_like(r)).to(activations.dtype)
+
+
+@dataclass
+class LinearFit:
+    """In-sample least-squares fit `targets ~ features @ coef + intercept`."""
+
+    r2: float
+    coef: np.ndarray
+    intercept: float
+
+
+def linear_fit(features: Tensor | np.ndarray, targets: Tensor | np.ndarray) -> LinearFit:
+    """Least-squares fit of `targets [n]` on `features [n, d]` (or `[n]`) over all rows, with its R^2."""
+    X, y = _numpy(features), _numpy(targets)
+    X = X.reshape(len(X), -1)
+    model = LinearRegression().fit(X, y)
+    return LinearFit(float(r2_score(y, model.predict(X))), model.coef_, float(model.intercept_))
