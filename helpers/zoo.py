@@ -46,6 +46,15 @@ ZOO: dict[str, ZooModel] = {
 }
 
 
+def grokking_transformer_config(d_vocab: int, d_vocab_out: int, **overrides) -> dict:
+    """TransformerLens-native config of the grokking transformer (Nanda et al.): 1 layer, d_model 128, 4 heads of 32,
+    d_mlp 512, ReLU, no LayerNorm, learned positions, context 3. Build it with `models.build_native_model`."""
+    config = dict(n_layers=1, n_heads=4, d_model=128, d_head=32, d_mlp=512, act_fn="relu",
+                  normalization_type=None, positional_embedding_type="standard", n_ctx=3,
+                  d_vocab=d_vocab, d_vocab_out=d_vocab_out)
+    return {**config, **overrides}
+
+
 def names() -> list[str]:
     """The zoo's model names, sorted."""
     return sorted(ZOO)
