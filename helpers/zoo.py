@@ -42,6 +42,8 @@ class ZooModel:
 ZOO: dict[str, ZooModel] = {
     model.name: model
     for model in [
+        ZooModel("toy-stories", "GPTNeoForCausalLM", "tiny-stories-2L-33M",
+                 "TinyStories-like generated stories with dialogue (quotation notebook)", "stories"),
     ]
 }
 
