@@ -1,0 +1,180 @@
+"""Ablations: zero, mean and resample knockouts of heads, MLP outputs and single neurons; circuits and faithfulness.
+
+Hooks are returned as `[(hook_name, fn), ...]` lists for `model.run_with_hooks(tokens, fwd_hooks=hooks)` or the
+context manager `with model.hooks(fwd_hooks=hooks): model.run_with_cache(tokens)`; nothing is left attached to the
+model (the seed's global `add_hook` state is gone).
+
+Reference activations (`reference_activations`) are what mean and resample ablation write:
+    mean:      the average over a reference batch, per position: `[1, pos, ...]`
+    resample:  the reference batch's own activations in a seeded random order: `[batch, pos, ...]`
+A component with `position=None` is ablated at every position, otherwise only at its position.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from helpers.components import Component, all_heads, all_mlps
+
+Hook = tuple[str, Callable]
+Metric = Callable[[Tensor], Tensor]
+METHODS = ("zero", "mean", "resample")
+
+
+def _hook_names(components: Iterable[Component]) -> list[str]:
+    return sorted({component.hook_name() for component in components})
+
+
+@torch.no_grad()
+def reference_activations(model, tokens: Tensor, components: Iterable[Component], method: str = "mean",
+                          seed: int = 0) -> dict[str, Tensor]:
+    """Activations that `ablation_hooks` writes, for every hook the components use.
+
+    tokens `[batch, pos]` (the reference distribution) -> `{hook_name: [1, pos, ...]}` for "mean", or
+    `{hook_name: [batch, pos, ...]}` rows permuted with `torch.Generator().manual_seed(seed)` for "resample".
+    """
+    if method not in ("mean", "resample"):
+        raise ValueError(f"reference activations are for 'mean' or 'resample', not {method!r}")
+    names = set(_hook_names(components))
+    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
+    if method == "mean":
+        return {name: cache[name].mean(0, keepdim=True) for name in names}
+    order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed))
+    return {name: cache[name][order.to(cache[name].device)] for name in names}
+
+
+def _writer(sites: list[tuple], reference: Tensor | None) -> Callable:
+    def hook(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001 - TransformerLens passes the hook point
+        act = act.clone()
+        for index in sites:
+            full = (slice(None),) + index
+            if reference is None:
+                act[full] = 0.0
+            else:
+                source = reference
+                if source.shape[0] > act.shape[0]:
+                    source = source[: act.shape[0]]
+                if source.shape[0] not in (1, act.shape[0]) or source.shape[1:] != act.shape[1:]:
+                    raise ValueError(f"reference activation shape {tuple(source.shape)} does not fit the run's "
+                                     f"{tuple(act.shape)}; use reference tokens of the same length (and, for "
+                                     "resampling, at least as many rows)")
+                act[full] = source[full].to(act.dtype)
+        return act
+
+    return hook
+
+
+def ablation_hooks(components: Iterable[Component], method: str = "zero",
+                   reference: dict[str, Tensor] | None = None) -> list[Hook]:
+    """Hooks that knock out `components` (heads via `hook_z`, MLPs via `hook_mlp_out`, neurons via `mlp.hook_post`,
+    attention layers via `hook_attn_out`, residual stream) at their positions.
+
+    `method` "zero" writes 0; "mean" and "resample" write `reference[hook_name]` from `reference_activations`.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown ablation method {method!r}; use one of {METHODS}")
+    if method != "zero" and reference is None:
+        raise ValueError(f"{method} ablation needs reference activations (see reference_activations)")
+    grouped: dict[str, list[tuple]] = defaultdict(list)
+    for component in components:
+        grouped[component.hook_name()].append(component.index_tuple())
+    return [(name, _writer(sites, None if method == "zero" else reference[name])) for name, sites in grouped.items()]
+
+
+@torch.no_grad()
+def run_ablated(model, tokens: Tensor, components: Iterable[Component], method: str = "zero",
+                reference_tokens: Tensor | None = None, seed: int = 0) -> Tensor:
+    """Logits `[batch, pos, vocab]` of the run on `tokens` with `components` ablated (mean/resample over
+    `reference_tokens`, default `tokens` itself)."""
+    components = list(components)
+    reference = None
+    if method != "zero":
+        reference = reference_activations(model, tokens if reference_tokens is None else reference_tokens,
+                                          components, method, seed)
+    return model.run_with_hooks(tokens, fwd_hooks=ablation_hooks(components, method, reference))
+
+
+def knockout(model, tokens: Tensor, components: Iterable[Component], metric: Metric, method: str = "zero",
+             reference_tokens: Tensor | None = None, seed: int = 0) -> float:
+    """`metric(logits)` of the ablated run (e.g. the normalised logit difference: 1 = intact, 0 = corrupted)."""
+    return float(metric(run_ablated(model, tokens, components, method, reference_tokens, seed)))
+
+
+@torch.no_grad()
+def knockout_each(model, tokens: Tensor, components: Sequence[Component], metric: Metric, method: str = "zero",
+                  reference_tokens: Tensor | None = None, seed: int = 0) -> Tensor:
+    """The metric with each component ablated on its own: `[len(components)]`."""
+    components = list(components)
+    reference = None
+    if method != "zero":
+        reference = reference_activations(model, tokens if reference_tokens is None else reference_tokens,
+                                          components, method, seed)
+    values = [float(metric(model.run_with_hooks(tokens, fwd_hooks=ablation_hooks([c], method, reference))))
+              for c in components]
+    return torch.tensor(values)
+
+
+# ---- circuits ----------------------------------------------------------------------------------------------------
+def circuit_universe(model, include_mlps: bool = True) -> list[Component]:
+    """The components a circuit is carved from: every head, and every MLP layer when `include_mlps`."""
+    universe = all_heads(model.cfg.n_layers, model.cfg.n_heads)
+    return universe + (all_mlps(model.cfg.n_layers) if include_mlps else [])
+
+
+def complement(circuit: Iterable[Component], universe: Iterable[Component], seq_len: int) -> list[Component]:
+    """Everything in `universe` not in `circuit`, as positioned components.
+
+    A circuit component with `position=None` keeps that component at every position; with a position, only there
+    (the rest of its positions are ablated). Returns a list of components with explicit positions (0..seq_len-1),
+    or position None where a component is ablated everywhere.
+    """
+    kept: dict[Component, set[int] | None] = {}
+    for component in circuit:
+        base = component.at(None)
+        if component.position is None:
+            kept[base] = None
+        elif kept.get(base, set()) is not None:
+            kept.setdefault(base, set()).add(component.position % seq_len)
+    out: list[Component] = []
+    for component in universe:
+        base = component.at(None)
+        if base not in kept:
+            out.append(base)
+        elif kept[base] is not None:
+            out += [base.at(pos) for pos in range(seq_len) if pos not in kept[base]]
+    return out
+
+
+def circuit_hooks(model, circuit: Iterable[Component], seq_len: int, method: str = "mean",
+                  reference: dict[str, Tensor] | None = None, universe: Iterable[Component] | None = None) -> list[Hook]:
+    """Hooks that keep only `circuit` and ablate (by default mean-ablate) everything else in `universe`."""
+    universe = circuit_universe(model) if universe is None else list(universe)
+    return ablation_hooks(complement(circuit, universe, seq_len), method, reference)
+
+
+@torch.no_grad()
+def faithfulness(model, tokens: Tensor, circuit: Iterable[Component], metric: Metric, method: str = "mean",
+                 reference_tokens: Tensor | None = None, universe: Iterable[Component] | None = None,
+                 seed: int = 0) -> dict[str, float]:
+    """How much of the model's behaviour a circuit keeps, with everything outside it ablated.
+
+    Returns `{"full": m(model), "empty": m(all of universe ablated), "circuit": m(only circuit kept),
+    "faithfulness": (circuit - empty) / (full - empty)}`; the last is 1 for the full model and 0 for the empty
+    circuit.
+    """
+    universe = circuit_universe(model) if universe is None else list(universe)
+    seq_len = tokens.shape[1]
+    reference = None
+    if method != "zero":
+        reference = reference_activations(model, tokens if reference_tokens is None else reference_tokens,
+                                          universe, method, seed)
+    full = float(metric(model(tokens)))
+    empty = float(metric(model.run_with_hooks(tokens, fwd_hooks=ablation_hooks(universe, method, reference))))
+    kept = float(metric(model.run_with_hooks(tokens, fwd_hooks=circuit_hooks(model, circuit, seq_len, method,
+                                                                              reference, universe))))
+    denominator = full - empty
+    return {"full": full, "empty": empty, "circuit": kept,
+            "faithfulness": (kept - empty) / denominator if denominator != 0 else float("nan")}

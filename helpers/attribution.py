@@ -1,0 +1,201 @@
+"""Direct logit attribution (DLA): how much each component writes along a logit-difference direction.
+
+Everything reads a cache from `model.run_with_cache(tokens)` (TransformerBridge in compatibility mode, or any
+HookedTransformer-like model) and the answer tokens `[batch, 2]` (column 0 correct, column 1 wrong). The final
+LayerNorm is linearised with the scale stored in the cache (`ln_final.hook_scale`), the way
+`ActivationCache.apply_ln_to_stack` does, so the contributions add up exactly:
+
+    sum(layer_attribution(...).values) == mean logit difference      (to float rounding)
+
+The decomposition of the final residual stream is `embed (+ pos_embed) + sum_l (attn_out_l + mlp_out_l)`; heads
+split `attn_out_l` into `z_h @ W_O[l, h]` plus the bias `b_O[l]`. The unembedding bias (`b_U`, which holds the folded
+final-LayerNorm bias) is reported as its own component so that nothing is left out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Attribution:
+    """Named contributions. `values[..., i]` belongs to `labels[i]`; `per_prompt` keeps the batch (`[..., batch]`)."""
+
+    values: Tensor
+    labels: list[str]
+    per_prompt: Tensor | None = None
+
+    def as_dict(self) -> dict[str, float]:
+        return {label: float(value) for label, value in zip(self.labels, self.values)}
+
+
+def _final_resid_name(model) -> str:
+    return f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+
+
+def logit_diff_directions(model, answer_tokens: Tensor) -> Tensor:
+    """`W_U[:, correct] - W_U[:, wrong]`: `[batch, d_model]` for answer tokens `[batch, 2]`."""
+    W_U = model.W_U
+    answer_tokens = answer_tokens.to(W_U.device)
+    return (W_U[:, answer_tokens[:, 0]] - W_U[:, answer_tokens[:, 1]]).T
+
+
+def unembed_bias_diff(model, answer_tokens: Tensor) -> Tensor:
+    """`b_U[correct] - b_U[wrong]`: `[batch]` (zeros when the model has no unembedding bias)."""
+    b_U = getattr(model, "b_U", None)
+    if b_U is None:
+        return torch.zeros(len(answer_tokens))
+    answer_tokens = answer_tokens.to(b_U.device)
+    return b_U[answer_tokens[:, 0]] - b_U[answer_tokens[:, 1]]
+
+
+def logit_diff(logits: Tensor, answer_tokens: Tensor, pos: int = -1, per_prompt: bool = False) -> Tensor:
+    """Logit of the correct minus the wrong answer at `pos`: logits `[batch, pos, vocab]` or `[batch, vocab]`,
+    answer tokens `[batch, 2]` -> scalar mean (or `[batch]` with `per_prompt`)."""
+    if logits.ndim == 3:
+        logits = logits[:, pos]
+    answer_tokens = answer_tokens.to(logits.device)
+    diff = logits.gather(1, answer_tokens[:, :1]) - logits.gather(1, answer_tokens[:, 1:2])
+    diff = diff[:, 0]
+    return diff if per_prompt else diff.mean()
+
+
+def apply_ln_final(stack: Tensor, cache, pos: int = -1) -> Tensor:
+    """Linearised final LayerNorm: centre each vector and divide by the cached scale at `pos`.
+
+    stack `[..., batch, d_model]` -> `[..., batch, d_model]`. With fold_ln the LayerNorm weight and bias live in
+    `W_U` / `b_U`, so `apply_ln_final(final_resid) @ W_U + b_U` are the logits.
+    """
+    scale = cache["ln_final.hook_scale"][:, pos]  # [batch, 1]
+    centred = stack - stack.mean(dim=-1, keepdim=True)
+    return centred / scale.to(stack.dtype)
+
+
+def stack_to_logit_diff(stack: Tensor, cache, directions: Tensor, pos: int = -1, per_prompt: bool = False) -> Tensor:
+    """Project residual-stream pieces on the logit-difference directions.
+
+    stack `[..., batch, d_model]` (values at position `pos`), directions `[batch, d_model]` -> `[...]` (mean over
+    the batch) or `[..., batch]` with `per_prompt`.
+    """
+    scaled = apply_ln_final(stack, cache, pos)
+    values = (scaled * directions.to(scaled.dtype)).sum(-1)
+    return values if per_prompt else values.mean(-1)
+
+
+def decompose_resid(model, cache, pos: int = -1) -> tuple[Tensor, list[str]]:
+    """The final residual stream at `pos` split into its writers.
+
+    Returns `(stack [n_components, batch, d_model], labels)` with labels `embed`, (`pos_embed`), `L0_attn`,
+    `L0_mlp`, ... Their sum is `blocks.{L-1}.hook_resid_post[:, pos]`.
+    """
+    pieces, labels = [cache["hook_embed"][:, pos]], ["embed"]
+    if "hook_pos_embed" in cache.keys():
+        pieces.append(cache["hook_pos_embed"][:, pos] if cache["hook_pos_embed"].ndim == 3
+                      else cache["hook_pos_embed"][pos].expand_as(pieces[0]))
+        labels.append("pos_embed")
+    for layer in range(model.cfg.n_layers):
+        pieces += [cache[f"blocks.{layer}.hook_attn_out"][:, pos], cache[f"blocks.{layer}.hook_mlp_out"][:, pos]]
+        labels += [f"L{layer}_attn", f"L{layer}_mlp"]
+    return torch.stack(pieces), labels
+
+
+def accumulated_resid(model, cache, pos: int = -1) -> tuple[Tensor, list[str]]:
+    """The residual stream at `pos` before each layer and after the last: `([n_layers + 1, batch, d_model], labels)`
+    with labels `L0_pre`, ..., `final_post`."""
+    n_layers = model.cfg.n_layers
+    stack = [cache[f"blocks.{layer}.hook_resid_pre"][:, pos] for layer in range(n_layers)]
+    stack.append(cache[_final_resid_name(model)][:, pos])
+    return torch.stack(stack), [f"L{layer}_pre" for layer in range(n_layers)] + ["final_post"]
+
+
+def head_results(model, cache, layer: int, pos: int = -1) -> Tensor:
+    """Each head's write to the residual stream at `pos`: `z[:, pos] @ W_O[layer]` -> `[batch, n_heads, d_model]`
+    (without the shared bias `b_O[layer]`)."""
+    z = cache[f"blocks.{layer}.attn.hook_z"][:, pos]  # [batch, head, d_head]
+    return torch.einsum("bhd,hdm->bhm", z, model.W_O[layer].to(z.dtype))
+
+
+def layer_attribution(model, cache, answer_tokens: Tensor, pos: int = -1) -> Attribution:
+    """DLA of `embed`, every `L{l}_attn` / `L{l}_mlp`, and `unembed_bias`: values `[n_components]`.
+
+    The values sum to the mean logit difference at `pos`.
+    """
+    stack, labels = decompose_resid(model, cache, pos)
+    directions = logit_diff_directions(model, answer_tokens)
+    per_prompt = stack_to_logit_diff(stack, cache, directions, pos, per_prompt=True)
+    bias = unembed_bias_diff(model, answer_tokens).to(per_prompt)
+    per_prompt = torch.cat([per_prompt, bias[None]])
+    return Attribution(per_prompt.mean(-1), labels + ["unembed_bias"], per_prompt)
+
+
+def logit_lens(model, cache, answer_tokens: Tensor, pos: int = -1) -> Attribution:
+    """Logit difference read from the accumulated residual stream before each layer (final LayerNorm scale from the
+    cache, plus the unembedding bias): values `[n_layers + 1]`; the last equals the model's logit difference."""
+    stack, labels = accumulated_resid(model, cache, pos)
+    directions = logit_diff_directions(model, answer_tokens)
+    per_prompt = stack_to_logit_diff(stack, cache, directions, pos, per_prompt=True)
+    per_prompt = per_prompt + unembed_bias_diff(model, answer_tokens).to(per_prompt)
+    return Attribution(per_prompt.mean(-1), labels, per_prompt)
+
+
+def head_attribution(model, cache, answer_tokens: Tensor, pos: int = -1, per_prompt: bool = False) -> Tensor:
+    """DLA of every head at `pos`: `[n_layers, n_heads]` (or `[n_layers, n_heads, batch]` with `per_prompt`)."""
+    directions = logit_diff_directions(model, answer_tokens)
+    rows = []
+    for layer in range(model.cfg.n_layers):
+        results = head_results(model, cache, layer, pos).transpose(0, 1)  # [head, batch, d_model]
+        rows.append(stack_to_logit_diff(results, cache, directions, pos, per_prompt=per_prompt))
+    return torch.stack(rows)
+
+
+def full_attribution(model, cache, answer_tokens: Tensor, pos: int = -1) -> Attribution:
+    """Finest exact split: `embed`, every head `L{l}H{h}`, each layer's `L{l}_attn_bias`, every `L{l}_mlp`, and
+    `unembed_bias`. Values sum to the mean logit difference."""
+    directions = logit_diff_directions(model, answer_tokens)
+    pieces: list[Tensor] = []
+    labels: list[str] = []
+    stack, names = decompose_resid(model, cache, pos)
+    for piece, name in zip(stack, names):
+        if name in ("embed", "pos_embed"):
+            pieces.append(stack_to_logit_diff(piece, cache, directions, pos, per_prompt=True))
+            labels.append(name)
+    heads = head_attribution(model, cache, answer_tokens, pos, per_prompt=True)  # [L, H, batch]
+    for layer in range(model.cfg.n_layers):
+        for head in range(model.cfg.n_heads):
+            pieces.append(heads[layer, head])
+            labels.append(f"L{layer}H{head}")
+        bias = model.b_O[layer].to(stack.dtype).expand_as(stack[0])
+        pieces.append(stack_to_logit_diff(bias, cache, directions, pos, per_prompt=True))
+        labels.append(f"L{layer}_attn_bias")
+        pieces.append(stack_to_logit_diff(cache[f"blocks.{layer}.hook_mlp_out"][:, pos], cache, directions, pos,
+                                          per_prompt=True))
+        labels.append(f"L{layer}_mlp")
+    pieces.append(unembed_bias_diff(model, answer_tokens).to(pieces[0]))
+    labels.append("unembed_bias")
+    per_prompt = torch.stack(pieces)
+    return Attribution(per_prompt.mean(-1), labels, per_prompt)
+
+
+def top_components(values: Tensor, k: int, largest: bool = True) -> list[tuple[tuple[int, ...], float]]:
+    """The `k` largest (or smallest) entries of a map such as `[n_layers, n_heads]`: `[((layer, head), value), ...]`."""
+    flat = values.flatten()
+    k = min(k, flat.numel())
+    order = torch.topk(flat if largest else -flat, k).indices
+    return [(tuple(int(i) for i in torch.unravel_index(idx, values.shape)), float(flat[idx])) for idx in order]
+
+
+def attention_vs_contribution(model, cache, answer_tokens: Tensor, layer: int, head: int, query_pos: int,
+                              key_positions: Tensor, answer_column: int = 0) -> tuple[Tensor, Tensor]:
+    """For one head: attention from `query_pos` to `key_positions[i]` and the head's DLA along the direction of
+    answer column `answer_column` (0 correct, 1 wrong) at `query_pos`, per prompt.
+
+    key_positions `[batch]` (int) -> `(attention [batch], contribution [batch])`.
+    """
+    pattern = cache[f"blocks.{layer}.attn.hook_pattern"][:, head, query_pos]  # [batch, key]
+    attention = pattern.gather(1, key_positions.to(pattern.device)[:, None].long())[:, 0]
+    directions = model.W_U[:, answer_tokens[:, answer_column].to(model.W_U.device)].T  # [batch, d_model]
+    result = head_results(model, cache, layer, query_pos)[:, head]  # [batch, d_model]
+    contribution = (apply_ln_final(result, cache, query_pos) * directions).sum(-1)
+    return attention, contribution
