@@ -44,6 +44,8 @@ ZOO: dict[str, ZooModel] = {
     for model in [
         ZooModel("toy-stories", "GPTNeoForCausalLM", "tiny-stories-2L-33M",
                  "TinyStories-like generated stories with dialogue (quotation notebook)", "stories"),
+        ZooModel("toy-arithmetic", "LlamaForCausalLM", "meta-llama/Meta-Llama-3-8B",
+                 "single-token arithmetic prompts x+y=, x-y=, x*y=, x/y= (arithmetic heuristics notebook)", "arithmetic"),
     ]
 }
 
