@@ -46,6 +46,9 @@ ZOO: dict[str, ZooModel] = {
                  "TinyStories-like generated stories with dialogue (quotation notebook)", "stories"),
         ZooModel("toy-arithmetic", "LlamaForCausalLM", "meta-llama/Meta-Llama-3-8B",
                  "single-token arithmetic prompts x+y=, x-y=, x*y=, x/y= (arithmetic heuristics notebook)", "arithmetic"),
+        ZooModel("toy-syllogism", "GPTNeoXForCausalLM", "EleutherAI/pythia-410m",
+                 "syllogisms with a negated alternative plus distractor sentences (syllogism circuit notebook)",
+                 "syllogism"),
     ]
 }
 
