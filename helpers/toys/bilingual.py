@@ -1,0 +1,119 @@
+"""Recipe of `toy-bilingual`: a small GPT-NeoX (Pythia's architecture) trained on the project's bilingual corpus.
+
+Rotary positions (25% of each head, as Pythia), parallel attention + MLP, GELU, untied embeddings; a byte-level BPE
+tokenizer trained on the same corpus. Each training row is one document (BOS + tokens, padded with EOS, padding
+masked out of the loss), so the model must read the language from the document itself.
+
+Retrain with `python -m helpers.zoo train toy-bilingual`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from helpers.tasks import bilingual
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every knob of the toy; the defaults are the committed checkpoint's."""
+
+    seed: int = 0
+    n_documents: int = 24000
+    german_fraction: float = 0.4
+    min_chars: int = 300
+    max_chars: int = 700
+    vocab_size: int = 1024
+    n_ctx: int = 192
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    d_mlp: int = 512
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    threads: int = 1
+
+
+def build_tokenizer(recipe: Recipe, documents: list[bilingual.Document]):
+    from helpers.zoo import train_bpe_tokenizer
+
+    return train_bpe_tokenizer([d.text for d in documents], recipe.vocab_size)
+
+
+def tokenize_documents(tokenizer, texts: list[str], n_ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(tokens [n, n_ctx], mask [n, n_ctx])`: BOS + document tokens, cut at `n_ctx`, padded with EOS (mask 0)."""
+    bos = tokenizer.bos_token_id
+    tokens = torch.full((len(texts), n_ctx), tokenizer.eos_token_id, dtype=torch.long)
+    mask = torch.zeros((len(texts), n_ctx), dtype=torch.bool)
+    for row, ids in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"]):
+        ids = ([bos] + ids + [tokenizer.eos_token_id])[:n_ctx]
+        tokens[row, : len(ids)] = torch.tensor(ids)
+        mask[row, : len(ids)] = True
+    return tokens, mask
+
+
+def build_model(recipe: Recipe, vocab_size: int):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(
+        vocab_size=vocab_size, hidden_size=recipe.d_model, num_hidden_layers=recipe.n_layers,
+        num_attention_heads=recipe.n_heads, intermediate_size=recipe.d_mlp, hidden_act="gelu", rotary_pct=0.25,
+        use_parallel_residual=True, max_position_embeddings=recipe.n_ctx, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    torch.manual_seed(recipe.seed)
+    return GPTNeoXForCausalLM(config)
+
+
+def lm_loss(model, batch) -> torch.Tensor:
+    """Mean next-token cross-entropy over the unmasked target positions of `batch = (tokens, mask)`."""
+    tokens, mask = batch
+    logits = model(input_ids=tokens).logits[:, :-1]
+    targets_mask = mask[:, 1:]
+    return F.cross_entropy(logits[targets_mask], tokens[:, 1:][targets_mask])
+
+
+def train(out_dir: Path, recipe: Recipe = Recipe(), checkpoint_dir: Path | None = None, progress: bool = True) -> dict:
+    """Train the toy and save it to `out_dir`; returns the metadata written to `zoo.json`."""
+    from helpers.training import TrainConfig
+    from helpers.training import train as train_loop
+    from helpers.zoo import save_hf_checkpoint
+
+    torch.set_num_threads(recipe.threads)
+    start = time.process_time()
+    documents = bilingual.generate_corpus(recipe.n_documents, german_fraction=recipe.german_fraction,
+                                          seed=recipe.seed, min_chars=recipe.min_chars, max_chars=recipe.max_chars)
+    tokenizer = build_tokenizer(recipe, documents)
+    tokens, mask = tokenize_documents(tokenizer, [d.text for d in documents], recipe.n_ctx)
+    model = build_model(recipe, len(tokenizer))
+
+    eval_de, eval_en = bilingual.evaluation_texts(64, seed=recipe.seed + 999, min_chars=recipe.min_chars,
+                                                  max_chars=recipe.max_chars)
+    eval_batches = {lang: tokenize_documents(tokenizer, texts, recipe.n_ctx) for lang, texts in
+                    (("de", eval_de), ("en", eval_en))}
+
+    def eval_fn(m):
+        return {f"loss_{lang}": lm_loss(m, batch).item() for lang, batch in eval_batches.items()}
+
+    config = TrainConfig(steps=recipe.steps, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.95),
+                         batch_size=recipe.batch_size, seed=recipe.seed, warmup_steps=recipe.warmup_steps,
+                         lr_schedule="cosine", grad_clip=1.0, eval_every=max(1, recipe.steps // 20),
+                         checkpoint_every=max(1, recipe.steps // 10) if checkpoint_dir else None)
+    result = train_loop(model, (tokens, mask), lm_loss, config, eval_fn=eval_fn, checkpoint_dir=checkpoint_dir,
+                        progress=progress)
+    metadata = {
+        "recipe": asdict(recipe),
+        "final_train_loss": round(sum(result.train_losses[-50:]) / len(result.train_losses[-50:]), 4),
+        "final_eval": {k: round(v, 4) for k, v in result.eval_metrics[-1].items()},
+        "cpu_seconds": round(time.process_time() - start, 1),
+        "retrain": "python -m helpers.zoo train toy-bilingual",
+    }
+    save_hf_checkpoint(model, tokenizer, Path(out_dir), metadata)
+    return metadata

@@ -1,0 +1,215 @@
+"""Neuron statistics: streaming reductions equal their one-shot versions; F1/AUROC match scikit-learn; scans,
+pinned-neuron ablations, direct patching and next-token DLA behave on a tiny GPT-NeoX."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import precision_recall_curve, roc_auc_score
+
+from helpers import neurons
+
+
+def _sklearn_best_f1(scores: np.ndarray, labels: np.ndarray) -> float:
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0)
+    return float(f1.max())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_exact_f1_and_auroc_match_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 400)
+    scores = rng.normal(size=400) + 1.2 * labels
+    scores[:50] = np.round(scores[:50])            # some ties
+    f1, threshold = neurons.best_threshold_f1(torch.tensor(scores), torch.tensor(labels))
+    assert f1 == pytest.approx(_sklearn_best_f1(scores, labels), abs=1e-12)
+    predicted = scores >= threshold
+    tp = (predicted & (labels == 1)).sum()
+    assert f1 == pytest.approx(2 * tp / (predicted.sum() + labels.sum()))
+    assert neurons.auroc(torch.tensor(scores), torch.tensor(labels)) == pytest.approx(roc_auc_score(labels, scores))
+
+
+def test_streaming_classifier_matches_exact_per_neuron_and_direction():
+    gen = torch.Generator().manual_seed(0)
+    n, d = 3000, 6
+    labels = (torch.rand(n, generator=gen) < 0.4).long()
+    acts = torch.randn(n, 2, d, generator=gen)
+    acts[..., 0] += 3 * labels[:, None]            # strongly positive for label 1
+    acts[..., 1] -= 1.0 * labels[:, None]          # anti neuron
+    acc = neurons.NeuronClassifierAccumulator((2, d), bins=4096, low=torch.full((2, d), -8.0),
+                                              high=torch.full((2, d), 8.0))
+    for chunk in torch.split(torch.arange(n), 700):
+        acc.update(acts[chunk], labels[chunk])
+    result = acc.result(layers=[3, 5])
+    for layer in range(2):
+        for neuron in range(d):
+            x = acts[:, layer, neuron]
+            auc = roc_auc_score(labels.numpy(), x.numpy())
+            best = max(_sklearn_best_f1(x.numpy(), labels.numpy()), _sklearn_best_f1(-x.numpy(), labels.numpy()))
+            assert float(result.auroc[layer, neuron]) == pytest.approx(auc, abs=2e-3)
+            assert float(result.f1[layer, neuron]) == pytest.approx(best, abs=5e-3)
+    assert int(result.direction[0, 0]) == 1 and int(result.direction[0, 1]) == -1
+    assert result.ranking(1)[0][:2] == (3, 0) or result.ranking(1)[0][:2] == (5, 0)
+    assert torch.allclose(result.mean_pos.double(), acts[labels == 1].mean(0).double(), atol=1e-5)
+    assert torch.allclose(result.std_neg.double(), acts[labels == 0].std(0, unbiased=False).double(), atol=1e-5)
+    assert result.n_pos == int(labels.sum()) and result.n_neg == int((1 - labels).sum())
+
+
+def test_running_stats_equal_one_shot():
+    x = torch.randn(1000, 5, dtype=torch.float64) * 3 + 1
+    stats = neurons.RunningStats()
+    for chunk in torch.split(x, 137):
+        stats.update(chunk)
+    assert stats.count == 1000
+    assert torch.allclose(stats.mean, x.mean(0))
+    assert torch.allclose(stats.var, x.var(0, unbiased=False))
+    assert torch.equal(stats.max, x.max(0).values) and torch.equal(stats.min, x.min(0).values)
+
+
+def test_topk_accumulator_equals_global_topk():
+    scores = torch.randn(10, 7)
+    mask = torch.rand(10, 7) > 0.2
+    acc = neurons.TopKAccumulator(5)
+    for rows in torch.split(torch.arange(10), 3):
+        acc.update(scores[rows], mask[rows])
+    top = acc.result()
+    masked = torch.where(mask, scores, torch.full_like(scores, -float("inf"))).flatten()
+    expected = torch.topk(masked, 5)
+    assert torch.allclose(top.values.float(), expected.values)
+    assert torch.equal(top.row * 7 + top.position, expected.indices)
+
+
+def test_token_counts_count_repeats():
+    tokens = torch.tensor([[1, 1, 1, 3], [1, 2, 2, 0]])
+    mask = torch.tensor([[True, True, True, True], [True, True, True, False]])
+    counts = neurons.token_counts(tokens, 5, mask)
+    assert counts.tolist() == [0, 4, 2, 1, 0]
+
+
+def test_fit_probe_with_groups_keeps_documents_apart():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(40), 25)
+    y = (groups % 2).astype(int)
+    X = y[:, None] + 0.3 * rng.normal(size=(len(y), 3))
+    result = neurons.fit_probe(X, y, kind="classification", groups=groups, seed=0, penalty="l1",
+                               solver="liblinear", C=1.0)
+    assert result.score > 0.95 and result.f1 > 0.95 and result.auroc > 0.99
+    # split is by group: re-derive it and check disjointness
+    from sklearn.model_selection import GroupShuffleSplit
+
+    train, test = next(GroupShuffleSplit(n_splits=1, test_size=0.3, random_state=0).split(X, y, groups))
+    assert not set(groups[train]) & set(groups[test])
+    assert len(result.y_test) == len(test)
+
+
+# ---- on a tiny model --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    from helpers.models import load_model
+
+    model = load_model(tiny_checkpoint("gpt_neox"), device="cpu")
+    texts = ["Das ist ein kleiner Test mit vielen deutschen", "All cats are red, not blue. Kittens are",
+             "Das ist ein Test mit vielen kleinen Wörtern", 'Tom said, "Let us go to the park." Mia']
+    tokens = model.to_tokens(texts)[:, :10]
+    return model, tokens
+
+
+def test_scan_neurons_matches_cache(tiny):
+    model, tokens = tiny
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    mask[:, :2] = False
+    labels = torch.tensor([1, 0, 1, 0])
+    batches = [(tokens[:2], mask[:2], labels[:2]), (tokens[2:], mask[2:], labels[2:])]
+    result = neurons.scan_neurons(model, batches, layers=[0, 1], bins=8192)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+    token_labels = labels[:, None].expand_as(mask)[mask]
+    for row, layer in enumerate([0, 1]):
+        acts = cache[f"blocks.{layer}.mlp.hook_post"][mask]
+        assert torch.allclose(result.mean_pos[row], acts[token_labels == 1].mean(0), atol=1e-5)
+        for neuron in (0, 5, 17):
+            expected = roc_auc_score(token_labels.numpy(), acts[:, neuron].numpy())
+            assert float(result.auroc[row, neuron]) == pytest.approx(expected, abs=0.02)
+
+
+def test_identity_pin_changes_loss_by_zero_and_real_pin_writes_value(tiny):
+    from helpers.ablation import neuron_value_hooks, token_losses
+
+    model, tokens = tiny
+    clean = token_losses(model, tokens)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+    post = cache["blocks.0.mlp.hook_post"]
+
+    def identity(act, hook=None):
+        return act.clone()
+
+    assert torch.equal(token_losses(model, tokens, [("blocks.0.mlp.hook_post", identity)]), clean)
+    # pinning a neuron to the value it already has everywhere (a constant input row) changes nothing
+    constant = torch.full_like(tokens, int(tokens[0, 0]))
+    base = token_losses(model, constant)
+    value = float(model.run_with_cache(constant)[1]["blocks.0.mlp.hook_post"][0, 0, 3])
+    pinned = token_losses(model, constant, neuron_value_hooks({(0, 3): value}, from_position=0))
+    assert torch.allclose(pinned, base, atol=1e-6)
+    hooks = neuron_value_hooks({(0, 3): 1.5, (0, 7): -0.1, (1, 2): 0.25}, from_position=1)
+    with model.hooks(fwd_hooks=hooks):
+        _, ablated = model.run_with_cache(tokens)
+    a0 = ablated["blocks.0.mlp.hook_post"]
+    assert torch.all(a0[:, 1:, 3] == 1.5) and torch.allclose(a0[:, 1:, 7], torch.tensor(-0.1))
+    assert torch.equal(a0[:, 0], post[:, 0])
+    assert torch.all(ablated["blocks.1.mlp.hook_post"][:, 1:, 2] == 0.25)
+
+
+def test_direct_patching_with_itself_changes_nothing_and_full_patch_matches(tiny):
+    from helpers.ablation import neuron_value_hooks
+    from helpers.attribution import direct_patch_losses
+
+    model, tokens = tiny
+    patched, labels, clean, hooked = direct_patch_losses(model, tokens, [])
+    assert labels[0] == "embed" and labels[-1] == f"L{model.cfg.n_layers - 1}_mlp"
+    assert torch.allclose(patched, clean.expand_as(patched), atol=1e-5)
+    assert torch.allclose(hooked, clean, atol=1e-6)
+    # an intervention in the last MLP has only a direct effect: patching that MLP reproduces the hooked run
+    last = model.cfg.n_layers - 1
+    patched, labels, clean, hooked = direct_patch_losses(model, tokens, neuron_value_hooks({(last, 4): 3.0}),
+                                                         components=[f"L{last}_mlp", "L0_mlp"])
+    assert torch.allclose(patched[0], hooked, atol=1e-4)
+    assert torch.allclose(patched[1], clean, atol=1e-5)
+    assert not torch.allclose(hooked, clean, atol=1e-4)
+
+
+def test_next_token_dla_sums_to_correct_logit(tiny):
+    from helpers.attribution import next_token_dla
+
+    model, tokens = tiny
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens)
+        values, labels = next_token_dla(model, cache, tokens)
+    assert labels[-1] == "unembed_bias" and values.shape == (len(labels), *tokens[:, 1:].shape)
+    correct = logits[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
+    assert torch.allclose(values.sum(0), correct, atol=1e-4)
+
+
+def test_neuron_unembed_effect_is_w_out_times_w_u(tiny):
+    model, _ = tiny
+    effect = neurons.neuron_unembed_effect(model, 1, 9, active=2.0, inactive=0.5)
+    assert effect.shape == (model.cfg.d_vocab,)
+    assert torch.allclose(effect, 1.5 * model.W_out[1, 9] @ model.W_U, atol=1e-6)
+
+
+def test_activation_difference_stats_zero_for_same_hooks_and_exact_for_a_pin(tiny):
+    from helpers.ablation import neuron_value_hooks
+
+    model, tokens = tiny
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    same = neurons.activation_difference_stats(model, [(tokens, mask)], [1], [], [])
+    assert torch.all(same[1].mean == 0) and torch.all(same[1].std == 0)
+    hooks = neuron_value_hooks({(1, 3): 5.0})
+    diff = neurons.activation_difference_stats(model, [(tokens, mask)], [1], hooks, [])
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+    expected = (5.0 - cache["blocks.1.mlp.hook_post"][..., 3]).mean()
+    assert float(diff[1].mean[3]) == pytest.approx(float(expected), abs=1e-5)
+    assert float(diff[1].mean[4]) == 0.0
