@@ -178,3 +178,41 @@ def faithfulness(model, tokens: Tensor, circuit: Iterable[Component], metric: Me
     denominator = full - empty
     return {"full": full, "empty": empty, "circuit": kept,
             "faithfulness": (kept - empty) / denominator if denominator != 0 else float("nan")}
+
+
+# ---- pinned neurons and per-token losses (German context neuron notebook) ----------------------------------------
+def neuron_value_hooks(values: dict, from_position: int = 0) -> list[Hook]:
+    """Hooks that pin single MLP neurons to fixed values at every position `>= from_position` (the seed's
+    "mean ablation": a neuron set to its mean over a reference distribution, e.g. English text).
+
+    `values` maps `Component.neuron(layer, index)` or `(layer, index)` to a float (or 0-d tensor). Each layer's
+    neurons are written by one hook on `blocks.{layer}.mlp.hook_post`, each with its own value.
+    """
+    grouped: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for key, value in values.items():
+        component = key if isinstance(key, Component) else Component.neuron(*key)
+        if component.kind != "neuron":
+            raise ValueError(f"neuron_value_hooks pins neurons, got {component}")
+        grouped[component.hook_name()].append((component.index, float(value)))
+
+    def make(pairs: list[tuple[int, float]]) -> Callable:
+        index = torch.tensor([i for i, _ in pairs])
+        fill = torch.tensor([v for _, v in pairs])
+
+        def hook(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
+            act = act.clone()
+            act[:, from_position:, index.to(act.device)] = fill.to(act.device, act.dtype)
+            return act
+
+        return hook
+
+    return [(name, make(pairs)) for name, pairs in grouped.items()]
+
+
+@torch.no_grad()
+def token_losses(model, tokens: Tensor, fwd_hooks: Sequence[Hook] = ()) -> Tensor:
+    """Next-token cross-entropy at every position: tokens `[batch, pos]` -> `[batch, pos - 1]` (entry `i` is the loss
+    of predicting `tokens[:, i + 1]`), under `fwd_hooks`."""
+    logits = model.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks)) if fwd_hooks else model(tokens)
+    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return -log_probs.gather(-1, tokens[:, 1:, None].to(log_probs.device))[..., 0]

@@ -199,3 +199,57 @@ def attention_vs_contribution(model, cache, answer_tokens: Tensor, layer: int, h
     result = head_results(model, cache, layer, query_pos)[:, head]  # [batch, d_model]
     contribution = (apply_ln_final(result, cache, query_pos) * directions).sum(-1)
     return attention, contribution
+
+
+# ---- every position, next-token views (German context neuron notebook) -------------------------------------------
+def next_token_dla(model, cache, tokens: Tensor) -> tuple[Tensor, list[str]]:
+    """DLA on the correct next token at every position.
+
+    tokens `[batch, pos]` and the cache of `model.run_with_cache(tokens)` -> `(values [n_components, batch, pos - 1],
+    labels)` with labels `embed`, `L0_attn`, `L0_mlp`, ..., `unembed_bias`; summed over components they give the
+    logit of `tokens[:, i + 1]` at position `i` (final LayerNorm linearised with the cached scale).
+    """
+    stack, labels = decompose_resid(model, cache, pos=slice(None, -1))    # [n, batch, pos-1, d_model]
+    scaled = apply_ln_final(stack, cache, pos=slice(None, -1))
+    targets = tokens[:, 1:].to(model.W_U.device)
+    directions = model.W_U.T[targets]                                      # [batch, pos-1, d_model]
+    values = (scaled * directions.to(scaled.dtype)).sum(-1)
+    b_U = getattr(model, "b_U", None)
+    bias = b_U[targets] if b_U is not None else torch.zeros_like(values[0])
+    return torch.cat([values, bias[None].to(values)]), labels + ["unembed_bias"]
+
+
+@torch.no_grad()
+def direct_patch_losses(model, tokens: Tensor, fwd_hooks, components: list[str] | None = None
+                        ) -> tuple[Tensor, list[str], Tensor, Tensor]:
+    """Direct effect of an intervention through each writer of the final residual stream, on the next-token loss.
+
+    Runs `tokens [batch, pos]` clean and under `fwd_hooks`. For each component (`embed`, `L{l}_attn`, `L{l}_mlp`;
+    all, or those named in `components`) the clean final residual stream gets that component's output from the
+    hooked run instead of its clean one; the final LayerNorm and unembedding are recomputed (the seed's
+    `get_direct_loss_increase_for_component`). The effects of different components are not additive.
+
+    Returns `(patched [n_components, batch, pos - 1], labels, clean [batch, pos - 1], hooked [batch, pos - 1])`, all
+    per-token losses.
+    """
+    final = _final_resid_name(model)
+    names = ["hook_embed", final] + [f"blocks.{layer}.hook_{kind}_out" for layer in range(model.cfg.n_layers)
+                                     for kind in ("attn", "mlp")]
+    keep = lambda name: name in names  # noqa: E731
+    clean_logits, clean = model.run_with_cache(tokens, names_filter=keep)
+    with model.hooks(fwd_hooks=list(fwd_hooks)):
+        hooked_logits, hooked = model.run_with_cache(tokens, names_filter=keep)
+    clean_stack, labels = decompose_resid(model, clean, pos=slice(None))
+    hooked_stack, _ = decompose_resid(model, hooked, pos=slice(None))
+
+    def losses(logits: Tensor) -> Tensor:
+        log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        return -log_probs.gather(-1, tokens[:, 1:, None].to(log_probs.device))[..., 0]
+
+    chosen = labels if components is None else list(components)
+    patched = []
+    for name in chosen:
+        i = labels.index(name)
+        resid = clean[final] - clean_stack[i] + hooked_stack[i]
+        patched.append(losses(model.unembed(model.ln_final(resid))))
+    return torch.stack(patched), chosen, losses(clean_logits), losses(hooked_logits)
