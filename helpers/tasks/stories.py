@@ -151,7 +151,10 @@ def _narration(rng: random.Random, cast: list[_Character], place: str) -> str:
 def _dialogue_turn(rng: random.Random, cast: list[_Character]) -> str:
     me, you = rng.sample(cast, 2)
     end = rng.choice((".", ".", ".", ".", "!", "?"))
-    verb = rng.choice(QUESTION_VERBS) if end == "?" else rng.choice(SPEECH_VERBS)
+    if end == "?":
+        verb = rng.choice(QUESTION_VERBS)
+    else:  # "said" as often as all the others together, as in TinyStories
+        verb = "said" if rng.random() < 0.5 else rng.choice(SPEECH_VERBS[1:])
     body = _quote_body(rng, me, you, end)
     form = rng.random()
     if form < 0.6:  # Tom said, "....".

@@ -9,11 +9,14 @@ Retrain with `python -m helpers.zoo train toy-stories` (single-threaded, a few C
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from helpers.cache import fingerprint
 from helpers.tasks.stories import FORCED_TOKENS, generate_stories, pack_tokens
 from helpers.training import TrainConfig, train as train_loop
 from helpers.zoo import save_hf_checkpoint, train_bpe_tokenizer
@@ -25,7 +28,7 @@ N_EVAL_STORIES = 400
 SEQ_LEN = 128
 ARCH = dict(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512, window_size=256,
             max_position_embeddings=256)
-TRAIN = dict(steps=2000, lr=2e-3, weight_decay=0.1, betas=(0.9, 0.95), batch_size=32, warmup_steps=100,
+TRAIN = dict(steps=1200, lr=2e-3, weight_decay=0.1, betas=(0.9, 0.95), batch_size=32, warmup_steps=100,
              lr_schedule="cosine", grad_clip=1.0, eval_every=200)
 
 
@@ -61,7 +64,11 @@ def train(out_dir: Path) -> None:
     def evaluate(m) -> dict[str, float]:
         return {"eval_loss": float(lm_loss(m, (eval_tokens[:64],)))}
 
-    result = train_loop(model, train_tokens, lm_loss, TrainConfig(seed=SEED, **TRAIN), eval_fn=evaluate)
+    # resumable: step checkpoints go to a temporary folder named after the recipe's settings
+    run_key = fingerprint({"arch": ARCH, "train": TRAIN, "seed": SEED, "stories": N_TRAIN_STORIES})[:12]
+    steps_dir = Path(tempfile.gettempdir()) / f"toy-stories-{run_key}"
+    result = train_loop(model, train_tokens, lm_loss, TrainConfig(seed=SEED, checkpoint_every=200, **TRAIN),
+                        eval_fn=evaluate, checkpoint_dir=steps_dir)
     model.eval()
     metadata = {
         "recipe": "helpers.toys.stories", "seed": SEED, "vocab_size": len(tokenizer), "arch": ARCH,
@@ -73,4 +80,5 @@ def train(out_dir: Path) -> None:
         "n_params": sum(p.numel() for p in model.parameters()),
     }
     save_hf_checkpoint(model, tokenizer, out_dir, metadata)
+    shutil.rmtree(steps_dir, ignore_errors=True)
     print(metadata)

@@ -1,0 +1,605 @@
+"""Sparse autoencoders on model activations: train, save/load in SAELens's format, splice, ablate, analyse.
+
+The SAEs are SAELens `StandardSAE`s (ReLU, `W_enc [d_in, d_sae]`, `W_dec [d_sae, d_in]`, `b_enc`, `b_dec`), so
+`sae_lens.SAE.load_from_disk` reads what `save_sae` writes, and published SAELens releases load through the same
+`load_sae`. Training is our own small loop (SAELens's trainer needs its `ActivationsStore` and a HookedTransformer;
+ours streams activations from any TransformerBridge):
+
+- activations of one or more hooks (e.g. `blocks.{L}.mlp.hook_post`) are streamed from the model in batches of
+  sequences into a shuffled buffer; the BOS position is left out (its activation is a constant outlier);
+- inputs are scaled by one constant so that `E||x||^2 = d_in` while training, which makes the L1 coefficient
+  independent of the activation scale; the constant is folded into the weights before the SAE is returned;
+- loss = MSE (summed over `d_in`, averaged over tokens) + `l1_coefficient` x sum of feature activations (averaged
+  over tokens: the coefficient does not depend on the batch size, unlike the seed's); the seed's alternative
+  `sqrt + Hoyer-square` regulariser is available as `reg="sqrt_hoyer"`;
+- decoder rows are kept at unit norm (gradient parallel to each row removed, rows renormalised after each step);
+- dead features are resampled a few times early on (inputs drawn with probability proportional to their squared
+  reconstruction error, the seed's / Anthropic's recipe), their Adam moments reset.
+
+Functions take the model and tensors and return tensors or small dataclasses; nothing prints or plots.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+Hook = Callable[[Tensor, object], Tensor]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SAELens objects, saving and loading
+# ----------------------------------------------------------------------------------------------------------------
+def new_sae(d_in: int, d_sae: int, *, hook_name: str = "", model_name: str = "", seed: int = 0,
+            device: str | torch.device = "cpu", context_size: int | None = None, prepend_bos: bool = True):
+    """A freshly initialised SAELens `StandardSAE` (decoder rows unit norm, encoder = decoder transposed, zero
+    biases), with the hook and model recorded in its metadata."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    metadata = SAEMetadata(hook_name=hook_name, model_name=model_name, prepend_bos=prepend_bos,
+                           context_size=context_size)
+    cfg = StandardSAEConfig(d_in=d_in, d_sae=d_sae, device=str(device), metadata=metadata)
+    torch.manual_seed(seed)
+    sae = StandardSAE(cfg)
+    with torch.no_grad():
+        sae.W_dec.data = F.normalize(sae.W_dec.data, dim=-1)
+        sae.W_enc.data = sae.W_dec.data.T.clone().contiguous()
+    return sae
+
+
+def sae_to_dict(sae) -> dict:
+    """A plain, picklable form of a SAELens SAE: `{"cfg": cfg.to_dict(), "state_dict": {...}}`."""
+    return {"cfg": sae.cfg.to_dict(), "state_dict": {k: v.detach().cpu().clone() for k, v in sae.state_dict().items()}}
+
+
+def sae_from_dict(data: dict, device: str | torch.device = "cpu"):
+    """Inverse of `sae_to_dict`."""
+    from sae_lens import SAE
+
+    cfg_dict = dict(data["cfg"])
+    cfg_dict["device"] = str(device)
+    cfg_class = SAE.get_sae_config_class_for_architecture(cfg_dict["architecture"])
+    cfg = cfg_class.from_dict(cfg_dict)
+    sae = SAE.get_sae_class_for_architecture(cfg.architecture())(cfg)
+    sae.load_state_dict(data["state_dict"])
+    return sae.to(device)
+
+
+def save_sae(sae, folder: str | Path) -> Path:
+    """Write `sae` in SAELens's on-disk format (`cfg.json` + `sae_weights.safetensors`); `load_sae(folder)` or
+    `sae_lens.SAE.load_from_disk(folder)` read it back."""
+    folder = Path(folder)
+    sae.save_model(folder)
+    return folder
+
+
+def load_sae(source: str | Path, sae_id: str | None = None, *, device: str | torch.device = "cpu"):
+    """Load a SAE: a local folder in SAELens format, or a published SAELens release by id.
+
+    Args:
+        source: a folder written by `save_sae` / `SAE.save_model`, or a SAELens release name (see
+            `sae_lens.loading.pretrained_saes_directory.get_pretrained_saes_directory()`), e.g.
+            `"gpt2-small-res-jb"`.
+        sae_id: the SAE inside a release (e.g. `"blocks.8.hook_resid_pre"`); required for releases.
+    """
+    from sae_lens import SAE
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return SAE.load_from_disk(path, device=str(device))
+    if sae_id is None:
+        raise ValueError(f"{source!r} is not a local SAE folder; to load a SAELens release pass its sae_id too")
+    from helpers.models import HubUnreachableError, hub_offline
+
+    if hub_offline():
+        raise HubUnreachableError(
+            f"SAELens release {source!r} / {sae_id!r} would be downloaded from the Hugging Face hub, but offline mode "
+            "is on (HF_HUB_OFFLINE). Train SAEs locally with helpers.sae.train_saes, or pass a local SAE folder.")
+    try:
+        return SAE.from_pretrained(str(source), sae_id, device=str(device))
+    except (OSError, ConnectionError, TimeoutError) as error:
+        raise HubUnreachableError(
+            f"could not download SAELens release {source!r} / {sae_id!r} ({type(error).__name__}: {error})") from error
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Streaming activations
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def collect_activations(model, tokens: Tensor, hook_names: Sequence[str], *, skip_first: int = 1) -> dict[str, Tensor]:
+    """Activations of `hook_names` for `tokens [batch, seq]`, flattened to `[batch * (seq - skip_first), d]` (the
+    first `skip_first` positions, i.e. BOS, are left out)."""
+    names = set(hook_names)
+    _, cache = model.run_with_cache(tokens.to(_device_of(model)), names_filter=lambda name: name in names)
+    return {name: cache[name][:, skip_first:].reshape(-1, cache[name].shape[-1]).float() for name in hook_names}
+
+
+def activation_stream(model, tokens: Tensor, hook_names: Sequence[str], *, model_batch_size: int = 32,
+                      buffer_rows: int = 256, batch_size: int = 1024, seed: int = 0,
+                      skip_first: int = 1) -> Iterator[dict[str, Tensor]]:
+    """Endless shuffled batches `{hook: [batch_size, d]}` of activations, read `model_batch_size` sequences at a
+    time into a buffer of `buffer_rows` sequences; the sequence order is reshuffled every pass over `tokens`."""
+    generator = torch.Generator().manual_seed(seed)
+    n_rows = len(tokens)
+    order = torch.randperm(n_rows, generator=generator)
+    cursor = 0
+    while True:
+        parts: dict[str, list[Tensor]] = {name: [] for name in hook_names}
+        taken = 0
+        while taken < min(buffer_rows, n_rows):
+            if cursor >= n_rows:
+                order, cursor = torch.randperm(n_rows, generator=generator), 0
+            rows = order[cursor: cursor + min(model_batch_size, buffer_rows - taken)]
+            cursor += len(rows)
+            taken += len(rows)
+            for name, acts in collect_activations(model, tokens[rows], hook_names, skip_first=skip_first).items():
+                parts[name].append(acts.cpu())
+        buffer = {name: torch.cat(chunks) for name, chunks in parts.items()}
+        n = len(next(iter(buffer.values())))
+        perm = torch.randperm(n, generator=generator)
+        for start in range(0, n - batch_size + 1, batch_size):
+            index = perm[start: start + batch_size]
+            yield {name: acts[index] for name, acts in buffer.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SAETrainConfig:
+    """Knobs of `train_saes` (defaults sized for the toy models on a CPU).
+
+    Attributes:
+        expansion_factor: d_sae = expansion_factor x d_in.
+        l1_coefficient: weight of the L1 penalty per token, on inputs scaled to `E||x||^2 = d_in`.
+        reg: "l1", or "sqrt_hoyer" (the seed's combined sqrt + Hoyer-square penalty; `hoyer_coefficient` weights
+            the Hoyer term).
+        steps, batch_size, lr, betas, warmup_steps: Adam on batches of `batch_size` activations.
+        model_batch_size, buffer_rows: sequences per model forward pass, and per shuffled buffer.
+        resample_steps: steps at which dead features are resampled; a feature is dead when it did not fire in the
+            last `dead_window` steps.
+        seed: initialisation, data order and resampling.
+    """
+
+    expansion_factor: int = 4
+    l1_coefficient: float = 1.0
+    reg: str = "l1"
+    hoyer_coefficient: float = 0.0
+    steps: int = 1000
+    batch_size: int = 1024
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 50
+    model_batch_size: int = 32
+    buffer_rows: int = 256
+    resample_steps: tuple[int, ...] = (200, 400)
+    dead_window: int = 150
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.reg not in {"l1", "sqrt_hoyer"}:
+            raise ValueError(f"reg must be 'l1' or 'sqrt_hoyer', got {self.reg!r}")
+        if self.expansion_factor < 1 or self.steps < 1 or self.batch_size < 1:
+            raise ValueError("expansion_factor, steps and batch_size must be >= 1")
+
+
+@dataclass
+class SAETrainStats:
+    """Per-step history of one SAE's training (on the scaled inputs) and what was resampled."""
+
+    scale: float = 1.0
+    mse: list[float] = field(default_factory=list)
+    l0: list[float] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    resampled: dict[int, int] = field(default_factory=dict)
+
+
+def sparsity_penalty(acts: Tensor, config: SAETrainConfig) -> Tensor:
+    """Mean over tokens of the sparsity penalty of feature activations `acts [batch, d_sae]`."""
+    if config.reg == "l1":
+        return config.l1_coefficient * acts.sum(-1).mean()
+    soft = torch.where(acts < 1, (acts + 1e-9).sqrt(), acts)  # sqrt below 1, linear above (the seed's "sqrt")
+    hoyer = acts.sum(-1) ** 2 / (acts.pow(2).sum(-1) + 1e-9)
+    return config.l1_coefficient * soft.sum(-1).mean() + config.hoyer_coefficient * hoyer.mean()
+
+
+def _sae_forward(sae, x: Tensor) -> tuple[Tensor, Tensor]:
+    acts = sae.encode(x)
+    return acts, sae.decode(acts)
+
+
+@torch.no_grad()
+def _resample_dead(sae, optimizer, dead: Tensor, x: Tensor, generator: torch.Generator) -> int:
+    """Re-initialise dead features from inputs drawn with probability ~ squared reconstruction error."""
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return 0
+    _, recon = _sae_forward(sae, x)
+    weights = (recon - x).pow(2).sum(-1).pow(2)
+    if float(weights.sum()) <= 0:
+        return 0
+    picks = torch.multinomial(weights.cpu(), n_dead, replacement=n_dead > len(x), generator=generator)
+    directions = F.normalize(x[picks.to(x.device)] - sae.b_dec, dim=-1)
+    alive = ~dead
+    enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+    index = dead.nonzero()[:, 0]
+    sae.W_dec.data[index] = directions
+    sae.W_enc.data[:, index] = directions.T * 0.2 * enc_norm
+    sae.b_enc.data[index] = 0.0
+    for param, rows in ((sae.W_dec, (index,)), (sae.W_enc, (slice(None), index)), (sae.b_enc, (index,))):
+        state = optimizer.state.get(param, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                state[key][rows] = 0.0
+    return n_dead
+
+
+def train_saes(model, tokens: Tensor, hook_names: Sequence[str], config: SAETrainConfig = SAETrainConfig(), *,
+               model_name: str = "", progress: bool = True) -> tuple[dict[str, object], dict[str, SAETrainStats]]:
+    """Train one SAE per hook on the activations of `tokens [n_seq, seq]` (BOS first), sharing the model's forward
+    passes. Returns `({hook: StandardSAE}, {hook: SAETrainStats})`; the SAEs work on unscaled activations."""
+    device = _device_of(model)
+    stream = activation_stream(model, tokens, hook_names, model_batch_size=config.model_batch_size,
+                               buffer_rows=config.buffer_rows, batch_size=config.batch_size, seed=config.seed)
+    first = next(stream)
+    saes, optimizers, stats, last_fired = {}, {}, {}, {}
+    for i, name in enumerate(hook_names):
+        d_in = first[name].shape[-1]
+        sae = new_sae(d_in, d_in * config.expansion_factor, hook_name=name, model_name=model_name,
+                      seed=config.seed + i, device=device, context_size=tokens.shape[1])
+        scale = math.sqrt(d_in) / float(first[name].norm(dim=-1).pow(2).mean().sqrt().clamp(min=1e-8))
+        with torch.no_grad():  # start b_dec at the (scaled) mean, a standard initialisation
+            sae.b_dec.data = (first[name].to(device) * scale).mean(0)
+        saes[name] = sae
+        optimizers[name] = torch.optim.Adam(sae.parameters(), lr=config.lr, betas=config.betas)
+        stats[name] = SAETrainStats(scale=scale)
+        last_fired[name] = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=device)
+    generator = torch.Generator().manual_seed(config.seed + 7919)
+    batch = first
+    bar = tqdm(range(config.steps), desc=f"SAEs on {len(hook_names)} hook(s)", disable=not progress,
+               mininterval=1.0)
+    for step in bar:
+        if step > 0:
+            batch = next(stream)
+        lr = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+        for name in hook_names:
+            sae, optimizer, record = saes[name], optimizers[name], stats[name]
+            x = batch[name].to(device) * record.scale
+            if step in config.resample_steps:
+                dead = (step - last_fired[name]) >= config.dead_window
+                record.resampled[step] = _resample_dead(sae, optimizer, dead, x, generator)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            acts, recon = _sae_forward(sae, x)
+            mse = (recon - x).pow(2).sum(-1).mean()
+            loss = mse + sparsity_penalty(acts, config)
+            loss.backward()
+            with torch.no_grad():  # keep decoder rows on the unit sphere
+                W = sae.W_dec
+                W.grad -= (W.grad * W.data).sum(-1, keepdim=True) * W.data
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                sae.W_dec.data = F.normalize(sae.W_dec.data, dim=-1)
+                fired = (acts > 0).any(0)
+                last_fired[name][fired] = step
+            record.mse.append(float(mse) / x.shape[-1])
+            record.l0.append(float((acts > 0).float().sum(-1).mean()))
+            record.loss.append(float(loss))
+        if progress and (step % 50 == 0 or step == config.steps - 1):
+            bar.set_postfix({f"{n.split('.')[1] if n.count('.') else n}": f"mse {stats[n].mse[-1]:.3f} L0 {stats[n].l0[-1]:.0f}"
+                             for n in hook_names}, refresh=False)
+    for name, sae in saes.items():
+        sae.fold_activation_norm_scaling_factor(stats[name].scale)
+        sae.eval()
+        for param in sae.parameters():
+            param.requires_grad_(False)
+    return saes, stats
+
+
+def cached_saes(model, tokens: Tensor, hook_names: Sequence[str], config: SAETrainConfig = SAETrainConfig(), *,
+                model_name: str = "", progress: bool = True, refresh: bool = False,
+                cache_dir: str | Path | None = None) -> tuple[dict[str, object], dict[str, SAETrainStats]]:
+    """`train_saes`, cached under `data/cache/` by the model's weights, the tokens, the hooks and the config (and the
+    SAELens version): a second call with the same inputs loads instead of training."""
+    import sae_lens
+
+    from helpers import cache
+
+    key = {"model": cache.fingerprint(_weights(model)), "tokens": tokens, "hooks": list(hook_names),
+           "config": asdict(config), "sae_lens": sae_lens.__version__, "model_name": model_name}
+
+    def compute() -> dict:
+        saes, stats = train_saes(model, tokens, hook_names, config, model_name=model_name, progress=progress)
+        return {name: {"sae": sae_to_dict(saes[name]), "stats": asdict(stats[name])} for name in hook_names}
+
+    stored = cache.cached("sae", key, compute, cache_dir=cache_dir, refresh=refresh)
+    device = _device_of(model)
+    saes = {name: sae_from_dict(stored[name]["sae"], device) for name in hook_names}
+    return saes, {name: SAETrainStats(**stored[name]["stats"]) for name in hook_names}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hooks: splice, reconstruct, ablate
+# ----------------------------------------------------------------------------------------------------------------
+def _select(activation: Tensor, positions: Tensor | None) -> Tensor:
+    """Bool mask `[batch, pos, 1]` of where to intervene; `positions` is a `[batch, pos]` mask or `[batch]` indices."""
+    batch, n_pos = activation.shape[:2]
+    if positions is None:
+        return torch.ones(batch, n_pos, 1, dtype=torch.bool, device=activation.device)
+    positions = positions.to(activation.device)
+    if positions.dtype == torch.bool:  # [batch or 1, pos]
+        return positions[:, :n_pos, None].expand(batch, n_pos, 1)
+    mask = torch.zeros(batch, n_pos, dtype=torch.bool, device=activation.device)
+    mask[torch.arange(batch, device=activation.device), positions.long()] = True
+    return mask[..., None]
+
+
+def splice_hook(sae, *, positions: Tensor | None = None, error_term: bool = False,
+                ablate: Sequence[int] | Tensor | None = None) -> Hook:
+    """A forward hook that replaces activations `[batch, pos, d_in]` with the SAE's reconstruction.
+
+    Args:
+        positions: where to intervene: a bool mask `[batch, pos]` (or `[1, pos]`, the same for every row), indices
+            `[batch]` (one position per prompt), or None for every position.
+        error_term: add the SAE's error back (`x_hat + (x - x_hat)`): the output equals the input unless features
+            are ablated, so `ablate` then removes exactly those features' contributions.
+        ablate: feature indices whose activations are set to zero before decoding.
+    """
+    features = None if ablate is None else torch.as_tensor(ablate, dtype=torch.long)
+
+    def hook(activation: Tensor, hook=None) -> Tensor:
+        x = activation.to(sae.W_dec.dtype)
+        acts = sae.encode(x)
+        ablating = features is not None and len(features) > 0
+        if error_term and ablating:  # x - sum_f acts_f W_dec[f]: exactly x where those features are off
+            index = features.to(acts.device)
+            new = x - acts[..., index] @ sae.W_dec[index]
+        elif error_term:  # x_hat + (x - x_hat)
+            recon = sae.decode(acts)
+            new = recon + (x - recon)
+        else:
+            if ablating:
+                acts = acts.clone()
+                acts[..., features.to(acts.device)] = 0.0
+            new = sae.decode(acts)
+        mask = _select(activation, positions)
+        return torch.where(mask, new.to(activation.dtype), activation)
+
+    return hook
+
+
+def feature_ablation_hook(sae, features: Sequence[int] | Tensor, positions: Tensor | None = None) -> Hook:
+    """Remove the contributions of `features` (`acts[..., f] * W_dec[f]`) and keep the SAE error: the seed's
+    "ablate the direction" hook, at `positions` (see `splice_hook`)."""
+    return splice_hook(sae, positions=positions, error_term=True, ablate=features)
+
+
+def replace_hook(value: Tensor | float, positions: Tensor | None = None) -> Hook:
+    """Replace activations with `value` (0 for zero ablation, a `[d]` mean for mean ablation) at `positions`."""
+
+    def hook(activation: Tensor, hook=None) -> Tensor:
+        fill = torch.as_tensor(value, dtype=activation.dtype, device=activation.device).expand_as(activation)
+        return torch.where(_select(activation, positions), fill, activation)
+
+    return hook
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses and metrics
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def next_token_losses(model, tokens: Tensor, hooks: Sequence[tuple[str, Hook]] = (), *,
+                      batch_size: int = 64) -> Tensor:
+    """Cross-entropy of every next-token prediction: `[batch, seq - 1]` (entry `[b, p]` predicts `tokens[b, p+1]`)."""
+    out = []
+    for start in range(0, len(tokens), batch_size):
+        chunk = tokens[start: start + batch_size].to(_device_of(model))
+        logits = model.run_with_hooks(chunk, fwd_hooks=list(hooks))
+        logprobs = logits[:, :-1].float().log_softmax(-1)
+        out.append(-logprobs.gather(-1, chunk[:, 1:, None])[..., 0].cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def logprobs_at(model, tokens: Tensor, positions: Tensor, hooks_for: Callable[[Tensor, Tensor], list] | None = None,
+                *, batch_size: int = 64) -> Tensor:
+    """Log-probabilities of the whole vocabulary at one position per prompt: `[batch, d_vocab]`.
+
+    `hooks_for(rows, positions_of_rows) -> [(hook_name, hook)]` builds the hooks of each chunk (they usually need
+    the chunk's positions); None runs the clean model.
+    """
+    out = []
+    for start in range(0, len(tokens), batch_size):
+        chunk = tokens[start: start + batch_size].to(_device_of(model))
+        pos = positions[start: start + batch_size]
+        hooks = hooks_for(torch.arange(start, start + len(chunk)), pos) if hooks_for is not None else []
+        logits = model.run_with_hooks(chunk, fwd_hooks=hooks)
+        rows = torch.arange(len(chunk), device=logits.device)
+        out.append(logits[rows, pos.to(logits.device)].float().log_softmax(-1).cpu())
+    return torch.cat(out)
+
+
+def answer_losses(logprobs: Tensor, answers: Tensor) -> Tensor:
+    """`-log p(answer)`: logprobs `[batch, d_vocab]`, answers `[batch]` -> `[batch]`."""
+    return -logprobs.gather(-1, answers[:, None].to(logprobs.device))[:, 0]
+
+
+def loss_recovered(clean: float, spliced: float, ablated: float) -> float:
+    """`(L_ablated - L_spliced) / (L_ablated - L_clean)`: 1 = the splice is as good as the model, 0 = as bad as the
+    ablation."""
+    return (ablated - spliced) / (ablated - clean) if ablated != clean else float("nan")
+
+
+@torch.no_grad()
+def feature_activations(model, sae, tokens: Tensor, *, hook_name: str | None = None,
+                        positions: Tensor | None = None, batch_size: int = 64) -> Tensor:
+    """SAE feature activations: `[batch, seq, d_sae]`, or `[batch, d_sae]` at one position per prompt
+    (`positions [batch]`)."""
+    hook_name = hook_name or sae.cfg.metadata.hook_name
+    out = []
+    for start in range(0, len(tokens), batch_size):
+        chunk = tokens[start: start + batch_size].to(_device_of(model))
+        _, cache = model.run_with_cache(chunk, names_filter=lambda name: name == hook_name)
+        acts = sae.encode(cache[hook_name].to(sae.W_dec.dtype))
+        if positions is not None:
+            pos = positions[start: start + batch_size].to(acts.device)
+            acts = acts[torch.arange(len(chunk), device=acts.device), pos]
+        out.append(acts.cpu())
+    return torch.cat(out)
+
+
+@dataclass
+class SAEMetrics:
+    """Quality of one SAE on a token set (BOS positions excluded everywhere).
+
+    Attributes:
+        l0: mean number of active features per token.
+        dead_fraction: share of features never active on the token set.
+        mse: mean squared error per activation dimension; `explained_variance`: 1 - SSE / total variance.
+        loss_clean / loss_spliced / loss_zero: mean next-token loss of the model, with the SAE reconstruction
+            spliced in at every non-BOS position, and with the hook zero-ablated there.
+        loss_recovered: `(loss_zero - loss_spliced) / (loss_zero - loss_clean)`.
+    """
+
+    l0: float
+    dead_fraction: float
+    mse: float
+    explained_variance: float
+    loss_clean: float
+    loss_spliced: float
+    loss_zero: float
+    loss_recovered: float
+    feature_frequency: Tensor | None = None
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: v for k, v in asdict(self).items() if k != "feature_frequency"}
+
+
+@torch.no_grad()
+def sae_metrics(model, sae, tokens: Tensor, *, hook_name: str | None = None, batch_size: int = 64) -> SAEMetrics:
+    """L0, dead fraction, MSE, explained variance and whole-sequence loss recovered of `sae` on `tokens [n, seq]`."""
+    hook_name = hook_name or sae.cfg.metadata.hook_name
+    d_sae = sae.cfg.d_sae
+    fired = torch.zeros(d_sae)
+    n_tokens, l0_sum, sse, total, count = 0, 0.0, 0.0, torch.zeros(0), 0
+    sums, sq_sums = None, None
+    for start in range(0, len(tokens), batch_size):
+        chunk = tokens[start: start + batch_size].to(_device_of(model))
+        _, cache = model.run_with_cache(chunk, names_filter=lambda name: name == hook_name)
+        x = cache[hook_name][:, 1:].reshape(-1, sae.cfg.d_in).to(sae.W_dec.dtype)
+        acts = sae.encode(x)
+        recon = sae.decode(acts)
+        active = (acts > 0).float()
+        fired += active.sum(0).cpu()
+        l0_sum += float(active.sum())
+        sse += float((recon - x).pow(2).sum())
+        sums = x.sum(0) if sums is None else sums + x.sum(0)
+        sq_sums = x.pow(2).sum(0) if sq_sums is None else sq_sums + x.pow(2).sum(0)
+        n_tokens += len(x)
+    variance = float((sq_sums - sums.pow(2) / n_tokens).sum())
+    not_bos = torch.ones(1, tokens.shape[1], dtype=torch.bool)
+    not_bos[:, 0] = False
+    clean = next_token_losses(model, tokens, batch_size=batch_size).mean().item()
+    spliced = next_token_losses(model, tokens, [(hook_name, splice_hook(sae, positions=not_bos))],
+                                batch_size=batch_size).mean().item()
+    zero = next_token_losses(model, tokens, [(hook_name, replace_hook(0.0, positions=not_bos))],
+                             batch_size=batch_size).mean().item()
+    return SAEMetrics(
+        l0=l0_sum / n_tokens, dead_fraction=float((fired == 0).float().mean()), mse=sse / (n_tokens * sae.cfg.d_in),
+        explained_variance=1 - sse / variance, loss_clean=clean, loss_spliced=spliced, loss_zero=zero,
+        loss_recovered=loss_recovered(clean, spliced, zero), feature_frequency=fired / n_tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Feature analysis
+# ----------------------------------------------------------------------------------------------------------------
+def output_weights(model, layer: int) -> Tensor:
+    """`W_out[layer]` `[d_mlp, d_model]`: what an `mlp.hook_post` activation writes to the residual stream."""
+    return model.W_out[layer]
+
+
+def feature_logit_weights(model, sae, layer: int, ln_scale: Tensor | float | None = None) -> Tensor:
+    """Weight-based direct logit effect of every feature of an `mlp.hook_post` SAE: `W_dec @ W_out[layer] @ W_U`
+    `[d_sae, d_vocab]`, divided by the final-LayerNorm scale when given (a typical `ln_final.hook_scale`, so that
+    magnitudes are in logits; the seed ignored it)."""
+    W_dec = sae.W_dec.to(model.W_U.dtype)
+    writes = W_dec @ output_weights(model, layer).to(W_dec.device)  # [d_sae, d_model]
+    writes = writes - writes.mean(-1, keepdim=True)
+    logits = writes @ model.W_U
+    if ln_scale is not None:
+        logits = logits / torch.as_tensor(ln_scale, dtype=logits.dtype, device=logits.device)
+    return logits
+
+
+def top_examples(acts: Tensor, feature: int, k: int = 10) -> list[tuple[int, int, float]]:
+    """The `k` largest activations of `feature` in `acts [batch, seq, d_sae]`: `[(row, position, value)]`."""
+    values = acts[..., feature]
+    flat = values.flatten()
+    top = torch.topk(flat, min(k, flat.numel()))
+    out = []
+    for value, index in zip(top.values.tolist(), top.indices.tolist()):
+        if value <= 0:
+            break
+        out.append((index // values.shape[1], index % values.shape[1], value))
+    return out
+
+
+def token_statistics(tokens: Tensor, acts: Tensor, features: Sequence[int], *,
+                     threshold: float = 0.0) -> dict[int, dict]:
+    """Which tokens a feature fires on: for each feature, the number of active positions (activation > `threshold`),
+    the most frequent token there and its share. tokens `[batch, seq]`, acts `[batch, seq, d_sae]`."""
+    out = {}
+    for feature in features:
+        active = acts[..., feature] > threshold
+        hits = tokens[active.to(tokens.device)]
+        if len(hits) == 0:
+            out[feature] = {"active": 0, "top_token": None, "top_share": float("nan")}
+            continue
+        counts = torch.bincount(hits)
+        top = int(counts.argmax())
+        out[feature] = {"active": int(len(hits)), "top_token": top, "top_share": float(counts[top] / len(hits))}
+    return out
+
+
+def coactivation(acts: Tensor) -> Tensor:
+    """Pearson correlations between the columns of `acts [n, k]` -> `[k, k]` (NaN for a constant column)."""
+    return torch.corrcoef(acts.T.float())
+
+
+@torch.no_grad()
+def virtual_cosines(model, sae_a, layer_a: int, sae_b, layer_b: int) -> Tensor:
+    """Cosine between what each feature of an `mlp.hook_post` SAE at `layer_a` writes to the residual stream
+    (`W_dec_a @ W_out[layer_a]`) and what each feature of the SAE at `layer_b` reads from it through the MLP
+    (`W_in[layer_b] @ W_enc_b`): `[d_sae_a, d_sae_b]`, rows = layer_a features, columns = layer_b features. The whole
+    cross matrix is meaningful (no `tril`); LayerNorm scale and the GELU are ignored."""
+    writes = F.normalize(sae_a.W_dec.float() @ output_weights(model, layer_a).float(), dim=-1)
+    reads = F.normalize(model.W_in[layer_b].float() @ sae_b.W_enc.float(), dim=0)
+    return writes @ reads
+
+
+def top_pairs(matrix: Tensor, k: int) -> list[tuple[int, int, float]]:
+    """The `k` largest entries of a 2-D matrix as `(row, column, value)` (column count from the matrix itself)."""
+    top = torch.topk(matrix.flatten(), min(k, matrix.numel()))
+    n_cols = matrix.shape[1]
+    return [(i // n_cols, i % n_cols, v) for v, i in zip(top.values.tolist(), top.indices.tolist())]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def _device_of(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def _weights(model) -> dict[str, Tensor]:
+    """The model's parameters, for fingerprinting (buffers such as masks left out)."""
+    return {name: param for name, param in model.named_parameters()}

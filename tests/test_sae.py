@@ -1,0 +1,176 @@
+"""Sparse autoencoders: shapes, splice/ablation hooks, training, caching, and the SAELens on-disk format."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import sae as S
+
+HOOK = "blocks.1.mlp.hook_post"
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    from helpers.models import load_model
+
+    return load_model(tiny_checkpoint("gpt_neo"), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tokens(model):
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randint(1, model.cfg.d_vocab, (24, 16), generator=generator)
+    rows[:, 0] = 0  # BOS
+    return rows
+
+
+@pytest.fixture(scope="module")
+def trained(model, tokens):
+    config = S.SAETrainConfig(expansion_factor=2, l1_coefficient=0.5, steps=40, batch_size=64, model_batch_size=24,
+                              buffer_rows=24, resample_steps=(20,), dead_window=10, seed=1)
+    saes, stats = S.train_saes(model, tokens, ["blocks.0.mlp.hook_post", HOOK], config, model_name="tiny",
+                               progress=False)
+    return saes, stats, config
+
+
+def test_encode_decode_shapes():
+    sae = S.new_sae(64, 256, hook_name=HOOK, model_name="tiny")
+    x = torch.randn(3, 7, 64)
+    acts = sae.encode(x)
+    assert acts.shape == (3, 7, 256) and (acts >= 0).all()
+    assert sae.decode(acts).shape == (3, 7, 64)
+    assert torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(256), atol=1e-5)
+
+
+def test_training_one_sae_per_hook(trained, model):
+    saes, stats, config = trained
+    d_mlp = model.cfg.d_mlp
+    for name, sae in saes.items():
+        assert sae.cfg.d_in == d_mlp and sae.cfg.d_sae == 2 * d_mlp
+        assert sae.cfg.metadata.hook_name == name
+        assert len(stats[name].mse) == config.steps
+        assert stats[name].mse[-1] < stats[name].mse[0]  # it learns
+        assert 20 in stats[name].resampled
+        # decoder rows had unit norm on the scaled inputs; folding the scale leaves them all equal
+        norms = sae.W_dec.norm(dim=-1)
+        assert torch.allclose(norms, torch.full_like(norms, 1 / stats[name].scale), rtol=1e-4)
+
+
+def test_training_is_deterministic(model, tokens):
+    config = S.SAETrainConfig(expansion_factor=1, steps=6, batch_size=64, model_batch_size=24, buffer_rows=24,
+                              resample_steps=(3,), dead_window=1, seed=4)
+    once, _ = S.train_saes(model, tokens, [HOOK], config, progress=False)
+    twice, _ = S.train_saes(model, tokens, [HOOK], config, progress=False)
+    assert torch.equal(once[HOOK].W_enc, twice[HOOK].W_enc) and torch.equal(once[HOOK].b_dec, twice[HOOK].b_dec)
+
+
+def test_reconstruction_with_error_term_leaves_logits_unchanged(trained, model, tokens):
+    saes, _, _ = trained
+    clean = model(tokens)
+    for name, sae in saes.items():
+        patched = model.run_with_hooks(tokens, fwd_hooks=[(name, S.splice_hook(sae, error_term=True))])
+        assert torch.allclose(patched, clean, atol=1e-4, rtol=1e-4)
+        # without the error term the logits do change
+        spliced = model.run_with_hooks(tokens, fwd_hooks=[(name, S.splice_hook(sae))])
+        assert not torch.allclose(spliced, clean, atol=1e-4)
+
+
+def test_ablating_a_zero_feature_changes_nothing(trained, model, tokens):
+    saes, _, _ = trained
+    sae = saes[HOOK]
+    acts = S.feature_activations(model, sae, tokens)
+    peak = acts.amax(dim=(0, 1))
+    silent = int((peak == 0).nonzero()[0]) if (peak == 0).any() else None
+    if silent is None:  # make one silent
+        silent = 0
+        with torch.no_grad():
+            sae.b_enc[silent] = -1e6
+    clean = model(tokens)
+    ablated = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, S.feature_ablation_hook(sae, [silent]))])
+    assert torch.equal(ablated, clean)
+    # ablating the most active feature does change the logits, and only from its position on
+    busy = int(peak.argmax())
+    row, pos = divmod(int(acts[..., busy].flatten().argmax()), tokens.shape[1])
+    changed = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, S.feature_ablation_hook(sae, [busy]))])
+    assert not torch.allclose(changed, clean)
+    only_there = model.run_with_hooks(
+        tokens, fwd_hooks=[(HOOK, S.feature_ablation_hook(sae, [busy], positions=torch.full((len(tokens),), pos)))])
+    assert torch.equal(only_there[:, :pos], clean[:, :pos])
+
+
+def test_save_load_round_trip_through_sae_lens(trained, tmp_path):
+    from sae_lens import SAE
+
+    saes, _, _ = trained
+    sae = saes[HOOK]
+    folder = S.save_sae(sae, tmp_path / "sae")
+    assert (folder / "cfg.json").is_file() and (folder / "sae_weights.safetensors").is_file()
+    loaded = SAE.load_from_disk(folder)
+    assert type(loaded).__name__ == "StandardSAE"
+    assert loaded.cfg.metadata.hook_name == HOOK and loaded.cfg.d_sae == sae.cfg.d_sae
+    for key, value in sae.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    x = torch.randn(5, sae.cfg.d_in).abs()
+    assert torch.equal(loaded.encode(x), sae.encode(x))
+    assert torch.equal(S.load_sae(folder).decode(sae.encode(x)), sae.decode(sae.encode(x)))
+
+
+def test_published_release_needs_network():
+    from helpers.models import HubUnreachableError
+
+    with pytest.raises(HubUnreachableError, match="offline"):
+        S.load_sae("gpt2-small-res-jb", "blocks.8.hook_resid_pre")
+    with pytest.raises(ValueError, match="sae_id"):
+        S.load_sae("gpt2-small-res-jb")
+
+
+def test_cached_saes_train_once(model, tokens, tmp_path, monkeypatch):
+    config = S.SAETrainConfig(expansion_factor=1, steps=5, batch_size=32, model_batch_size=8, buffer_rows=8,
+                              resample_steps=())
+    calls = []
+    real = S.train_saes
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(S, "train_saes", counting)
+    first, stats = S.cached_saes(model, tokens, [HOOK], config, cache_dir=tmp_path, progress=False)
+    second, stats2 = S.cached_saes(model, tokens, [HOOK], config, cache_dir=tmp_path, progress=False)
+    assert len(calls) == 1
+    assert torch.equal(first[HOOK].W_enc, second[HOOK].W_enc) and stats.keys() == stats2.keys()
+    S.cached_saes(model, tokens, [HOOK], S.SAETrainConfig(**{**config.__dict__, "seed": 9}), cache_dir=tmp_path,
+                  progress=False)
+    assert len(calls) == 2  # a different config is a different key
+
+
+def test_metrics_and_loss_recovered(trained, model, tokens):
+    saes, _, _ = trained
+    metrics = S.sae_metrics(model, saes[HOOK], tokens)
+    assert 0 <= metrics.dead_fraction <= 1 and metrics.l0 > 0 and metrics.mse >= 0
+    assert metrics.loss_recovered == pytest.approx(
+        S.loss_recovered(metrics.loss_clean, metrics.loss_spliced, metrics.loss_zero))
+    assert S.loss_recovered(2.0, 2.0, 3.0) == 1.0 and S.loss_recovered(2.0, 3.0, 3.0) == 0.0
+    # loss at one position per prompt, zero-ablating only there
+    last = torch.full((len(tokens),), tokens.shape[1] - 2)
+    answers = tokens[:, -1]
+    clean = S.answer_losses(S.logprobs_at(model, tokens, last), answers)
+    zero = S.answer_losses(S.logprobs_at(model, tokens, last, lambda rows, pos: [(HOOK, S.replace_hook(0.0, pos))]),
+                           answers)
+    assert clean.shape == (len(tokens),) and not torch.allclose(clean, zero)
+
+
+def test_weight_analyses_shapes(trained, model):
+    saes, _, _ = trained
+    sae0, sae1 = saes["blocks.0.mlp.hook_post"], saes[HOOK]
+    weights = S.feature_logit_weights(model, sae1, 1)
+    assert weights.shape == (sae1.cfg.d_sae, model.cfg.d_vocab)
+    cos = S.virtual_cosines(model, sae0, 0, sae1, 1)
+    assert cos.shape == (sae0.cfg.d_sae, sae1.cfg.d_sae) and cos.abs().max() <= 1 + 1e-5
+    # top_pairs indexes with the matrix's own column count (the seed used the first SAE's size)
+    rect = torch.zeros(3, 5)
+    rect[2, 4] = 1.0
+    rect[1, 0] = 0.5
+    assert [(r, c) for r, c, _ in S.top_pairs(rect, 2)] == [(2, 4), (1, 0)]
+    corr = S.coactivation(torch.randn(50, 3))
+    assert corr.shape == (3, 3) and torch.allclose(corr.diagonal(), torch.ones(3))
