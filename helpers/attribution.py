@@ -253,3 +253,44 @@ def direct_patch_losses(model, tokens: Tensor, fwd_hooks, components: list[str] 
         resid = clean[final] - clean_stack[i] + hooked_stack[i]
         patched.append(losses(model.unembed(model.ln_final(resid))))
     return torch.stack(patched), chosen, losses(clean_logits), losses(hooked_logits)
+
+
+# ---- one answer token at one position per prompt (SAE quotation notebook) ----------------------------------------
+def token_attribution_at(model, cache, answers: Tensor, positions: Tensor) -> Attribution:
+    """DLA of one answer token per prompt at one position per prompt (prompts of different lengths, right-padded).
+
+    answers `[batch]` (token ids), positions `[batch]` (index of each prompt's predicting position) and the cache of
+    `model.run_with_cache(tokens)` -> values `[n_components]` (mean over prompts) and per_prompt
+    `[n_components, batch]`, with labels `embed`, (`pos_embed`), every head `L{l}H{h}`, `L{l}_attn_bias`, `L{l}_mlp`
+    and `unembed_bias`. The components sum to the answer's logit at that position (final LayerNorm linearised with
+    the cached scale; with center_unembed that logit is relative to the mean over the vocabulary).
+    """
+    device = cache["ln_final.hook_scale"].device
+    rows = torch.arange(len(positions), device=device)
+    positions = positions.to(device).long()
+    scale = cache["ln_final.hook_scale"][rows, positions]  # [batch, 1]
+    directions = model.W_U[:, answers.to(model.W_U.device)].T.to(device)  # [batch, d_model]
+
+    def project(vectors: Tensor) -> Tensor:  # [..., batch, d_model] -> [..., batch]
+        centred = vectors - vectors.mean(-1, keepdim=True)
+        return (centred / scale.to(vectors.dtype) * directions.to(vectors.dtype)).sum(-1)
+
+    pieces, labels = [project(cache["hook_embed"][rows, positions])], ["embed"]
+    if "hook_pos_embed" in cache.keys():
+        pos_embed = cache["hook_pos_embed"]
+        pieces.append(project(pos_embed[rows, positions] if pos_embed.ndim == 3 else pos_embed[positions]))
+        labels.append("pos_embed")
+    for layer in range(model.cfg.n_layers):
+        z = cache[f"blocks.{layer}.attn.hook_z"][rows, positions]  # [batch, head, d_head]
+        results = torch.einsum("bhd,hdm->hbm", z, model.W_O[layer].to(z.dtype))
+        pieces.extend(project(results).unbind(0))
+        labels += [f"L{layer}H{head}" for head in range(model.cfg.n_heads)]
+        pieces.append(project(model.b_O[layer].to(z.dtype).expand(len(rows), -1)))
+        labels.append(f"L{layer}_attn_bias")
+        pieces.append(project(cache[f"blocks.{layer}.hook_mlp_out"][rows, positions]))
+        labels.append(f"L{layer}_mlp")
+    b_U = getattr(model, "b_U", None)
+    pieces.append(b_U[answers.to(b_U.device)].to(pieces[0]) if b_U is not None else torch.zeros_like(pieces[0]))
+    labels.append("unembed_bias")
+    per_prompt = torch.stack(pieces)
+    return Attribution(per_prompt.mean(-1), labels, per_prompt)

@@ -399,13 +399,11 @@ def replace_hook(value: Tensor | float, positions: Tensor | None = None) -> Hook
 def next_token_losses(model, tokens: Tensor, hooks: Sequence[tuple[str, Hook]] = (), *,
                       batch_size: int = 64) -> Tensor:
     """Cross-entropy of every next-token prediction: `[batch, seq - 1]` (entry `[b, p]` predicts `tokens[b, p+1]`)."""
-    out = []
-    for start in range(0, len(tokens), batch_size):
-        chunk = tokens[start: start + batch_size].to(_device_of(model))
-        logits = model.run_with_hooks(chunk, fwd_hooks=list(hooks))
-        logprobs = logits[:, :-1].float().log_softmax(-1)
-        out.append(-logprobs.gather(-1, chunk[:, 1:, None])[..., 0].cpu())
-    return torch.cat(out)
+    from helpers.ablation import token_losses
+
+    device = _device_of(model)
+    return torch.cat([token_losses(model, tokens[start: start + batch_size].to(device), hooks).cpu()
+                      for start in range(0, len(tokens), batch_size)])
 
 
 @torch.no_grad()

@@ -174,3 +174,16 @@ def test_weight_analyses_shapes(trained, model):
     assert [(r, c) for r, c, _ in S.top_pairs(rect, 2)] == [(2, 4), (1, 0)]
     corr = S.coactivation(torch.randn(50, 3))
     assert corr.shape == (3, 3) and torch.allclose(corr.diagonal(), torch.ones(3))
+
+
+def test_token_attribution_at_sums_to_the_answer_logit(model, tokens):
+    from helpers.attribution import token_attribution_at
+
+    positions = torch.arange(len(tokens)) % (tokens.shape[1] - 1)
+    answers = tokens[torch.arange(len(tokens)), positions + 1]
+    logits, cache = model.run_with_cache(tokens)
+    attribution = token_attribution_at(model, cache, answers, positions)
+    expected = logits[torch.arange(len(tokens)), positions, answers]
+    assert attribution.per_prompt.shape == (len(attribution.labels), len(tokens))
+    assert "L1H0" in attribution.labels and "L1_mlp" in attribution.labels
+    assert torch.allclose(attribution.per_prompt.sum(0), expected, atol=1e-3)
