@@ -151,6 +151,13 @@ def key_frequency_component(neuron_acts: Tensor, p: int, frequencies: list[int])
     return directions.T @ (directions @ neuron_acts)
 
 
+def trig_cube(p: int, frequency: int) -> Tensor:
+    """Unit-norm `cos(w_k (a + b - c))` over (a, b, c): `[p, p, p]` in float64."""
+    x = torch.arange(p, dtype=torch.float64)
+    cube = torch.cos(2 * math.pi * frequency * (x[:, None, None] + x[None, :, None] - x[None, None, :]) / p)
+    return cube / cube.norm()
+
+
 def logit_trig_fit(logits: Tensor, frequencies: list[int]) -> dict[str, Tensor]:
     """How well `cos(w_k (a + b - c))` terms explain the logits (the trig-identity check).
 
@@ -159,24 +166,21 @@ def logit_trig_fit(logits: Tensor, frequencies: list[int]) -> dict[str, Tensor]:
         frequencies: frequencies k to fit, one normalised cube each (cubes of distinct k are orthogonal).
     Returns:
         `coefficients [len(freqs)]`, `cosine_similarity [len(freqs)]` (coefficient / ||logits||), and
-        `residual_fraction` (||logits - fit|| / ||logits||, a scalar tensor).
+        `residual_fraction` (||logits - fit|| / ||logits||, a scalar tensor), and the `fit [p, p, p]` itself.
     """
     p = logits.shape[0]
-    x = torch.arange(p, dtype=torch.float64)
-    a, b, c = x[:, None, None], x[None, :, None], x[None, None, :]
     values = logits.double()
     fit = torch.zeros_like(values)
     coefficients = []
     for k in frequencies:
-        cube = torch.cos(2 * math.pi * k * (a + b - c) / p)
-        cube = cube / cube.norm()
+        cube = trig_cube(p, k)
         coefficient = (values * cube).sum()
         coefficients.append(coefficient)
         fit += coefficient * cube
     norm = values.norm()
     coefficients_t = torch.stack(coefficients) if coefficients else torch.zeros(0, dtype=torch.float64)
     return {"coefficients": coefficients_t, "cosine_similarity": coefficients_t / norm,
-            "residual_fraction": (values - fit).norm() / norm}
+            "residual_fraction": (values - fit).norm() / norm, "fit": fit}
 
 
 @dataclass

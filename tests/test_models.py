@@ -1,0 +1,115 @@
+"""load_model on tiny GPT-NeoX (Pythia), Llama and GPT-Neo (TinyStories) checkpoints saved to disk."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from helpers import models, zoo
+from helpers.models import HubUnreachableError, ModelNotFoundError, load_model
+from tests.conftest import ARCHITECTURES
+
+HOOKS = ["blocks.{L}.mlp.hook_post", "blocks.{L}.mlp.hook_pre", "blocks.{L}.attn.hook_z",
+         "blocks.{L}.attn.hook_pattern", "blocks.{L}.hook_resid_pre", "blocks.{L}.hook_resid_post",
+         "blocks.{L}.hook_attn_out", "blocks.{L}.hook_mlp_out", "ln_final.hook_scale"]
+TEXT = "All cats are red, not blue. Das ist ein Test."
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_hook_names_exist_with_expected_shapes(tiny_checkpoint, architecture):
+    model = load_model(tiny_checkpoint(architecture), device="cpu")
+    tokens = model.to_tokens(TEXT)
+    _, cache = model.run_with_cache(tokens)
+    cfg = model.cfg
+    for layer in range(cfg.n_layers):
+        for template in HOOKS:
+            assert template.format(L=layer) in cache, template.format(L=layer)
+        assert cache[f"blocks.{layer}.attn.hook_z"].shape == (1, tokens.shape[1], cfg.n_heads, cfg.d_head)
+        assert cache[f"blocks.{layer}.attn.hook_pattern"].shape == (1, cfg.n_heads, tokens.shape[1], tokens.shape[1])
+        assert cache[f"blocks.{layer}.mlp.hook_post"].shape == (1, tokens.shape[1], cfg.d_mlp)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("process_weights", [True, False])
+def test_log_probs_match_raw_hugging_face_model(tiny_checkpoint, architecture, process_weights):
+    folder = tiny_checkpoint(architecture)
+    model = load_model(folder, device="cpu", process_weights=process_weights)
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    tokens = model.to_tokens(TEXT)
+    with torch.no_grad():
+        ours = model(tokens).log_softmax(-1)
+        theirs = hf_model(tokens).logits.log_softmax(-1)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_str_tokens_round_trip(tiny_checkpoint, architecture):
+    model = load_model(tiny_checkpoint(architecture), device="cpu")
+    pieces = model.to_str_tokens(TEXT, prepend_bos=False)
+    assert "".join(pieces) == TEXT
+    assert len(pieces) == model.to_tokens(TEXT, prepend_bos=False).shape[1]
+
+
+def test_processing_options_change_weights_not_predictions(tiny_checkpoint):
+    folder = tiny_checkpoint("gpt_neox")
+    folded = load_model(folder, device="cpu")
+    unfolded = load_model(folder, device="cpu", fold_ln=False, center_writing_weights=False, center_unembed=False)
+    assert not torch.allclose(folded.W_U, unfolded.W_U)
+    tokens = folded.to_tokens(TEXT)
+    torch.testing.assert_close(folded(tokens).log_softmax(-1), unfolded(tokens).log_softmax(-1), atol=1e-4, rtol=0)
+
+
+def test_unknown_zoo_name_lists_the_zoo(monkeypatch):
+    monkeypatch.setattr(zoo, "ZOO", {"toy-example": zoo.ZooModel("toy-example", "GPTNeoXForCausalLM", "x", "y", "z")})
+    with pytest.raises(ModelNotFoundError, match="toy-example"):
+        load_model("toy-does-not-exist")
+
+
+def test_hub_name_while_offline_says_so():
+    with pytest.raises(HubUnreachableError, match="offline"):
+        load_model("EleutherAI/pythia-70m")
+
+
+def test_hub_failure_is_reported_as_unreachable(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE")
+
+    def unreachable(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(models.TransformerBridge, "boot_transformers", unreachable)
+    with pytest.raises(HubUnreachableError, match="could not load .* from the Hugging Face hub.*offline"):
+        load_model("EleutherAI/pythia-70m", device="cpu")
+
+
+def test_zoo_model_without_checkpoint_names_the_retrain_command(monkeypatch, tmp_path):
+    monkeypatch.setattr(zoo, "ZOO", {"toy-missing": zoo.ZooModel("toy-missing", "GPTNeoXForCausalLM", "x", "y", "z")})
+    monkeypatch.setattr(zoo, "MODELS_DIR", tmp_path)
+    with pytest.raises(ModelNotFoundError, match="python -m helpers.zoo train toy-missing"):
+        load_model("toy-missing")
+
+
+def test_folder_without_config_is_rejected(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="config.json"):
+        load_model(tmp_path)
+
+
+def test_device_and_dtype_resolution():
+    expected = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    assert models.resolve_device("auto").type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            models.resolve_device("cuda")
+    assert models.resolve_dtype("bf16") is torch.bfloat16
+    assert models.resolve_dtype(None) is torch.float32
+    with pytest.raises(ValueError, match="unknown dtype"):
+        models.resolve_dtype("float7")
+
+
+def test_native_model_is_seeded():
+    config = zoo.grokking_transformer_config(d_vocab=6, d_vocab_out=5)
+    first, second = (models.build_native_model(config, seed=3, device="cpu") for _ in range(2))
+    other = models.build_native_model(config, seed=4, device="cpu")
+    tokens = torch.tensor([[0, 1, 5], [2, 3, 5]])
+    assert torch.equal(first(tokens), second(tokens))
+    assert not torch.equal(first(tokens), other(tokens))

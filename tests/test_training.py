@@ -1,0 +1,93 @@
+"""The generic training loop: deterministic, resumable, respects frozen parameters, learns."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import training
+from helpers.models import build_native_model
+from helpers.tasks.modular import last_position_loss, make_data
+from helpers.training import TrainConfig, list_checkpoints, train
+from helpers.zoo import grokking_transformer_config
+
+DATA = make_data(7, "modular", frac_train=0.6, seed=0)
+CONFIG = grokking_transformer_config(d_vocab=8, d_vocab_out=7, d_model=16, d_head=4, d_mlp=32)
+
+
+def loss_fn(model, batch):
+    tokens, labels = batch
+    return last_position_loss(model(tokens), labels)
+
+
+def fresh_model():
+    return build_native_model(CONFIG, seed=0, device="cpu")
+
+
+def data():
+    return DATA.tokens[DATA.train_indices], DATA.labels[DATA.train_indices]
+
+
+def weights(model):
+    return {name: value.clone() for name, value in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("batch_size", [None, 8])
+def test_same_seed_gives_identical_weights(batch_size):
+    config = TrainConfig(steps=15, lr=1e-2, batch_size=batch_size, seed=1)
+    first, second = fresh_model(), fresh_model()
+    train(first, data(), loss_fn, config, progress=False)
+    train(second, data(), loss_fn, config, progress=False)
+    for name, value in weights(first).items():
+        assert torch.equal(value, weights(second)[name]), name
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    config = TrainConfig(steps=20, lr=1e-2, batch_size=8, seed=2, checkpoint_every=10, eval_every=5)
+    evaluate = lambda model: {"loss": loss_fn(model, data())}  # noqa: E731
+    straight = fresh_model()
+    straight_result = train(straight, data(), loss_fn, config, eval_fn=evaluate, checkpoint_dir=tmp_path / "a",
+                            progress=False)
+
+    interrupted = fresh_model()
+    half = TrainConfig(**{**config.__dict__, "steps": 10})
+    train(interrupted, data(), loss_fn, half, eval_fn=evaluate, checkpoint_dir=tmp_path / "b", progress=False)
+    resumed = fresh_model()  # a new process would start from scratch and find the checkpoint
+    resumed_result = train(resumed, data(), loss_fn, config, eval_fn=evaluate, checkpoint_dir=tmp_path / "b",
+                           progress=False)
+
+    assert [step for step, _ in list_checkpoints(tmp_path / "b")] == [10, 20]
+    assert resumed_result.train_losses == straight_result.train_losses
+    assert resumed_result.eval_steps == [5, 10, 15, 20]
+    for name, value in weights(straight).items():
+        assert torch.equal(value, weights(resumed)[name]), name
+
+
+def test_frozen_parameters_do_not_move_and_loss_falls():
+    model = fresh_model()
+    before = weights(model)
+    result = train(model, data(), loss_fn, TrainConfig(steps=60, lr=1e-2, frozen=("bias",)), progress=False)
+    after = weights(model)
+    biases = [name for name in before if "bias" in name]
+    assert biases and all(torch.equal(before[name], after[name]) for name in biases)
+    assert any(not torch.equal(before[name], after[name]) for name in before if "bias" not in name)
+    assert result.train_losses[-1] < 0.5 * result.train_losses[0]
+
+
+def test_minibatches_cover_each_epoch_exactly_once():
+    seen = torch.cat([training.batch_indices(step, 20, 5, seed=3) for step in range(4)])
+    assert sorted(seen.tolist()) == list(range(20))
+    assert not torch.equal(training.batch_indices(0, 20, 5, seed=3), training.batch_indices(4, 20, 5, seed=3))
+
+
+def test_cosine_schedule_warms_up_and_decays():
+    config = TrainConfig(steps=100, warmup_steps=10, lr_schedule="cosine")
+    assert training.lr_factor(0, config) == pytest.approx(0.1)
+    assert training.lr_factor(10, config) == pytest.approx(1.0)
+    assert training.lr_factor(99, config) == pytest.approx(0.1, abs=1e-3)
+
+
+@pytest.mark.parametrize("bad", [dict(steps=0), dict(steps=5, lr=0), dict(steps=5, batch_size=0),
+                                 dict(steps=5, lr_schedule="linear"), dict(steps=5, eval_every=0)])
+def test_impossible_configs_are_rejected(bad):
+    with pytest.raises(ValueError):
+        TrainConfig(**bad)
