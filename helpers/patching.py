@@ -1,0 +1,379 @@
+"""Activation patching, path patching and attribution patching, batched: many patched variants per forward pass.
+
+Conventions (those of `transformer_lens.patching`, whose results these sweeps reproduce):
+- Activation patching *denoises*: the model runs on `corrupted_tokens [batch, pos]` and one activation is replaced
+  by its value from `clean_cache` (a cache of the clean run). `metric(logits [batch, pos, vocab]) -> scalar` is
+  applied to each patched run; with a normalised logit difference, 0 = corrupted behaviour, 1 = clean behaviour.
+- Result shapes follow TransformerLens: `[n_layers, pos]` for the residual stream, attention and MLP outputs;
+  `[n_layers, n_heads]` for heads over all positions; `[n_layers, pos, n_heads]` for head q/k/v/z by position;
+  `[n_layers, n_heads, dest_pos]` for attention patterns by position.
+
+How the batching works: the corrupted batch is repeated once per patch variant (`[n_variants * batch, pos]`), and one
+hook per hook point writes each variant's clean slice into its own block of rows. A sweep of N patches therefore
+costs about N / chunk forward passes instead of N; `max_rows` bounds the rows of one pass (memory), by default so
+the logits of one pass stay near 256 MB.
+
+Path patching (`path_patch`) sends the corrupted output of sender components to receiver heads' q, k or v inputs
+only (all other heads frozen to their clean values), the IOI paper's definition; attribution patching
+(`attribution_patch*`) is the first-order approximation `(clean - corrupted) . d metric / d act`, evaluated on the
+corrupted run, per component or per neuron.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from helpers.components import Component, all_heads
+
+Metric = Callable[[Tensor], Tensor]
+Site = tuple[str, tuple]  # (hook name, index into the activation after the batch dimension)
+Variant = Sequence[Site]
+HEAD_SITES = ("z", "q", "k", "v", "pattern")
+LOGIT_BUDGET = 2 ** 26  # floats of logits per forward pass (256 MB in float32) when max_rows is not given
+
+
+def _default_rows(model, tokens: Tensor) -> int:
+    return max(len(tokens), LOGIT_BUDGET // max(1, tokens.shape[1] * model.cfg.d_vocab))
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield range(start, min(n, start + size))
+
+
+@torch.no_grad()
+def run_patched_variants(model, tokens: Tensor, sources: dict[str, Tensor], variants: Sequence[Variant],
+                         metric: Metric, *, max_rows: int | None = None, progress: bool = False) -> Tensor:
+    """The metric for each variant, where a variant is a list of `(hook_name, index)` sites written from `sources`.
+
+    tokens `[batch, pos]` (the run being patched); sources `{hook_name: [batch, ...]}` (the values written, e.g. a
+    clean cache); each site writes `act[:, *index] = sources[hook_name][:, *index]`. Returns `[len(variants)]`.
+    """
+    batch = len(tokens)
+    per_pass = max(1, (max_rows or _default_rows(model, tokens)) // batch)
+    results = torch.empty(len(variants))
+    chunks = list(_chunks(len(variants), per_pass))
+    for chunk in tqdm(chunks, disable=not progress, desc="patching", mininterval=1.0):
+        by_hook: dict[str, list[tuple[int, tuple]]] = defaultdict(list)
+        for slot, v in enumerate(chunk):
+            for name, index in variants[v]:
+                by_hook[name].append((slot, index))
+        n = len(chunk)
+
+        def make_hook(name: str, writes: list[tuple[int, tuple]]):
+            source = sources[name]
+
+            def hook(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
+                view = act.view(n, batch, *act.shape[1:])
+                for slot, index in writes:
+                    full = (slice(None),) + index
+                    view[slot][full] = source[full].to(act.device, act.dtype)
+                return act
+
+            return hook
+
+        hooks = [(name, make_hook(name, writes)) for name, writes in by_hook.items()]
+        logits = model.run_with_hooks(tokens.repeat(n, 1), fwd_hooks=hooks)
+        for slot, v in enumerate(chunk):
+            results[v] = float(metric(logits[slot * batch:(slot + 1) * batch]))
+        del logits
+    return results
+
+
+def _sources(cache, names) -> dict[str, Tensor]:
+    return {name: cache[name] for name in set(names)}
+
+
+def _sweep(model, corrupted_tokens, clean_cache, metric, grid: list[Site], shape, max_rows, progress) -> Tensor:
+    variants = [[site] for site in grid]
+    values = run_patched_variants(model, corrupted_tokens, _sources(clean_cache, [n for n, _ in grid]), variants,
+                                  metric, max_rows=max_rows, progress=progress)
+    return values.view(*shape)
+
+
+def _positions(tokens: Tensor, positions: Sequence[int] | None) -> list[int]:
+    return list(range(tokens.shape[1])) if positions is None else [int(p) for p in positions]
+
+
+# ---- activation patching sweeps -------------------------------------------------------------------------------
+def act_patch_layer_pos(model, corrupted_tokens: Tensor, clean_cache, metric: Metric, hook: str = "resid_pre", *,
+                        positions: Sequence[int] | None = None, max_rows: int | None = None,
+                        progress: bool = False) -> Tensor:
+    """Patch one (layer, position) of `blocks.{L}.hook_{hook}` at a time ("resid_pre", "resid_mid", "resid_post",
+    "attn_out", "mlp_out"): `[n_layers, pos]` (or `[n_layers, len(positions)]`)."""
+    pos = _positions(corrupted_tokens, positions)
+    grid = [(f"blocks.{layer}.hook_{hook}", (p,)) for layer in range(model.cfg.n_layers) for p in pos]
+    return _sweep(model, corrupted_tokens, clean_cache, metric, grid, (model.cfg.n_layers, len(pos)), max_rows,
+                  progress)
+
+
+def act_patch_resid_pre(model, corrupted_tokens, clean_cache, metric, **kwargs) -> Tensor:
+    """`[n_layers, pos]`; equals `transformer_lens.patching.get_act_patch_resid_pre`."""
+    return act_patch_layer_pos(model, corrupted_tokens, clean_cache, metric, "resid_pre", **kwargs)
+
+
+def act_patch_attn_out(model, corrupted_tokens, clean_cache, metric, **kwargs) -> Tensor:
+    """`[n_layers, pos]`; equals `transformer_lens.patching.get_act_patch_attn_out`."""
+    return act_patch_layer_pos(model, corrupted_tokens, clean_cache, metric, "attn_out", **kwargs)
+
+
+def act_patch_mlp_out(model, corrupted_tokens, clean_cache, metric, **kwargs) -> Tensor:
+    """`[n_layers, pos]`; equals `transformer_lens.patching.get_act_patch_mlp_out`."""
+    return act_patch_layer_pos(model, corrupted_tokens, clean_cache, metric, "mlp_out", **kwargs)
+
+
+def act_patch_block_every(model, corrupted_tokens, clean_cache, metric, **kwargs) -> Tensor:
+    """`[3, n_layers, pos]`: resid_pre, attn_out, mlp_out (like `get_act_patch_block_every`), in one sweep."""
+    pos = _positions(corrupted_tokens, kwargs.pop("positions", None))
+    grid = [(f"blocks.{layer}.hook_{hook}", (p,)) for hook in ("resid_pre", "attn_out", "mlp_out")
+            for layer in range(model.cfg.n_layers) for p in pos]
+    return _sweep(model, corrupted_tokens, clean_cache, metric, grid, (3, model.cfg.n_layers, len(pos)),
+                  kwargs.get("max_rows"), kwargs.get("progress", False))
+
+
+def _head_grid(model, site: str, by_position: bool, pos: list[int]) -> tuple[list[Site], tuple[int, ...]]:
+    if site not in HEAD_SITES:
+        raise ValueError(f"unknown head site {site!r}; use one of {HEAD_SITES}")
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    name = "blocks.{}.attn.hook_" + site
+    if not by_position:
+        index = (lambda h: (h,)) if site == "pattern" else (lambda h: (slice(None), h))
+        grid = [(name.format(layer), index(h)) for layer in range(n_layers) for h in range(n_heads)]
+        return grid, (n_layers, n_heads)
+    if site == "pattern":  # [layer, head, dest_pos], as TransformerLens
+        grid = [(name.format(layer), (h, p)) for layer in range(n_layers) for h in range(n_heads) for p in pos]
+        return grid, (n_layers, n_heads, len(pos))
+    grid = [(name.format(layer), (p, h)) for layer in range(n_layers) for p in pos for h in range(n_heads)]
+    return grid, (n_layers, len(pos), n_heads)
+
+
+def act_patch_heads(model, corrupted_tokens: Tensor, clean_cache, metric: Metric, site: str = "z", *,
+                    by_position: bool = False, positions: Sequence[int] | None = None, max_rows: int | None = None,
+                    progress: bool = False) -> Tensor:
+    """Patch each head's `site` ("z" = head output, "q", "k", "v", "pattern").
+
+    All positions at once: `[n_layers, n_heads]`. By position: `[n_layers, pos, n_heads]` for q/k/v/z and
+    `[n_layers, n_heads, dest_pos]` for the pattern (TransformerLens's layouts).
+    """
+    grid, shape = _head_grid(model, site, by_position, _positions(corrupted_tokens, positions))
+    return _sweep(model, corrupted_tokens, clean_cache, metric, grid, shape, max_rows, progress)
+
+
+def act_patch_heads_every(model, corrupted_tokens: Tensor, clean_cache, metric: Metric, *,
+                          by_position: bool = False, max_rows: int | None = None, progress: bool = False) -> Tensor:
+    """`[5, n_layers, n_heads]` for output (z), q, k, v, pattern over all positions (one sweep), like
+    `get_act_patch_attn_head_all_pos_every`; with `by_position`, `[4, n_layers, pos, n_heads]` for z, q, k, v."""
+    pos = _positions(corrupted_tokens, None)
+    sites = HEAD_SITES if not by_position else HEAD_SITES[:4]
+    grids = [_head_grid(model, site, by_position, pos) for site in sites]
+    grid = [site for g, _ in grids for site in g]
+    return _sweep(model, corrupted_tokens, clean_cache, metric, grid, (len(sites),) + grids[0][1], max_rows, progress)
+
+
+def patch_components(model, corrupted_tokens: Tensor, clean_cache, metric: Metric,
+                     variants: Sequence[Sequence[Component]], site: str | None = None, *,
+                     max_rows: int | None = None, progress: bool = False) -> Tensor:
+    """Patch whole sets of components at once (e.g. candidate circuits): `[len(variants)]`."""
+    as_sites = [[(c.hook_name(site if c.kind in ("head", "neuron") else None), c.index_tuple(site)) for c in v]
+                for v in variants]
+    names = [name for v in as_sites for name, _ in v]
+    return run_patched_variants(model, corrupted_tokens, _sources(clean_cache, names), as_sites, metric,
+                                max_rows=max_rows, progress=progress)
+
+
+# ---- path patching ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def path_patch(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Metric,
+               receivers: Sequence[Component], receiver_site: str = "k", senders: Sequence[Sequence[Component]] | None = None,
+               *, sender_positions: Sequence[int] | None = None, freeze_mlps: bool = False,
+               clean_cache=None, corrupted_cache=None, max_rows: int | None = None, progress: bool = False) -> Tensor:
+    """Path patching from senders to receiver heads' `receiver_site` ("q", "k" or "v") inputs.
+
+    For each sender set: (pass C) run the clean tokens with every head's output frozen to its clean value except the
+    senders, whose outputs (`hook_z` for heads, `hook_mlp_out` for MLPs) at `sender_positions` (None: all) are
+    their corrupted values; MLPs are recomputed unless `freeze_mlps`. Record the receivers' q/k/v. (Pass D) run the
+    clean tokens again with only the receivers' q/k/v at their `position` (None: all) replaced by those records,
+    and apply `metric`. Passes C and D run batched over sender sets; the clean and corrupted caches are computed
+    once (or passed in).
+
+    receivers: head components (their `position`, if set, is the receiving position).
+    senders: a list of sender sets; None means every single head, and the result is then `[n_layers, n_heads]`.
+    Returns `[len(senders)]` (or `[n_layers, n_heads]`): the metric after each path patch (clean = no effect).
+    """
+    if receiver_site not in ("q", "k", "v"):
+        raise ValueError("receiver_site must be 'q', 'k' or 'v'")
+    if any(r.kind != "head" for r in receivers):
+        raise ValueError("receivers must be head components")
+    grid_shape = None
+    if senders is None:
+        senders = [[head] for head in all_heads(model.cfg.n_layers, model.cfg.n_heads)]
+        grid_shape = (model.cfg.n_layers, model.cfg.n_heads)
+    n_layers, batch = model.cfg.n_layers, len(clean_tokens)
+    z_names = [f"blocks.{layer}.attn.hook_z" for layer in range(n_layers)]
+    mlp_names = [f"blocks.{layer}.hook_mlp_out" for layer in range(n_layers)]
+    if clean_cache is None:
+        _, clean_cache = model.run_with_cache(clean_tokens, names_filter=lambda n: n in z_names or n in mlp_names)
+    if corrupted_cache is None:
+        _, corrupted_cache = model.run_with_cache(corrupted_tokens,
+                                                  names_filter=lambda n: n in z_names or n in mlp_names)
+    sender_pos = slice(None) if sender_positions is None else torch.as_tensor(list(sender_positions))
+    receiver_names = sorted({r.hook_name(receiver_site) for r in receivers})
+    per_pass = max(1, (max_rows or _default_rows(model, clean_tokens)) // batch)
+    results = torch.empty(len(senders))
+    for chunk in tqdm(list(_chunks(len(senders), per_pass)), disable=not progress, desc="path patching"):
+        n = len(chunk)
+        # ---- pass C: freeze heads to clean, senders to corrupted; record receiver inputs
+        sender_writes: dict[str, list[tuple[int, int | None]]] = defaultdict(list)
+        for slot, v in enumerate(chunk):
+            for sender in senders[v]:
+                if sender.kind == "head":
+                    sender_writes[sender.hook_name()].append((slot, sender.index))
+                elif sender.kind == "mlp":
+                    sender_writes[sender.hook_name()].append((slot, None))
+                else:
+                    raise ValueError(f"senders must be heads or MLPs, not {sender.kind!r}")
+
+        def freeze_hook(name: str, freeze: bool):
+            clean, corrupt, writes = clean_cache[name], corrupted_cache[name], sender_writes.get(name, [])
+
+            def hook(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
+                view = act.view(n, batch, *act.shape[1:])
+                if freeze:
+                    view[:] = clean.to(act.dtype)
+                for slot, head in writes:
+                    if head is None:
+                        view[slot][:, sender_pos] = corrupt[:, sender_pos].to(act.dtype)
+                    else:
+                        view[slot][:, sender_pos, head] = corrupt[:, sender_pos, head].to(act.dtype)
+                return act
+
+            return hook
+
+        recorded: dict[str, Tensor] = {}
+
+        def record(name: str):
+            def hook(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
+                recorded[name] = act.clone()
+                return act
+
+            return hook
+
+        hooks = [(name, freeze_hook(name, True)) for name in z_names]
+        hooks += [(name, freeze_hook(name, freeze_mlps)) for name in mlp_names if freeze_mlps or name in sender_writes]
+        hooks += [(name, record(name)) for name in receiver_names]
+        repeated = clean_tokens.repeat(n, 1)
+        model.run_with_hooks(repeated, fwd_hooks=hooks)
+        # ---- pass D: clean run with only the receivers' inputs patched
+        by_name: dict[str, list[tuple]] = defaultdict(list)
+        for r in receivers:
+            by_name[r.hook_name(receiver_site)].append(r.index_tuple(receiver_site))
+
+        def write(name: str, indices: list[tuple]):
+            def hook(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
+                for index in indices:
+                    full = (slice(None),) + index
+                    act[full] = recorded[name][full]
+                return act
+
+            return hook
+
+        logits = model.run_with_hooks(repeated, fwd_hooks=[(name, write(name, idx)) for name, idx in by_name.items()])
+        for slot, v in enumerate(chunk):
+            results[v] = float(metric(logits[slot * batch:(slot + 1) * batch]))
+        del logits, recorded
+    return results.view(*grid_shape) if grid_shape is not None else results
+
+
+# ---- attribution patching -----------------------------------------------------------------------------------------
+def attribution_patch(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Metric,
+                      hook_names: Sequence[str]) -> dict[str, Tensor]:
+    """First-order estimate of patching each activation element from the clean into the corrupted run.
+
+    Returns `{hook_name: (clean_act - corrupted_act) * d metric / d act}` summed over the batch, shape
+    `act.shape[1:]` (e.g. `[pos, n_heads, d_head]` for `hook_z`). Summing over the trailing dimensions estimates the
+    metric change of the corresponding activation patch (which, for a normalised metric, is the patched value
+    itself, since the corrupted run scores 0). Two forward passes and one backward pass in all.
+    """
+    names = list(dict.fromkeys(hook_names))
+    with torch.no_grad():
+        _, clean_cache = model.run_with_cache(clean_tokens, names_filter=lambda n: n in names)
+    acts: dict[str, Tensor] = {}
+
+    def keep(name: str):
+        def hook(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
+            if not act.requires_grad:
+                act = act.detach().requires_grad_(True)
+            acts[name] = act
+            return act
+
+        return hook
+
+    with torch.enable_grad():
+        logits = model.run_with_hooks(corrupted_tokens, fwd_hooks=[(name, keep(name)) for name in names])
+        value = metric(logits)
+        grads = torch.autograd.grad(value, [acts[name] for name in names], allow_unused=True)
+    out = {}
+    for name, grad in zip(names, grads):
+        delta = clean_cache[name] - acts[name].detach()
+        out[name] = (delta * grad).sum(0) if grad is not None else torch.zeros_like(delta[0])
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def attribution_patch_layer_pos(model, clean_tokens, corrupted_tokens, metric, hook: str = "resid_pre") -> Tensor:
+    """Attribution-patching estimate for `blocks.{L}.hook_{hook}` per (layer, position): `[n_layers, pos]`."""
+    names = [f"blocks.{layer}.hook_{hook}" for layer in range(model.cfg.n_layers)]
+    out = attribution_patch(model, clean_tokens, corrupted_tokens, metric, names)
+    return torch.stack([out[name].sum(-1) for name in names])
+
+
+def attribution_patch_heads(model, clean_tokens, corrupted_tokens, metric, site: str = "z",
+                            by_position: bool = False) -> Tensor:
+    """Attribution-patching estimate per head: `[n_layers, n_heads]`, or by position `[n_layers, pos, n_heads]`
+    (q/k/v/z) / `[n_layers, n_heads, dest_pos]` (pattern)."""
+    names = [f"blocks.{layer}.attn.hook_{site}" for layer in range(model.cfg.n_layers)]
+    out = attribution_patch(model, clean_tokens, corrupted_tokens, metric, names)
+    rows = []
+    for name in names:
+        value = out[name]
+        if site == "pattern":  # [head, dest, src]
+            value = value.sum(-1)
+            rows.append(value if by_position else value.sum(-1))
+        else:  # [pos, head, d_head]
+            value = value.sum(-1)
+            rows.append(value if by_position else value.sum(0))
+    return torch.stack(rows)
+
+
+def attribution_patch_neurons(model, clean_tokens, corrupted_tokens, metric, by_position: bool = False,
+                              layers: Sequence[int] | None = None) -> Tensor:
+    """Attribution-patching estimate per MLP neuron (`blocks.{L}.mlp.hook_post`): `[n_layers, d_mlp]`, or
+    `[n_layers, pos, d_mlp]` by position (rows follow `layers` when given)."""
+    layers = range(model.cfg.n_layers) if layers is None else layers
+    names = [f"blocks.{layer}.mlp.hook_post" for layer in layers]
+    out = attribution_patch(model, clean_tokens, corrupted_tokens, metric, names)
+    return torch.stack([out[name] if by_position else out[name].sum(0) for name in names])
+
+
+# ---- metrics ------------------------------------------------------------------------------------------------------
+def normalised_logit_diff(answer_tokens: Tensor, clean_value: float, corrupted_value: float,
+                          pos: int = -1) -> Metric:
+    """`metric(logits)` = (mean logit difference - corrupted) / (clean - corrupted): 1 = clean, 0 = corrupted.
+
+    Works on any batch that is a whole number of copies of `answer_tokens [batch, 2]` (as in batched sweeps)."""
+    denominator = clean_value - corrupted_value
+    if math.isclose(denominator, 0.0, abs_tol=1e-12):
+        raise ValueError("clean and corrupted logit differences are equal; the metric is undefined")
+
+    def metric(logits: Tensor) -> Tensor:
+        last = logits[:, pos] if logits.ndim == 3 else logits
+        answers = answer_tokens.to(last.device).repeat(len(last) // len(answer_tokens), 1)
+        diff = last.gather(1, answers[:, :1]) - last.gather(1, answers[:, 1:2])
+        return (diff.mean() - corrupted_value) / denominator
+
+    return metric
