@@ -236,3 +236,15 @@ def sample_pairs(data: SyllogismData, n: int, seed: int = 0) -> SyllogismData:
     """A seeded sample of `n` prompts, in random order."""
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
     return data.subset(order)
+
+
+def replace_marker(data: SyllogismData, tokenizer, slot: str = "not", replacement: str = " but") -> Tensor:
+    """Clean prompts with the token at `data.positions[slot]` replaced by `replacement` (one token), e.g.
+    "All birds are A, not B." -> "All birds are A, but B.": the words stay where they are, only the marker of which
+    descriptor is negated changes. `[batch, pos]`."""
+    ids = tokenizer(replacement, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"{replacement!r} is {len(ids)} tokens for this tokenizer; pick a single-token marker")
+    tokens = data.clean_tokens.clone()
+    tokens[:, data.positions[slot]] = ids[0]
+    return tokens

@@ -6,7 +6,8 @@ one token, and every descriptor is split into THREE fixed pieces (" endo" + "the
 the seed's descriptors into three tokens; the answer is the first piece. The split is checked at build time.
 
 Corpus. Each row is BOS, then 0-2 distractor sentences ("Dogs are birds.", "All fish are nocturnal.", "Some cats are
-not feral.", ...) before one syllogism, either the analysis template
+not feral.", ...) before one syllogism about two descriptors drawn at random (not the fixed opposite pairs, which
+the model could otherwise answer by recalling B's partner), either the analysis template
 `All {c} are {A}, not {B}. {N} are {c}. Therefore, {n} are {A}.` or its mirror `All {c} are not {B}, but {A}. ...`
 (so the model must track which descriptor is negated, not a fixed offset). The loss is next-token cross-entropy on
 every token, with the answer token weighted ANSWER_WEIGHT times. HELD_OUT_CATEGORIES and HELD_OUT_NOUNS never
@@ -64,8 +65,17 @@ def build_tokenizer():
     return tokenizer
 
 
+def _random_pair(rng: random.Random, descriptors: list[str]) -> tuple[str, str]:
+    """Two descriptors with different first pieces, drawn independently of the fixed opposite pairs (so the model
+    cannot answer by recalling B's partner; it has to find the descriptor that is not negated)."""
+    while True:
+        a, b = rng.sample(descriptors, 2)
+        if descriptor_pieces(a)[0] != descriptor_pieces(b)[0]:
+            return a, b
+
+
 def _distractor(rng: random.Random, categories, nouns) -> str:
-    a, b = rng.choice(task.DESCRIPTOR_PAIRS)[:: rng.choice((1, -1))]
+    a, b = _random_pair(rng, [w for pair in task.DESCRIPTOR_PAIRS for w in pair])
     c, n = rng.choice(categories), rng.choice(nouns)
     return rng.choice([
         f"{n} are {c}.",
@@ -83,8 +93,9 @@ def make_corpus(n_rows: int = N_ROWS, seed: int = SEED) -> list[tuple[str, str]]
     categories = [c for c in task.CATEGORIES if c not in HELD_OUT_CATEGORIES]
     nouns = [n for n in task.NOUNS if n not in HELD_OUT_NOUNS]
     rows = []
+    descriptors = [w for pair in task.DESCRIPTOR_PAIRS for w in pair]
     for _ in range(n_rows):
-        a, b = rng.choice(task.DESCRIPTOR_PAIRS)[:: rng.choice((1, -1))]
+        a, b = _random_pair(rng, descriptors)
         template = task.TEMPLATE_NOT_FIRST if rng.random() < NOT_FIRST_SHARE else task.TEMPLATE
         syllogism = task.Syllogism(rng.choice(categories), a, b, rng.choice(nouns), template).text
         before = [_distractor(rng, task.CATEGORIES, task.NOUNS) for _ in range(rng.choice((0, 0, 1, 1, 2)))]
