@@ -216,3 +216,19 @@ def token_losses(model, tokens: Tensor, fwd_hooks: Sequence[Hook] = ()) -> Tenso
     logits = model.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks)) if fwd_hooks else model(tokens)
     log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     return -log_probs.gather(-1, tokens[:, 1:, None].to(log_probs.device))[..., 0]
+
+
+# ---- normalised logit (arithmetic heuristics notebook) -------------------------------------------------------------
+def normalized_logit(answer_tokens: Tensor, pos: int = -1) -> Metric:
+    """`metric(logits)` = mean over prompts of `logit[answer] / max(logit)` at `pos` (Nikankin et al. Eq. 2's NL).
+
+    answer_tokens `[batch]`; works on logits `[batch, pos, vocab]` or `[batch, vocab]`. With `faithfulness` this gives
+    the paper's normalised-logit faithfulness, computed as a ratio of means (stable when a prompt's full and empty
+    values are close), 1 for the full model and 0 for the empty circuit.
+    """
+    def metric(logits: Tensor) -> Tensor:
+        last = (logits[:, pos] if logits.ndim == 3 else logits).float()
+        answers = answer_tokens.to(last.device).repeat(len(last) // len(answer_tokens))
+        return (last.gather(1, answers[:, None])[:, 0] / last.max(dim=-1).values).mean()
+
+    return metric

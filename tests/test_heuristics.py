@@ -1,0 +1,223 @@
+"""Heuristic scheme, classifier and knockouts (helpers.heuristics) on synthetic maps and a tiny Llama; faithfulness
+bounds; the paper's indirect-effect formula. No trained model needed."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import heuristics as H
+from helpers.tasks import arithmetic as task
+
+torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def addition():
+    prompts = task.all_prompts("+", max_op=100)
+    scheme = H.build_scheme(prompts.pairs, prompts.results, "+")
+    return prompts, scheme
+
+
+def _planted(prompts, seed=0):
+    x, y, r = prompts.x.float(), prompts.y.float(), prompts.results
+    g = torch.Generator().manual_seed(seed)
+
+    def noise():
+        return 0.1 * torch.randn(len(prompts), generator=g)
+
+    return {
+        "op1_range_10_40": ((x >= 10) & (x < 40)).float() + noise(),
+        "op2_3mod7": (y.long() % 7 == 3).float() + noise(),
+        "result_pattern_.2.": ((r // 10) % 10 == 2).float() + noise(),
+        "same_operand": (x == y).float() + noise(),
+    }
+
+
+def test_planted_heuristics_are_found_and_unrelated_ones_score_near_zero(addition):
+    prompts, scheme = addition
+    planted = _planted(prompts)
+    maps = torch.stack(list(planted.values()))
+    scores = H.classify(maps, maps, scheme, [(0, i) for i in range(len(maps))])
+    for i, name in enumerate(planted):
+        best, score = scores.best()[i]
+        assert best == name and score >= 0.6, (name, best, score)
+        others = scores.neuron_scores(i)
+        unrelated = [n for n in ("op2_3mod7", "op1_range_10_40", "same_operand", "result_pattern_.2.", "op1_2mod5",
+                                 "result_range_200_230", "both_operands_1mod3") if n != name and n in others]
+        assert max(others[n] for n in unrelated) < 0.15, {n: others[n] for n in unrelated}
+    assert scores.classified_fraction(0.6) == 1.0
+    assert set(scores.classes(0.6)) >= set(planted)
+
+
+def test_noise_maps_are_not_classified(addition):
+    prompts, scheme = addition
+    maps = torch.randn(8, len(prompts), generator=torch.Generator().manual_seed(1))
+    scores = H.classify(maps, maps, scheme, [(1, i) for i in range(8)])
+    assert scores.classified_fraction(0.6) == 0.0
+    assert float(scores.scores.max()) < 0.3
+    assert abs(float(scores.scores.mean())) < 0.02
+
+
+def test_bottom_of_k_map_counts_but_not_of_kv_map(addition):
+    prompts, scheme = addition
+    low = -((prompts.x >= 60) & (prompts.x < 70)).float()
+    scores = H.classify(low[None], low[None], scheme, [(0, 0)])
+    j = scheme.index["op1_range_60_70"]
+    assert float(scores.scores[0, j]) == pytest.approx(1.0)
+    assert bool(scores.from_bottom[0, j])
+    result_low = -((prompts.results >= 100) & (prompts.results < 110)).float()
+    scores = H.classify(result_low[None], result_low[None], scheme, [(0, 0)])
+    assert float(scores.scores[0, scheme.index["result_range_100_110"]]) < 0.1  # KV maps: promotion only
+
+
+def test_direct_heuristics_use_kv_maps_and_indirect_use_k_maps(addition):
+    prompts, scheme = addition
+    k_map = ((prompts.results >= 150) & (prompts.results < 180)).float()[None]
+    kv_map = ((prompts.x >= 10) & (prompts.x < 40)).float()[None]
+    scores = H.classify(k_map, kv_map, scheme, [(0, 0)])
+    s = scores.neuron_scores(0)
+    assert s["result_range_150_180"] < 0.2 and s["op1_range_10_40"] < 0.2
+    scores = H.classify(kv_map, k_map, scheme, [(0, 0)])
+    s = scores.neuron_scores(0)
+    assert s["result_range_150_180"] == pytest.approx(1.0) and s["op1_range_10_40"] == pytest.approx(1.0)
+
+
+def test_ties_are_shared_out_evenly(addition):
+    prompts, scheme = addition
+    constant = torch.zeros(1, len(prompts))
+    scores = H.classify(constant, constant, scheme, [(0, 0)])
+    assert float(scores.scores.abs().max()) < 1e-3
+    exact = (prompts.x == prompts.y).float()[None]
+    scores = H.classify(exact, exact, scheme, [(0, 0)])
+    assert scores.neuron_scores(0)["same_operand"] == pytest.approx(1.0)
+
+
+def test_names_round_trip_and_association_agrees_with_the_classifier(addition):
+    prompts, scheme = addition
+    assert len(scheme.names) == len(set(scheme.names)) > 500
+    for i, name in enumerate(scheme.names):
+        assert H.parse(name).name == name
+        mask = H.relevant_mask(name, prompts.pairs, prompts.results)
+        assert int(mask.sum()) == int(scheme.sizes[i]), name
+    assert H.is_associated("op1_range_10_40", 39, 0, 39) and not H.is_associated("op1_range_10_40", 40, 0, 40)
+    assert H.is_associated("result_pattern_.2.", 100, 25, 125)
+    assert H.is_associated("result_value_000", 3, 7, 0)  # 3/7 = 0 under integer division
+    assert H.is_associated("result_multi_value_2=[0, 1]", 9, 5, 1)
+    assert H.is_associated("both_operands_range_10_20", 12, 19, 31)
+    assert not H.is_associated("both_operands_range_10_20", 12, 20, 32)
+
+
+def test_multi_value_heuristic_for_division():
+    prompts = task.all_prompts("/", max_op=80)
+    scheme = H.build_scheme(prompts.pairs, prompts.results, "/")
+    kv = torch.isin(prompts.results, torch.tensor([3, 4])).float()[None]
+    scores = H.classify(torch.zeros_like(kv), kv, scheme, [(0, 0)])
+    assert scores.neuron_scores(0)["result_multi_value_2=[3, 4]"] == pytest.approx(1.0)
+    # the seed deleted ÷'s trivial classes (result 0/1 covers most prompts) because every neuron matched them; with
+    # chance correction an unrelated map scores ~0 on them and a map that tracks them exactly still scores 1
+    trivial = [n for n in scheme.names if n.startswith("result_range_0_")]
+    assert trivial
+    noise = torch.rand(1, len(prompts), generator=torch.Generator().manual_seed(0))
+    scores = H.classify(noise, noise, scheme, [(0, 0)])
+    assert max(scores.neuron_scores(0)[n] for n in trivial) < 0.1
+
+
+def test_pattern_width_is_a_parameter():
+    prompts = task.all_prompts("+", max_op=50)
+    scheme = H.build_scheme(prompts.pairs, prompts.results, "+", pattern_width=2)
+    assert "op1_pattern_.7" in scheme.names and not any(n.startswith("op1_pattern_..") for n in scheme.names)
+    assert H.pattern_masks(3) == [(1,), (2,), (0, 2), (1, 2)]
+
+
+def test_chance_correction():
+    hits, sizes = torch.tensor([[10.0, 5.0, 2.5]]), torch.tensor([10, 10, 10])
+    out = H.chance_corrected(hits, sizes, 40)
+    assert out[0, 0] == pytest.approx(1.0) and out[0, 2] == pytest.approx(0.0)
+
+
+# ---- model-based helpers on a tiny random Llama ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from helpers.models import load_model
+    from helpers.toys.arithmetic import build_model, build_tokenizer
+    from helpers.zoo import save_hf_checkpoint
+
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2)
+    folder = save_hf_checkpoint(model, tokenizer, tmp_path_factory.mktemp("tiny_arith") / "m")
+    return load_model(folder, device="cpu"), tokenizer
+
+
+def test_maps_and_neuron_hooks(tiny):
+    model, tokenizer = tiny
+    prompts = task.all_prompts("+", max_op=12)
+    tokens = task.prompt_tokens(tokenizer, prompts)
+    answers = task.number_token_ids(tokenizer)[prompts.results]
+    neurons = [(0, 3), (1, 5), (1, 7)]
+    k = H.neuron_activations(model, tokens, neurons, batch_size=50)
+    _, cache = model.run_with_cache(tokens)
+    assert torch.allclose(k[1], cache["blocks.1.mlp.hook_post"][:, -1, 5], atol=1e-5)
+    kv = H.kv_maps(model, k, neurons, answers)
+    logits = model.W_out[1, 5] @ model.W_U
+    assert torch.allclose(kv[1], k[1] * logits[answers], atol=1e-5)
+    masks = {1: torch.zeros(len(tokens), model.cfg.d_mlp, dtype=torch.bool)}
+    masks[1][:, 5] = True
+    hooks = H.neuron_mask_hooks(masks)
+    with model.hooks(fwd_hooks=hooks):
+        _, ablated = model.run_with_cache(tokens)
+    assert float(ablated["blocks.1.mlp.hook_post"][:, :, 5].abs().max()) == 0.0
+    image = H.grid_map(k[0], prompts.pairs)
+    assert image.shape == (12, 12) and torch.isfinite(image).all()
+
+
+def _scores_for(neurons, names_scores):
+    names = sorted({n for ns in names_scores for n, _ in ns})
+    scores = torch.zeros(len(neurons), len(names))
+    for i, ns in enumerate(names_scores):
+        for n, s in ns:
+            scores[i, names.index(n)] = s
+    return H.HeuristicScores(neurons, names, scores, torch.zeros_like(scores, dtype=torch.bool),
+                             [{} for _ in neurons])
+
+
+def test_knockouts_are_well_formed(tiny):
+    model, tokenizer = tiny
+    prompts = task.all_prompts("+", max_op=20)
+    tokens = task.prompt_tokens(tokenizer, prompts)
+    answers = task.number_token_ids(tokenizer)[prompts.results]
+    neurons = [(1, i) for i in range(6)] + [(0, 1)]
+    scores = _scores_for(neurons, [[("op1_range_0_10", 0.9)]] * 3 + [[("op2_0mod2", 0.7)]] * 3 + [[]])
+    results = H.heuristic_knockout(model, scores, 0.6, tokens, answers, prompts.pairs, prompts.results,
+                                   min_neurons=2, n_prompts=50, seed=0)
+    assert {r.heuristic for r in results} == {"op1_range_0_10", "op2_0mod2"}
+    for r in results:
+        assert r.n_related == 50 and r.n_unrelated == 50 and len(r.neurons) == 3
+        assert 0 <= r.ablated_related <= 1 and 0 <= r.baseline_unrelated <= 1
+    top = neurons + [(1, i) for i in range(6, 20)]
+    guided = H.prompt_guided_knockout(model, scores, 0.6, tokens[:40], answers[:40], prompts.pairs[:40],
+                                      prompts.results[:40], top, limits=[0, 1, 3], seed=0)
+    assert guided.ablated.shape == (3,) and float(guided.mean_ablated[0]) == 0.0
+    assert float(guided.ablated[0]) == pytest.approx(guided.baseline)
+    assert torch.all(guided.mean_control <= guided.mean_ablated + 1e-6)
+    assert float(guided.mean_ablated[2]) <= 6
+    profile = H.prompt_profile(model, scores, 0.6, tokens[:40], answers[:40], prompts.pairs[:40],
+                               prompts.results[:40])
+    assert profile.n_associated.shape == (40,)
+    assert int(profile.n_associated[0]) == 6  # 0+0: op1 in [0, 10) and op2 even -> all six classified neurons
+
+
+def test_faithfulness_is_one_for_the_full_model_and_zero_for_the_empty_circuit(tiny):
+    from helpers.ablation import circuit_universe, faithfulness, normalized_logit
+
+    model, tokenizer = tiny
+    prompts = task.all_prompts("+", max_op=10)
+    tokens = task.prompt_tokens(tokenizer, prompts)
+    answers = task.number_token_ids(tokenizer)[prompts.results]
+    reference = task.prompt_tokens(tokenizer, task.grid_prompts("-", 0, 10))
+    metric = normalized_logit(answers)
+    universe = circuit_universe(model)
+    full = faithfulness(model, tokens, universe, metric, reference_tokens=reference)
+    empty = faithfulness(model, tokens, [], metric, reference_tokens=reference)
+    assert full["faithfulness"] == pytest.approx(1.0)
+    assert empty["faithfulness"] == pytest.approx(0.0, abs=1e-6)
