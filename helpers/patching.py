@@ -377,3 +377,34 @@ def normalised_logit_diff(answer_tokens: Tensor, clean_value: float, corrupted_v
         return (diff.mean() - corrupted_value) / denominator
 
     return metric
+
+
+# ---- indirect effect (arithmetic heuristics notebook) -------------------------------------------------------------
+def indirect_effect(pre: Tensor, post: Tensor, clean_answers: Tensor, corrupt_answers: Tensor) -> Tensor:
+    """The indirect effect of Stolfo et al. / Nikankin et al. (Eq. 1), per prompt: `[batch]`.
+
+    `0.5 * ((post[r'] - pre[r']) / pre[r'] + (pre[r] - post[r]) / post[r])`, where `pre` and `post` are the
+    next-token distributions `[batch, vocab]` of the clean run and of the run with one component patched from the
+    counterfactual prompt, r the clean answer and r' the counterfactual answer (`[batch]` token ids). 0 when the
+    patch changes nothing; large when it moves probability from r to r'.
+    """
+    r, r_prime = clean_answers.to(pre.device)[:, None], corrupt_answers.to(pre.device)[:, None]
+    pre_r, pre_rp = pre.gather(1, r)[:, 0], pre.gather(1, r_prime)[:, 0]
+    post_r, post_rp = post.gather(1, r)[:, 0], post.gather(1, r_prime)[:, 0]
+    return 0.5 * ((post_rp - pre_rp) / pre_rp + (pre_r - post_r) / post_r)
+
+
+def indirect_effect_metric(clean_logits: Tensor, clean_answers: Tensor, corrupt_answers: Tensor,
+                           pos: int = -1) -> Metric:
+    """`metric(logits)` = mean indirect effect (probabilities) of a patched run of the CLEAN prompts against their
+    unpatched distribution `clean_logits` (`[batch, pos, vocab]` or `[batch, vocab]`). Use it with noising: run the
+    clean tokens and write activations of the counterfactual run (e.g. `run_patched_variants(model, clean_tokens,
+    corrupt_cache, ...)`); differentiable, so `attribution_patch(model, corrupt_tokens, clean_tokens, metric, ...)`
+    gives its first-order estimate `(corrupt - clean) . dIE/dact` at the clean run."""
+    pre = torch.softmax((clean_logits[:, pos] if clean_logits.ndim == 3 else clean_logits).float(), dim=-1).detach()
+
+    def metric(logits: Tensor) -> Tensor:
+        post = torch.softmax((logits[:, pos] if logits.ndim == 3 else logits).float(), dim=-1)
+        return indirect_effect(pre.to(post.device), post, clean_answers, corrupt_answers).mean()
+
+    return metric

@@ -221,3 +221,18 @@ def test_faithfulness_is_one_for_the_full_model_and_zero_for_the_empty_circuit(t
     empty = faithfulness(model, tokens, [], metric, reference_tokens=reference)
     assert full["faithfulness"] == pytest.approx(1.0)
     assert empty["faithfulness"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_indirect_effect_on_hand_made_distributions():
+    from helpers.patching import indirect_effect, indirect_effect_metric
+
+    pre = torch.tensor([[0.7, 0.2, 0.1], [0.5, 0.25, 0.25]])
+    r, r_prime = torch.tensor([0, 0]), torch.tensor([1, 2])
+    assert torch.allclose(indirect_effect(pre, pre, r, r_prime), torch.zeros(2))
+    post = torch.tensor([[0.35, 0.6, 0.05], [0.25, 0.25, 0.5]])
+    # prompt 0: 0.5 * ((0.6 - 0.2) / 0.2 + (0.7 - 0.35) / 0.35) = 0.5 * (2 + 1) = 1.5
+    # prompt 1: 0.5 * ((0.5 - 0.25) / 0.25 + (0.5 - 0.25) / 0.25) = 0.5 * (1 + 1) = 1.0
+    assert torch.allclose(indirect_effect(pre, post, r, r_prime), torch.tensor([1.5, 1.0]))
+    metric = indirect_effect_metric(pre.log(), r, r_prime)
+    assert float(metric(post.log())) == pytest.approx(1.25)
+    assert float(metric(pre.log()[:, None, :].expand(2, 3, 3))) == pytest.approx(0.0, abs=1e-6)
