@@ -263,39 +263,40 @@ def train_saes(model, tokens: Tensor, hook_names: Sequence[str], config: SAETrai
         last_fired[name] = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=device)
     generator = torch.Generator().manual_seed(config.seed + 7919)
     batch = first
-    bar = tqdm(range(config.steps), desc=f"SAEs on {len(hook_names)} hook(s)", disable=not progress,
-               mininterval=1.0)
-    for step in bar:
-        if step > 0:
-            batch = next(stream)
-        lr = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
-        for name in hook_names:
-            sae, optimizer, record = saes[name], optimizers[name], stats[name]
-            x = batch[name].to(device) * record.scale
-            if step in config.resample_steps:
-                dead = (step - last_fired[name]) >= config.dead_window
-                record.resampled[step] = _resample_dead(sae, optimizer, dead, x, generator)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            acts, recon = _sae_forward(sae, x)
-            mse = (recon - x).pow(2).sum(-1).mean()
-            loss = mse + sparsity_penalty(acts, config)
-            loss.backward()
-            with torch.no_grad():  # keep decoder rows on the unit sphere
-                W = sae.W_dec
-                W.grad -= (W.grad * W.data).sum(-1, keepdim=True) * W.data
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                sae.W_dec.data = F.normalize(sae.W_dec.data, dim=-1)
-                fired = (acts > 0).any(0)
-                last_fired[name][fired] = step
-            record.mse.append(float(mse) / x.shape[-1])
-            record.l0.append(float((acts > 0).float().sum(-1).mean()))
-            record.loss.append(float(loss))
-        if progress and (step % 50 == 0 or step == config.steps - 1):
-            bar.set_postfix({f"{n.split('.')[1] if n.count('.') else n}": f"mse {stats[n].mse[-1]:.3f} L0 {stats[n].l0[-1]:.0f}"
-                             for n in hook_names}, refresh=False)
+    with torch.enable_grad():
+        bar = tqdm(range(config.steps), desc=f"SAEs on {len(hook_names)} hook(s)", disable=not progress,
+                   mininterval=1.0)
+        for step in bar:
+            if step > 0:
+                batch = next(stream)
+            lr = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+            for name in hook_names:
+                sae, optimizer, record = saes[name], optimizers[name], stats[name]
+                x = batch[name].to(device) * record.scale
+                if step in config.resample_steps:
+                    dead = (step - last_fired[name]) >= config.dead_window
+                    record.resampled[step] = _resample_dead(sae, optimizer, dead, x, generator)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                acts, recon = _sae_forward(sae, x)
+                mse = (recon - x).pow(2).sum(-1).mean()
+                loss = mse + sparsity_penalty(acts, config)
+                loss.backward()
+                with torch.no_grad():  # keep decoder rows on the unit sphere
+                    W = sae.W_dec
+                    W.grad -= (W.grad * W.data).sum(-1, keepdim=True) * W.data
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    sae.W_dec.data = F.normalize(sae.W_dec.data, dim=-1)
+                    fired = (acts > 0).any(0)
+                    last_fired[name][fired] = step
+                record.mse.append(float(mse) / x.shape[-1])
+                record.l0.append(float((acts > 0).float().sum(-1).mean()))
+                record.loss.append(float(loss))
+            if progress and (step % 50 == 0 or step == config.steps - 1):
+                bar.set_postfix({f"{n.split('.')[1] if n.count('.') else n}": f"mse {stats[n].mse[-1]:.3f} L0 {stats[n].l0[-1]:.0f}"
+                                 for n in hook_names}, refresh=False)
     for name, sae in saes.items():
         sae.fold_activation_norm_scaling_factor(stats[name].scale)
         sae.eval()
@@ -406,23 +407,35 @@ def next_token_losses(model, tokens: Tensor, hooks: Sequence[tuple[str, Hook]] =
                       for start in range(0, len(tokens), batch_size)])
 
 
+def position_chunks(positions: Tensor, batch_size: int) -> Iterator[tuple[Tensor, int]]:
+    """Split prompts into chunks of similar length: yields `(row_indices, width)` in order of increasing position,
+    `width = max position in the chunk + 1` (the columns the chunk needs; right padding beyond it is dropped)."""
+    order = torch.argsort(positions.cpu(), stable=True)
+    for start in range(0, len(order), batch_size):
+        rows = order[start: start + batch_size]
+        yield rows, int(positions[rows].max()) + 1
+
+
 @torch.no_grad()
 def logprobs_at(model, tokens: Tensor, positions: Tensor, hooks_for: Callable[[Tensor, Tensor], list] | None = None,
                 *, batch_size: int = 64) -> Tensor:
     """Log-probabilities of the whole vocabulary at one position per prompt: `[batch, d_vocab]`.
 
-    `hooks_for(rows, positions_of_rows) -> [(hook_name, hook)]` builds the hooks of each chunk (they usually need
-    the chunk's positions); None runs the clean model.
+    tokens `[batch, seq]` right-padded, positions `[batch]`. Prompts run in chunks of similar length.
+    `hooks_for(rows, positions_of_rows) -> [(hook_name, hook)]` builds the hooks of each chunk from its row indices
+    and positions (hooks such as `splice_hook(sae, positions=...)` need them); None runs the clean model.
     """
-    out = []
-    for start in range(0, len(tokens), batch_size):
-        chunk = tokens[start: start + batch_size].to(_device_of(model))
-        pos = positions[start: start + batch_size]
-        hooks = hooks_for(torch.arange(start, start + len(chunk)), pos) if hooks_for is not None else []
+    out = torch.empty(0)
+    for rows, width in position_chunks(positions, batch_size):
+        chunk = tokens[rows, :width].to(_device_of(model))
+        pos = positions[rows]
+        hooks = hooks_for(rows, pos) if hooks_for is not None else []
         logits = model.run_with_hooks(chunk, fwd_hooks=hooks)
-        rows = torch.arange(len(chunk), device=logits.device)
-        out.append(logits[rows, pos.to(logits.device)].float().log_softmax(-1).cpu())
-    return torch.cat(out)
+        values = logits[torch.arange(len(rows), device=logits.device), pos.to(logits.device)].float().log_softmax(-1)
+        if out.numel() == 0:
+            out = torch.empty(len(tokens), values.shape[-1])
+        out[rows] = values.cpu()
+    return out
 
 
 def answer_losses(logprobs: Tensor, answers: Tensor) -> Tensor:
@@ -438,20 +451,28 @@ def loss_recovered(clean: float, spliced: float, ablated: float) -> float:
 
 @torch.no_grad()
 def feature_activations(model, sae, tokens: Tensor, *, hook_name: str | None = None,
-                        positions: Tensor | None = None, batch_size: int = 64) -> Tensor:
+                        positions: Tensor | None = None, hooks_for: Callable[[Tensor, Tensor], list] | None = None,
+                        batch_size: int = 64) -> Tensor:
     """SAE feature activations: `[batch, seq, d_sae]`, or `[batch, d_sae]` at one position per prompt
-    (`positions [batch]`)."""
+    (`positions [batch]`; then `hooks_for(rows, positions_of_rows)` may add hooks, as in `logprobs_at`)."""
     hook_name = hook_name or sae.cfg.metadata.hook_name
-    out = []
-    for start in range(0, len(tokens), batch_size):
-        chunk = tokens[start: start + batch_size].to(_device_of(model))
-        _, cache = model.run_with_cache(chunk, names_filter=lambda name: name == hook_name)
-        acts = sae.encode(cache[hook_name].to(sae.W_dec.dtype))
-        if positions is not None:
-            pos = positions[start: start + batch_size].to(acts.device)
-            acts = acts[torch.arange(len(chunk), device=acts.device), pos]
-        out.append(acts.cpu())
-    return torch.cat(out)
+    keep = lambda name: name == hook_name  # noqa: E731
+    device = _device_of(model)
+    if positions is None:
+        out = []
+        for start in range(0, len(tokens), batch_size):
+            _, cache = model.run_with_cache(tokens[start: start + batch_size].to(device), names_filter=keep)
+            out.append(sae.encode(cache[hook_name].to(sae.W_dec.dtype)).cpu())
+        return torch.cat(out)
+    result = torch.zeros(len(tokens), sae.cfg.d_sae)
+    for rows, width in position_chunks(positions, batch_size):
+        pos = positions[rows]
+        hooks = hooks_for(rows, pos) if hooks_for is not None else []
+        with model.hooks(fwd_hooks=hooks):
+            _, cache = model.run_with_cache(tokens[rows, :width].to(device), names_filter=keep)
+        x = cache[hook_name][torch.arange(len(rows), device=device), pos.to(device)]
+        result[rows] = sae.encode(x.to(sae.W_dec.dtype)).cpu()
+    return result
 
 
 @dataclass
