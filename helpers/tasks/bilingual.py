@@ -161,13 +161,26 @@ class Document:
 class _Writer:
     """Renders one shared sentence meaning in English or German."""
 
-    def __init__(self, rng: random.Random, language: str, nouns: Sequence[int], names: Sequence[str]):
+    def __init__(self, rng: random.Random, language: str, nouns: Sequence[int], names: Sequence[str],
+                 code_switch: float = 0.0):
         self.rng, self.de = rng, language == "de"
         self.nouns, self.names = list(nouns), list(names)
+        self.code_switch = code_switch
 
     # --- noun phrases -------------------------------------------------------------------------------------------
     def noun_phrase(self, case: int, *, allow_name: bool = True, plural_ok: bool = True) -> tuple[str, bool]:
-        """(phrase, is_plural); case 0 = nominative, 1 = accusative."""
+        """(phrase, is_plural); case 0 = nominative, 1 = accusative. With probability `code_switch` the phrase is
+        written in the other language (a quoted foreign phrase), so that no single word reliably gives the
+        document's language away."""
+        if self.code_switch and self.rng.random() < self.code_switch:
+            self.de = not self.de
+            try:
+                return self._noun_phrase(case, allow_name=False, plural_ok=plural_ok)
+            finally:
+                self.de = not self.de
+        return self._noun_phrase(case, allow_name=allow_name, plural_ok=plural_ok)
+
+    def _noun_phrase(self, case: int, *, allow_name: bool = True, plural_ok: bool = True) -> tuple[str, bool]:
         rng = self.rng
         if allow_name and rng.random() < 0.35:
             return rng.choice(self.names), False
@@ -248,13 +261,17 @@ class _Writer:
         return s + ("?" if kind == 0 and rng.random() < 0.1 else ".")
 
 
-def generate_document(rng: random.Random, language: str, min_chars: int = 300, max_chars: int = 700) -> Document:
-    """One document of `min_chars`..`max_chars` characters (whole sentences) about a few recurring things."""
+def generate_document(rng: random.Random, language: str, min_chars: int = 300, max_chars: int = 700,
+                      code_switch: float = 0.0) -> Document:
+    """One document of `min_chars`..`max_chars` characters (whole sentences) about a few recurring things.
+
+    `code_switch` is the probability that a noun phrase is written in the other language.
+    """
     if language not in LANGUAGES:
         raise ValueError(f"language must be one of {LANGUAGES}, got {language!r}")
     nouns = rng.sample(range(len(NOUNS)), k=8)
     names = rng.sample(NAMES, k=3)
-    writer = _Writer(rng, language, nouns, names)
+    writer = _Writer(rng, language, nouns, names, code_switch)
     target = rng.randint(min_chars, max_chars)
     sentences: list[str] = []
     length = 0
@@ -268,13 +285,15 @@ def generate_document(rng: random.Random, language: str, min_chars: int = 300, m
 
 
 def generate_corpus(n_documents: int, *, german_fraction: float = 0.5, seed: int = 0, min_chars: int = 300,
-                    max_chars: int = 700) -> list[Document]:
+                    max_chars: int = 700, code_switch: float = 0.0) -> list[Document]:
     """`n_documents` documents, each German with probability `german_fraction`; a pure function of its arguments."""
     if not 0.0 <= german_fraction <= 1.0:
         raise ValueError(f"german_fraction must be in [0, 1], got {german_fraction}")
+    if not 0.0 <= code_switch < 0.5:
+        raise ValueError(f"code_switch must be in [0, 0.5), got {code_switch}")
     rng = random.Random(seed)
-    return [generate_document(rng, "de" if rng.random() < german_fraction else "en", min_chars, max_chars)
-            for _ in range(n_documents)]
+    return [generate_document(rng, "de" if rng.random() < german_fraction else "en", min_chars, max_chars,
+                              code_switch) for _ in range(n_documents)]
 
 
 def split_languages(documents: Sequence[Document]) -> tuple[list[str], list[str]]:
@@ -283,12 +302,29 @@ def split_languages(documents: Sequence[Document]) -> tuple[list[str], list[str]
 
 
 def evaluation_texts(n_per_language: int, *, seed: int = 12345, min_chars: int = 300,
-                     max_chars: int = 700) -> tuple[list[str], list[str]]:
+                     max_chars: int = 700, code_switch: float = 0.0) -> tuple[list[str], list[str]]:
     """Held-out `(german, english)` texts, `n_per_language` each, from a seed the toy's training never uses."""
     rng = random.Random(seed)
-    german = [generate_document(rng, "de", min_chars, max_chars).text for _ in range(n_per_language)]
-    english = [generate_document(rng, "en", min_chars, max_chars).text for _ in range(n_per_language)]
+    german = [generate_document(rng, "de", min_chars, max_chars, code_switch).text for _ in range(n_per_language)]
+    english = [generate_document(rng, "en", min_chars, max_chars, code_switch).text for _ in range(n_per_language)]
     return german, english
+
+
+def tokenize_documents(tokenizer, texts: Sequence[str], n_ctx: int, *, append_eos: bool = True):
+    """`(tokens [n, n_ctx], mask [n, n_ctx])`: BOS + each document's tokens (+ EOS), cut at `n_ctx`, padded with
+    EOS; `mask` is True on real tokens. Works with any Hugging Face tokenizer that has a BOS token (Pythia's
+    `<|endoftext|>` included)."""
+    import torch
+
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
+    tokens = torch.full((len(texts), n_ctx), eos, dtype=torch.long)
+    mask = torch.zeros((len(texts), n_ctx), dtype=torch.bool)
+    for row, ids in enumerate(tokenizer(list(texts), add_special_tokens=False)["input_ids"]):
+        ids = ([bos] + list(ids) + ([eos] if append_eos else []))[:n_ctx]
+        tokens[row, : len(ids)] = torch.tensor(ids)
+        mask[row, : len(ids)] = True
+    return tokens, mask
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers.tasks import bilingual
+from helpers.tasks.bilingual import tokenize_documents
 
 
 @dataclass(frozen=True)
@@ -23,17 +24,18 @@ class Recipe:
     """Every knob of the toy; the defaults are the committed checkpoint's."""
 
     seed: int = 0
-    n_documents: int = 24000
-    german_fraction: float = 0.4
-    min_chars: int = 300
-    max_chars: int = 700
+    n_documents: int = 80000
+    german_fraction: float = 0.3
+    min_chars: int = 200
+    max_chars: int = 380
+    code_switch: float = 0.15
     vocab_size: int = 1024
-    n_ctx: int = 192
+    n_ctx: int = 112
     n_layers: int = 4
-    d_model: int = 128
+    d_model: int = 64
     n_heads: int = 4
-    d_mlp: int = 512
-    steps: int = 3000
+    d_mlp: int = 256
+    steps: int = 2500
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.1
@@ -45,18 +47,6 @@ def build_tokenizer(recipe: Recipe, documents: list[bilingual.Document]):
     from helpers.zoo import train_bpe_tokenizer
 
     return train_bpe_tokenizer([d.text for d in documents], recipe.vocab_size)
-
-
-def tokenize_documents(tokenizer, texts: list[str], n_ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(tokens [n, n_ctx], mask [n, n_ctx])`: BOS + document tokens, cut at `n_ctx`, padded with EOS (mask 0)."""
-    bos = tokenizer.bos_token_id
-    tokens = torch.full((len(texts), n_ctx), tokenizer.eos_token_id, dtype=torch.long)
-    mask = torch.zeros((len(texts), n_ctx), dtype=torch.bool)
-    for row, ids in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"]):
-        ids = ([bos] + ids + [tokenizer.eos_token_id])[:n_ctx]
-        tokens[row, : len(ids)] = torch.tensor(ids)
-        mask[row, : len(ids)] = True
-    return tokens, mask
 
 
 def build_model(recipe: Recipe, vocab_size: int):
@@ -89,13 +79,14 @@ def train(out_dir: Path, recipe: Recipe = Recipe(), checkpoint_dir: Path | None 
     torch.set_num_threads(recipe.threads)
     start = time.process_time()
     documents = bilingual.generate_corpus(recipe.n_documents, german_fraction=recipe.german_fraction,
-                                          seed=recipe.seed, min_chars=recipe.min_chars, max_chars=recipe.max_chars)
+                                          seed=recipe.seed, min_chars=recipe.min_chars, max_chars=recipe.max_chars,
+                                          code_switch=recipe.code_switch)
     tokenizer = build_tokenizer(recipe, documents)
     tokens, mask = tokenize_documents(tokenizer, [d.text for d in documents], recipe.n_ctx)
     model = build_model(recipe, len(tokenizer))
 
     eval_de, eval_en = bilingual.evaluation_texts(64, seed=recipe.seed + 999, min_chars=recipe.min_chars,
-                                                  max_chars=recipe.max_chars)
+                                                  max_chars=recipe.max_chars, code_switch=recipe.code_switch)
     eval_batches = {lang: tokenize_documents(tokenizer, texts, recipe.n_ctx) for lang, texts in
                     (("de", eval_de), ("en", eval_en))}
 
