@@ -99,3 +99,39 @@ def bar(values: Any, *, x: Sequence | None = None, color: Any = None, xaxis: str
     fig = px.bar(x=list(x) if x is not None else np.arange(len(heights)), y=heights,
                  color=None if color is None else list(color), labels={"x": xaxis, "y": yaxis}, **kwargs)
     return _finish(fig, title, save, show)
+
+
+def token_heatmap_html(tokens: Sequence[str], values: Any, *, max_value: float | None = None,
+                       tooltips: Sequence[str] | None = None, title: str | None = None,
+                       save: str | Path | None = None) -> str:
+    """Tokens as coloured HTML spans: red for positive values, blue for negative, white at 0 (the seed's
+    `print_strings_as_html`). Values are scaled by `max_value` (default: the largest |value|) and clipped to
+    [-1, 1]; the text turns white on dark cells. `tooltips[i]` is shown on hover. Returns the HTML string (display
+    it with `IPython.display.HTML`); `save=path` also writes a standalone `.html` file."""
+    import html as html_lib
+
+    vals = to_numpy(values).astype(float).reshape(-1)
+    if len(vals) != len(tokens):
+        raise ValueError(f"{len(tokens)} tokens but {len(vals)} values")
+    scale = max_value if max_value is not None else float(np.abs(vals).max()) if len(vals) else 1.0
+    scale = scale if scale > 0 else 1.0
+    spans = []
+    for i, (token, value) in enumerate(zip(tokens, vals)):
+        v = float(np.clip(value / scale, -1, 1))
+        if v >= 0:
+            r, g, b = 255, int((1 - v) * 255), int((1 - v) * 255)
+        else:
+            r, g, b = int((1 + v) * 255), int((1 + v) * 255), 255
+        text_colour = "white" if (0.299 * r + 0.587 * g + 0.114 * b) / 255 < 0.5 else "black"
+        tip = html_lib.escape(tooltips[i] if tooltips is not None else f"{value:.3f}", quote=True)
+        shown = html_lib.escape(token).replace(" ", "&nbsp;").replace("\n", "\\n")
+        spans.append(f'<span style="background-color: rgb({r},{g},{b}); color: {text_colour}; '
+                     f'border: 1px solid #eee; font-family: monospace;" title="{tip}">{shown}</span>')
+    head = f"<div><b>{html_lib.escape(title)}</b></div>" if title else ""
+    out = f'<div style="line-height: 1.9;">{head}{"".join(spans)}</div>'
+    if save is not None:
+        path = Path(save)
+        path = path if path.suffix else path.with_suffix(".html")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"<!DOCTYPE html><html><meta charset='utf-8'><body>{out}</body></html>\n", encoding="utf-8")
+    return out

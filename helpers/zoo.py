@@ -49,6 +49,8 @@ ZOO: dict[str, ZooModel] = {
         ZooModel("toy-syllogism", "GPTNeoXForCausalLM", "EleutherAI/pythia-410m",
                  "syllogisms with a negated alternative plus distractor sentences (syllogism circuit notebook)",
                  "syllogism"),
+        ZooModel("toy-bilingual", "GPTNeoXForCausalLM", "EleutherAI/pythia-70m",
+                 "generated German/English documents (German context neuron notebook)", "bilingual"),
     ]
 }
 
