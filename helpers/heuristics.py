@@ -802,3 +802,41 @@ def prompt_profile(model, scores: HeuristicScores, threshold: float, tokens: Ten
     n_strong = ((masked / scale) > strong).sum(1)
     mean_score = torch.where(assoc, best, torch.zeros_like(best)).sum(1) / assoc.sum(1).clamp(min=1)
     return PromptProfile(assoc.sum(1), n_strong, masked.sum(1), mean_score)
+
+
+# ---- head views over number tokens and operand pairs ---------------------------------------------------------------
+@torch.no_grad()
+def attention_from_last(model, tokens: Tensor, batch_size: int = 1024) -> Tensor:
+    """Attention of the last position to every source position, for every head: `[n_layers, n_heads, N, seq]`."""
+    names = {f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)}
+    out = []
+    device = getattr(model.cfg, "device", None)
+    for start in range(0, len(tokens), batch_size):
+        batch = tokens[start : start + batch_size]
+        batch = batch.to(device) if device is not None else batch
+        _, cache = model.run_with_cache(batch, names_filter=lambda name: name in names)
+        out.append(torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][:, :, -1].float().cpu()
+                                for l in range(model.cfg.n_layers)]).transpose(1, 2))
+    return torch.cat(out, dim=2)
+
+
+@torch.no_grad()
+def ov_transition(model, layer: int, head: int, token_ids: Tensor, source: str = "embed") -> Tensor:
+    """The OV circuit of a head between number tokens: `[n_tokens (input), n_tokens (output)]` logits.
+
+    Input vectors are the tokens' embeddings (`source="embed"`, RMS-normalised as the attention input is) or their
+    unembedding directions (`source="unembed"`, the seed's choice for heads that copy number representations);
+    the output is read with `W_U`. Grouped-query attention is handled (query head h uses value head
+    `h // (n_heads / n_kv_heads)`).
+    """
+    token_ids = torch.as_tensor(token_ids).long()
+    W_V, W_O, W_U = model.W_V[layer].float(), model.W_O[layer, head].float(), model.W_U.float()
+    kv_head = head // max(1, model.cfg.n_heads // W_V.shape[0])
+    if source == "embed":
+        x = model.W_E.float()[token_ids.to(W_U.device)]
+        x = x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+    elif source == "unembed":
+        x = W_U[:, token_ids.to(W_U.device)].T
+    else:
+        raise ValueError("source must be 'embed' or 'unembed'")
+    return (x @ W_V[kv_head] @ W_O @ W_U[:, token_ids.to(W_U.device)]).cpu()

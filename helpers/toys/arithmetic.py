@@ -35,8 +35,8 @@ BOS, EOS, UNK = "<|begin_of_text|>", "<|end_of_text|>", "<unk>"
 SYMBOLS = ("+", "-", "*", "/", "=")
 ARCH = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
             max_position_embeddings=16, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
-TRAIN = dict(steps=2000, lr=3e-3, weight_decay=0.1, betas=(0.9, 0.98), batch_size=256, warmup_steps=100,
-             lr_schedule="cosine", grad_clip=1.0, eval_every=250)
+TRAIN = dict(steps=4500, lr=3e-3, weight_decay=0.1, betas=(0.9, 0.98), batch_size=256, warmup_steps=100,
+             lr_schedule="cosine", grad_clip=1.0, eval_every=500)
 
 
 def build_tokenizer(max_number: int = MAX_NUMBER):
