@@ -291,9 +291,9 @@ def train_saes(model, tokens: Tensor, hook_names: Sequence[str], config: SAETrai
                     sae.W_dec.data = F.normalize(sae.W_dec.data, dim=-1)
                     fired = (acts > 0).any(0)
                     last_fired[name][fired] = step
-                record.mse.append(float(mse) / x.shape[-1])
+                record.mse.append(float(mse.detach()) / x.shape[-1])
                 record.l0.append(float((acts > 0).float().sum(-1).mean()))
-                record.loss.append(float(loss))
+                record.loss.append(float(loss.detach()))
             if progress and (step % 50 == 0 or step == config.steps - 1):
                 bar.set_postfix({f"{n.split('.')[1] if n.count('.') else n}": f"mse {stats[n].mse[-1]:.3f} L0 {stats[n].l0[-1]:.0f}"
                                  for n in hook_names}, refresh=False)
