@@ -64,3 +64,18 @@ def tiny_checkpoint(tmp_path_factory):
         return built[architecture]
 
     return get
+
+
+SYLLOGISM_PROMPTS = ["All cats are red, not blue. Kittens are", "All cats are blue, not red. Kittens are",
+                     "All dogs are red, not blue. Puppies are", "All dogs are blue, not red. Puppies are"]
+
+
+@pytest.fixture(scope="session")
+def syllogism_batch(tiny_checkpoint):
+    """`(model, tokens, answers)`: the tiny GPT-NeoX, four syllogism prompts and `[4, 2]` answer/distractor ids."""
+    from helpers.models import load_model
+
+    model = load_model(tiny_checkpoint("gpt_neox"), device="cpu")
+    tokens = model.to_tokens(SYLLOGISM_PROMPTS)
+    answers = torch.tensor([[5, 9], [9, 5], [5, 9], [9, 5]])
+    return model, tokens, answers

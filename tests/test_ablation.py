@@ -8,18 +8,10 @@ from helpers import ablation
 from helpers.attribution import logit_diff
 from helpers.components import Component
 
-PROMPTS = ["All cats are red, not blue. Kittens are", "All cats are blue, not red. Kittens are",
-           "All dogs are red, not blue. Puppies are", "All dogs are blue, not red. Puppies are"]
-
 
 @pytest.fixture(scope="module")
-def setup(tiny_checkpoint):
-    from helpers.models import load_model
-
-    model = load_model(tiny_checkpoint("gpt_neox"), device="cpu")
-    tokens = model.to_tokens(PROMPTS)
-    answers = torch.tensor([[5, 9], [9, 5], [5, 9], [9, 5]])
-    return model, tokens, answers
+def setup(syllogism_batch):
+    return syllogism_batch
 
 
 def _cache_with(model, tokens, hooks):

@@ -6,17 +6,11 @@ import torch
 
 from helpers import attribution
 from helpers.components import Component
-from helpers.models import load_model
-
-PROMPTS = ["All cats are red, not blue. Kittens are", "All cats are blue, not red. Kittens are",
-           "All dogs are red, not blue. Puppies are", "All dogs are blue, not red. Puppies are"]
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_checkpoint):
-    model = load_model(tiny_checkpoint("gpt_neox"), device="cpu")
-    tokens = model.to_tokens(PROMPTS)
-    answers = torch.tensor([[5, 9], [9, 5], [5, 9], [9, 5]])
+def setup(syllogism_batch):
+    model, tokens, answers = syllogism_batch
     logits, cache = model.run_with_cache(tokens)
     return model, tokens, answers, logits, cache
 
