@@ -34,21 +34,8 @@ SEQ_LEN = 5
 _PROMPT = re.compile(r"^\s*(\d+)\s*([+\-*/])\s*(\d+)\s*=\s*$")
 
 
-def apply(op: str, x: int, y: int) -> int | None:
-    """The integer result of `x op y`, or None where it is undefined (division by zero)."""
-    if op == "+":
-        return x + y
-    if op == "-":
-        return x - y
-    if op == "*":
-        return x * y
-    if op == "/":
-        return None if y == 0 else x // y
-    raise ValueError(f"unknown operator {op!r}; use one of {OPERATORS}")
-
-
 def apply_tensor(op: str, x: Tensor, y: Tensor) -> Tensor:
-    """`apply` on tensors of operands `[n]` (division by zero gives -1)."""
+    """The integer results of `x op y` for operand tensors `[n]` (long); -1 where undefined (division by zero)."""
     if op == "+":
         return x + y
     if op == "-":
@@ -58,6 +45,13 @@ def apply_tensor(op: str, x: Tensor, y: Tensor) -> Tensor:
     if op == "/":
         return torch.where(y > 0, torch.div(x, y.clamp(min=1), rounding_mode="floor"), torch.full_like(x, -1))
     raise ValueError(f"unknown operator {op!r}; use one of {OPERATORS}")
+
+
+def apply(op: str, x: int, y: int) -> int | None:
+    """`apply_tensor` for one pair of ints: the integer result of `x op y`, or None where it is undefined."""
+    if op == "/" and y == 0:
+        return None
+    return int(apply_tensor(op, torch.tensor([x]), torch.tensor([y]))[0])
 
 
 def default_min_op(op: str) -> int:

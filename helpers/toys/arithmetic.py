@@ -85,12 +85,16 @@ def answer_loss(model, batch) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits, answers)
 
 
-def train(out_dir: Path) -> None:
+def train(out_dir: Path, arch: dict | None = None, train_config: dict | None = None, seed: int = SEED) -> None:
+    """Train the toy and save it to `out_dir`; `arch` / `train_config` override entries of ARCH / TRAIN (for
+    experiments; the zoo calls it with the defaults)."""
     torch.set_num_threads(1)
     start = time.process_time()
+    arch = {**ARCH, **(arch or {})}
+    train_config = {**TRAIN, **(train_config or {})}
     tokenizer = build_tokenizer()
     numbers = task.number_token_ids(tokenizer, MAX_NUMBER)
-    splits = make_splits(tokenizer)
+    splits = make_splits(tokenizer, seed=seed)
     tokens, answers = [], []
     for op, (train_set, _) in splits.items():
         t = task.prompt_tokens(tokenizer, train_set)
@@ -99,7 +103,7 @@ def train(out_dir: Path) -> None:
         answers += [a] * OVERSAMPLE[op]
     tokens, answers = torch.cat(tokens), torch.cat(answers)
     eval_sets = {op: (task.prompt_tokens(tokenizer, test), numbers[test.results]) for op, (_, test) in splits.items()}
-    model = build_model(tokenizer)
+    model = build_model(tokenizer, seed, **arch)
 
     def evaluate(m) -> dict[str, float]:
         out = {}
@@ -108,7 +112,7 @@ def train(out_dir: Path) -> None:
                                                                    .float().mean())
         return out
 
-    result = train_loop(model, (tokens, answers), answer_loss, TrainConfig(seed=SEED, **TRAIN), eval_fn=evaluate)
+    result = train_loop(model, (tokens, answers), answer_loss, TrainConfig(seed=seed, **train_config), eval_fn=evaluate)
     model.eval()
     with torch.no_grad():
         accuracy = {}
@@ -117,9 +121,9 @@ def train(out_dir: Path) -> None:
             t, a = task.prompt_tokens(tokenizer, both), numbers[both.results]
             accuracy[op] = round(float((model(input_ids=t).logits[:, -1].argmax(-1) == a).float().mean()), 4)
     metadata = {
-        "recipe": "helpers.toys.arithmetic", "seed": SEED, "max_op": MAX_OP, "max_number": MAX_NUMBER,
-        "held_out": HELD_OUT, "oversample": OVERSAMPLE, "vocab_size": len(tokenizer), "arch": ARCH,
-        "train": {k: list(v) if isinstance(v, tuple) else v for k, v in TRAIN.items()},
+        "recipe": "helpers.toys.arithmetic", "seed": seed, "max_op": MAX_OP, "max_number": MAX_NUMBER,
+        "held_out": HELD_OUT, "oversample": OVERSAMPLE, "vocab_size": len(tokenizer), "arch": arch,
+        "train": {k: list(v) if isinstance(v, tuple) else v for k, v in train_config.items()},
         "n_train_rows": int(len(tokens)),
         "final_train_loss": round(sum(result.train_losses[-50:]) / 50, 4),
         "final_heldout_accuracy": {k: round(v, 4) for k, v in result.eval_metrics[-1].items()},
