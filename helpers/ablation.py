@@ -232,3 +232,29 @@ def normalized_logit(answer_tokens: Tensor, pos: int = -1) -> Metric:
         return (last.gather(1, answers[:, None])[:, 0] / last.max(dim=-1).values).mean()
 
     return metric
+
+
+def head_value_hooks(values: dict, from_position: int = 0) -> list[Hook]:
+    """Hooks that pin attention heads' `z` (`blocks.{layer}.attn.hook_z`, `[batch, pos, head, d_head]`) to fixed
+    vectors at every position `>= from_position`: the head-level analogue of `neuron_value_hooks`, e.g. a head set to
+    its mean over English text.
+
+    `values` maps `Component.head(layer, head)` or `(layer, head)` to a `[d_head]` tensor.
+    """
+    grouped: dict[str, list[tuple[int, Tensor]]] = defaultdict(list)
+    for key, value in values.items():
+        component = key if isinstance(key, Component) else Component.head(*key)
+        if component.kind != "head":
+            raise ValueError(f"head_value_hooks pins heads, got {component}")
+        grouped[component.hook_name()].append((component.index, torch.as_tensor(value)))
+
+    def make(pairs: list[tuple[int, Tensor]]) -> Callable:
+        def hook(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
+            act = act.clone()
+            for head, value in pairs:
+                act[:, from_position:, head] = value.to(act.device, act.dtype)
+            return act
+
+        return hook
+
+    return [(name, make(pairs)) for name, pairs in grouped.items()]

@@ -294,3 +294,28 @@ def token_attribution_at(model, cache, answers: Tensor, positions: Tensor) -> At
     labels.append("unembed_bias")
     per_prompt = torch.stack(pieces)
     return Attribution(per_prompt.mean(-1), labels, per_prompt)
+
+
+# ---- who writes a direction (German context neuron notebook) -----------------------------------------------------
+def direction_writes(model, cache, direction: Tensor) -> tuple[Tensor, list[str]]:
+    """Every writer of the final residual stream projected on one residual direction, at every position.
+
+    `direction [d_model]` and the cache of `model.run_with_cache(tokens)` -> `(values [n_components, batch, pos],
+    labels)` with labels `embed`, (`pos_embed`), `L{l}H{h}` for each head (its `z @ W_O`), `L{l}_attn_bias`,
+    `L{l}_mlp`. Summed over components they give `final_resid @ direction`. Used to ask which component carries a
+    feature such as the document's language.
+    """
+    direction = direction.to(model.W_O.device, model.W_O.dtype)
+    values, labels = [cache["hook_embed"] @ direction], ["embed"]
+    if "hook_pos_embed" in cache.keys():
+        pos_embed = cache["hook_pos_embed"]
+        values.append((pos_embed @ direction).expand_as(values[0]))
+        labels.append("pos_embed")
+    for layer in range(model.cfg.n_layers):
+        z = cache[f"blocks.{layer}.attn.hook_z"]                                   # [batch, pos, head, d_head]
+        per_head = torch.einsum("bphd,hd->hbp", z, model.W_O[layer] @ direction)
+        attn_bias = cache[f"blocks.{layer}.hook_attn_out"] @ direction - per_head.sum(0)
+        values += [*per_head, attn_bias, cache[f"blocks.{layer}.hook_mlp_out"] @ direction]
+        labels += [f"L{layer}H{head}" for head in range(model.cfg.n_heads)]
+        labels += [f"L{layer}_attn_bias", f"L{layer}_mlp"]
+    return torch.stack(values), labels

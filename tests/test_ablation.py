@@ -78,3 +78,21 @@ def test_knockout_each_matches_single_knockouts(setup):
     each = ablation.knockout_each(model, tokens, comps, metric, method="mean")
     single = ablation.knockout(model, tokens, [comps[2]], metric, method="mean")
     assert each[2].item() == pytest.approx(single, abs=1e-6)
+
+
+def test_head_value_hooks_pin_one_head_from_a_position(setup):
+    model, tokens, _ = setup
+    d_head = model.cfg.d_head
+    value = torch.linspace(-1, 1, d_head)
+    cache = _cache_with(model, tokens, ablation.head_value_hooks({(1, 2): value}, from_position=2))
+    _, clean = model.run_with_cache(tokens)
+    z, z_clean = cache["blocks.1.attn.hook_z"], clean["blocks.1.attn.hook_z"]
+    assert torch.allclose(z[:, 2:, 2], value.expand_as(z[:, 2:, 2]))
+    assert torch.equal(z[:, :2], z_clean[:, :2]) and torch.equal(z[:, :, :2], z_clean[:, :, :2])
+    # pinning a head to the value it already has changes nothing downstream
+    one_token = tokens[:, :1]
+    z_one = model.run_with_cache(one_token)[1]["blocks.0.attn.hook_z"]
+    same = ablation.head_value_hooks({Component.head(0, 1): z_one[0, 0, 1]}, from_position=0)
+    assert torch.allclose(model.run_with_hooks(one_token, fwd_hooks=same), model(one_token), atol=1e-5)
+    with pytest.raises(ValueError):
+        ablation.head_value_hooks({Component.neuron(0, 1): value})

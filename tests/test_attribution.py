@@ -75,3 +75,16 @@ def test_component_names():
     for label in ["L3H2", "L3N669@-1", "MLP1", "ATTN0@4", "EMBED"]:
         assert Component.from_label(label).label == label
     assert Component.head(1, 2, 5).index_tuple("pattern") == (2, 5)
+
+
+def test_direction_writes_sum_to_the_final_residual_projection(setup):
+    model, tokens, _, _, cache = setup
+    direction = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    values, labels = attribution.direction_writes(model, cache, direction)
+    final = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"] @ direction
+    assert values.shape == (len(labels), *tokens.shape)
+    assert torch.allclose(values.sum(0), final, atol=1e-4)
+    assert f"L0H{model.cfg.n_heads - 1}" in labels and "L0_mlp" in labels
+    # the attention bias is a constant: the same at every position of every prompt
+    bias = values[labels.index("L0_attn_bias")]
+    assert torch.allclose(bias, bias[0, 0].expand_as(bias), atol=1e-5)
