@@ -111,3 +111,24 @@ def test_toy_tokenizer_through_the_bridge(tmp_path):
     assert len(correct) + len(wrong) <= len(prompts)
     assert (correct.predictions == correct.results).all()
     assert (wrong.predictions != wrong.results).all() and (wrong.predictions >= 0).all()
+
+
+def test_head_penalty_is_a_group_lasso_over_heads():
+    from helpers.toys import arithmetic as recipe
+
+    tokenizer = recipe.build_tokenizer()
+    model = recipe.build_model(tokenizer, seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2)
+    attn = model.model.layers[1].self_attn
+    d_head = 32 // 4
+    with torch.no_grad():
+        before = float(recipe.head_group_norms(model))
+        o_block = attn.o_proj.weight[:, :d_head].norm()
+        v_block = attn.v_proj.weight[:d_head].norm()
+        attn.o_proj.weight[:, :d_head] = 0          # head 0 of layer 1 switched off ...
+        attn.v_proj.weight[:d_head] = 0             # ... with its key/value group (heads 0 and 1)
+        after = float(recipe.head_group_norms(model))
+    assert after == pytest.approx(before - float(o_block) - float(v_block), abs=1e-3)  # sqrt(norm^2 + 1e-8)
+    batch = (torch.tensor([[0, 5, 1003, 7, 1007]]), torch.tensor([9]))           # 2+4= -> 6
+    plain = float(recipe.make_loss(0.0)(model, batch))
+    assert float(recipe.make_loss(0.1)(model, batch)) == pytest.approx(plain + 0.1 * after, rel=1e-5)
