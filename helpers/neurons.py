@@ -50,7 +50,7 @@ def fit_probe(features: Tensor | np.ndarray, targets: Tensor | np.ndarray, *, ki
     """Fit a linear probe `features [n, d] -> targets [n]` on a seeded train/test split and score it held out.
 
     `kind="regression"` uses LinearRegression (score R^2); `kind="classification"` uses LogisticRegression
-    (score accuracy; pass e.g. `penalty="l1", solver="liblinear", C=0.1` for a sparse probe).
+    (score accuracy; pass e.g. `l1_ratio=1.0, solver="liblinear", C=0.1` for a sparse (L1) probe).
     `groups [n]` (e.g. the document of each token) splits by group, so no group is in both train and test.
     """
     if kind not in {"regression", "classification"}:

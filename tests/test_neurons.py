@@ -92,7 +92,7 @@ def test_fit_probe_with_groups_keeps_documents_apart():
     groups = np.repeat(np.arange(40), 25)
     y = (groups % 2).astype(int)
     X = y[:, None] + 0.3 * rng.normal(size=(len(y), 3))
-    result = neurons.fit_probe(X, y, kind="classification", groups=groups, seed=0, penalty="l1",
+    result = neurons.fit_probe(X, y, kind="classification", groups=groups, seed=0, l1_ratio=1.0,
                                solver="liblinear", C=1.0)
     assert result.score > 0.95 and result.f1 > 0.95 and result.auroc > 0.99
     # split is by group: re-derive it and check disjointness
