@@ -128,7 +128,7 @@ def test_head_penalty_is_a_group_lasso_over_heads():
         attn.o_proj.weight[:, :d_head] = 0          # head 0 of layer 1 switched off ...
         attn.v_proj.weight[:d_head] = 0             # ... with its key/value group (heads 0 and 1)
         after = float(recipe.head_group_norms(model))
-    assert after == pytest.approx(before - float(o_block) - float(v_block), abs=1e-3)  # sqrt(norm^2 + 1e-8)
+    assert after == pytest.approx(before - float(o_block) - float(v_block), rel=1e-5)
     batch = (torch.tensor([[0, 5, 1003, 7, 1007]]), torch.tensor([9]))           # 2+4= -> 6
     plain = float(recipe.make_loss(0.0)(model, batch))
     assert float(recipe.make_loss(0.1)(model, batch)) == pytest.approx(plain + 0.1 * after, rel=1e-5)

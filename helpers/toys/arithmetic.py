@@ -44,7 +44,7 @@ BOS, EOS, UNK = "<|begin_of_text|>", "<|end_of_text|>", "<unk>"
 SYMBOLS = ("+", "-", "*", "/", "=")
 ARCH = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
             max_position_embeddings=16, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
-HEAD_PENALTY = 0.0
+HEAD_PENALTY = 0.01
 HEAD_PENALTY_POWER = 1.0
 TRAIN = dict(steps=4500, lr=3e-3, weight_decay=0.1, betas=(0.9, 0.98), batch_size=256, warmup_steps=100,
              lr_schedule="cosine", grad_clip=1.0, eval_every=500)
@@ -106,8 +106,11 @@ def head_group_norms(model, power: float = 1.0) -> torch.Tensor:
     for layer in model.model.layers:
         w_o = layer.self_attn.o_proj.weight.view(cfg.hidden_size, cfg.num_attention_heads, d_head)
         w_v = layer.self_attn.v_proj.weight.view(cfg.num_key_value_heads, d_head, cfg.hidden_size)
-        norms = torch.cat([w_o.pow(2).sum(dim=(0, 2)), w_v.pow(2).sum(dim=(1, 2))]).add(1e-8).sqrt()
-        total = total + norms.pow(power).sum()
+        if power == 1:
+            total = total + w_o.pow(2).sum(dim=(0, 2)).sqrt().sum() + w_v.pow(2).sum(dim=(1, 2)).sqrt().sum()
+        else:  # a small floor keeps the gradient of norm ** power finite at 0
+            norms = torch.cat([w_o.pow(2).sum(dim=(0, 2)), w_v.pow(2).sum(dim=(1, 2))]).add(1e-8).sqrt()
+            total = total + norms.pow(power).sum()
     return total
 
 
