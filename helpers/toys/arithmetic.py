@@ -45,7 +45,6 @@ SYMBOLS = ("+", "-", "*", "/", "=")
 ARCH = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
             max_position_embeddings=16, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
 HEAD_PENALTY = 0.01
-HEAD_PENALTY_POWER = 1.0
 TRAIN = dict(steps=4500, lr=3e-3, weight_decay=0.1, betas=(0.9, 0.98), batch_size=256, warmup_steps=100,
              lr_schedule="cosine", grad_clip=1.0, eval_every=500)
 
@@ -96,33 +95,28 @@ def answer_loss(model, batch) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits, answers)
 
 
-def head_group_norms(model, power: float = 1.0) -> torch.Tensor:
+def head_group_norms(model) -> torch.Tensor:
     """Sum over layers of the group-lasso norms of the attention heads: the Frobenius norm of each head's block of
-    the output projection (`o_proj`, columns of that head) plus that of each key/value group's block of `v_proj`,
-    each raised to `power` (1: group lasso; < 1 favours fewer, larger heads)."""
+    the output projection (`o_proj`, columns of that head) plus that of each key/value group's block of `v_proj`."""
     cfg = model.config
     d_head = cfg.hidden_size // cfg.num_attention_heads
     total = 0.0
     for layer in model.model.layers:
         w_o = layer.self_attn.o_proj.weight.view(cfg.hidden_size, cfg.num_attention_heads, d_head)
         w_v = layer.self_attn.v_proj.weight.view(cfg.num_key_value_heads, d_head, cfg.hidden_size)
-        if power == 1:
-            total = total + w_o.pow(2).sum(dim=(0, 2)).sqrt().sum() + w_v.pow(2).sum(dim=(1, 2)).sqrt().sum()
-        else:  # a small floor keeps the gradient of norm ** power finite at 0
-            norms = torch.cat([w_o.pow(2).sum(dim=(0, 2)), w_v.pow(2).sum(dim=(1, 2))]).add(1e-8).sqrt()
-            total = total + norms.pow(power).sum()
+        total = total + w_o.pow(2).sum(dim=(0, 2)).sqrt().sum() + w_v.pow(2).sum(dim=(1, 2)).sqrt().sum()
     return total
 
 
-def make_loss(head_penalty: float, power: float = 1.0):
+def make_loss(head_penalty: float):
     """The answer cross-entropy plus `head_penalty` times `head_group_norms` (0: plain cross-entropy)."""
     if not head_penalty:
         return answer_loss
-    return lambda model, batch: answer_loss(model, batch) + head_penalty * head_group_norms(model, power)
+    return lambda model, batch: answer_loss(model, batch) + head_penalty * head_group_norms(model)
 
 
 def train(out_dir: Path, arch: dict | None = None, train_config: dict | None = None, seed: int = SEED,
-          head_penalty: float = HEAD_PENALTY, head_penalty_power: float = HEAD_PENALTY_POWER) -> None:
+          head_penalty: float = HEAD_PENALTY) -> None:
     """Train the toy and save it to `out_dir`; `arch` / `train_config` override entries of ARCH / TRAIN (for
     experiments; the zoo calls it with the defaults)."""
     torch.set_num_threads(1)
@@ -149,7 +143,8 @@ def train(out_dir: Path, arch: dict | None = None, train_config: dict | None = N
                                                                    .float().mean())
         return out
 
-    result = train_loop(model, (tokens, answers), make_loss(head_penalty, head_penalty_power), TrainConfig(seed=seed, **train_config), eval_fn=evaluate)
+    result = train_loop(model, (tokens, answers), make_loss(head_penalty), TrainConfig(seed=seed, **train_config),
+                        eval_fn=evaluate)
     model.eval()
     with torch.no_grad():
         accuracy = {}
@@ -161,7 +156,7 @@ def train(out_dir: Path, arch: dict | None = None, train_config: dict | None = N
         "recipe": "helpers.toys.arithmetic", "seed": seed, "max_op": MAX_OP, "max_number": MAX_NUMBER,
         "held_out": HELD_OUT, "oversample": OVERSAMPLE, "vocab_size": len(tokenizer), "arch": arch,
         "train": {k: list(v) if isinstance(v, tuple) else v for k, v in train_config.items()},
-        "head_penalty": head_penalty, "head_penalty_power": head_penalty_power, "n_train_rows": int(len(tokens)),
+        "head_penalty": head_penalty, "n_train_rows": int(len(tokens)),
         "final_train_loss": round(sum(result.train_losses[-50:]) / 50, 4),
         "final_heldout_accuracy": {k: round(v, 4) for k, v in result.eval_metrics[-1].items()},
         "accuracy_all_prompts": accuracy,
