@@ -394,17 +394,26 @@ def indirect_effect(pre: Tensor, post: Tensor, clean_answers: Tensor, corrupt_an
     return 0.5 * ((post_rp - pre_rp) / pre_rp + (pre_r - post_r) / post_r)
 
 
+def signed_log(values: Tensor) -> Tensor:
+    """`sign * log(1 + |values|)`, elementwise: a log scale that keeps negative effects (log1p alone gives NaN
+    below -1)."""
+    return torch.sign(values) * torch.log1p(values.abs())
+
+
 def indirect_effect_metric(clean_logits: Tensor, clean_answers: Tensor, corrupt_answers: Tensor,
-                           pos: int = -1) -> Metric:
+                           pos: int = -1, log_scale: bool = False) -> Metric:
     """`metric(logits)` = mean indirect effect (probabilities) of a patched run of the CLEAN prompts against their
-    unpatched distribution `clean_logits` (`[batch, pos, vocab]` or `[batch, vocab]`). Use it with noising: run the
+    unpatched distribution `clean_logits` (`[batch, pos, vocab]` or `[batch, vocab]`); with `log_scale`, the mean of
+    `signed_log(IE)` over prompts, so that one prompt's exploding IE cannot dominate. Use it with noising: run the
     clean tokens and write activations of the counterfactual run (e.g. `run_patched_variants(model, clean_tokens,
     corrupt_cache, ...)`); differentiable, so `attribution_patch(model, corrupt_tokens, clean_tokens, metric, ...)`
-    gives its first-order estimate `(corrupt - clean) . dIE/dact` at the clean run."""
+    gives its first-order estimate `(corrupt - clean) . dIE/dact` at the clean run (the same for both scales, as
+    `signed_log` has slope 1 at 0)."""
     pre = torch.softmax((clean_logits[:, pos] if clean_logits.ndim == 3 else clean_logits).float(), dim=-1).detach()
 
     def metric(logits: Tensor) -> Tensor:
         post = torch.softmax((logits[:, pos] if logits.ndim == 3 else logits).float(), dim=-1)
-        return indirect_effect(pre.to(post.device), post, clean_answers, corrupt_answers).mean()
+        effect = indirect_effect(pre.to(post.device), post, clean_answers, corrupt_answers)
+        return (signed_log(effect) if log_scale else effect).mean()
 
     return metric

@@ -236,3 +236,16 @@ def test_indirect_effect_on_hand_made_distributions():
     metric = indirect_effect_metric(pre.log(), r, r_prime)
     assert float(metric(post.log())) == pytest.approx(1.25)
     assert float(metric(pre.log()[:, None, :].expand(2, 3, 3))) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_log_scale_indirect_effect_metric_averages_signed_logs():
+    import math
+
+    from helpers.patching import indirect_effect_metric, signed_log
+
+    assert torch.allclose(signed_log(torch.tensor([-3.0, 0.0, 1.5])),
+                          torch.tensor([-math.log(4.0), 0.0, math.log(2.5)]))
+    pre = torch.tensor([[0.7, 0.2, 0.1], [0.5, 0.25, 0.25]])
+    post = torch.tensor([[0.35, 0.6, 0.05], [0.25, 0.25, 0.5]])       # IE 1.5 and 1.0 (see above)
+    metric = indirect_effect_metric(pre.log(), torch.tensor([0, 0]), torch.tensor([1, 2]), log_scale=True)
+    assert float(metric(post.log())) == pytest.approx((math.log(2.5) + math.log(2.0)) / 2)
