@@ -4,6 +4,12 @@ Rotary positions (25% of each head, as Pythia), parallel attention + MLP, GELU, 
 tokenizer trained on the same corpus. Each training row is one document (BOS + tokens, padded with EOS, padding
 masked out of the loss), so the model must read the language from the document itself.
 
+What makes a context *neuron* appear (rather than the language living only in attention heads, as it did in every
+wider variant tried, see notebook 04): a narrow residual stream (d_model 16) and few MLP neurons (32 per layer), so
+the language has to be squeezed through the MLPs; German as a minority (10% of documents, as in the Pile); one
+language per document (no code-switched phrases), so the document's language is a clean context to track; and
+10,000 steps.
+
 Retrain with `python -m helpers.zoo train toy-bilingual`.
 """
 from __future__ import annotations
@@ -24,21 +30,21 @@ class Recipe:
     """Every knob of the toy; the defaults are the committed checkpoint's."""
 
     seed: int = 0
-    n_documents: int = 80000
-    german_fraction: float = 0.3
+    n_documents: int = 320000
+    german_fraction: float = 0.1
     min_chars: int = 200
     max_chars: int = 380
-    code_switch: float = 0.15
+    code_switch: float = 0.0
     vocab_size: int = 1024
     n_ctx: int = 112
     n_layers: int = 4
-    d_model: int = 64
-    n_heads: int = 4
-    d_mlp: int = 256
-    steps: int = 2500
+    d_model: int = 16
+    n_heads: int = 2
+    d_mlp: int = 32
+    steps: int = 10000
     batch_size: int = 32
     lr: float = 2e-3
-    weight_decay: float = 0.1
+    weight_decay: float = 0.0
     warmup_steps: int = 100
     threads: int = 1
 
