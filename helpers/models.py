@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -116,27 +117,43 @@ def load_model(
     source, is_local = resolve_source(name)
     torch_dtype = resolve_dtype(dtype)
     placement: dict[str, Any] = {"device_map": device_map} if device_map is not None else {"device": resolve_device(device)}
-    try:
-        bridge = TransformerBridge.boot_transformers(
-            source, dtype=torch_dtype, revision=revision, trust_remote_code=False, **placement
-        )
-    except _HUB_ERRORS as error:
-        if is_local:
-            raise
-        raise HubUnreachableError(
-            f"could not load {name!r} from the Hugging Face hub ({type(error).__name__}: {error}). "
-            f"Check the network or the model id; to run offline use a zoo model ({', '.join(zoo.names())}) "
-            "or pass the path of a locally saved checkpoint folder."
-        ) from error
-    bridge.enable_compatibility_mode(
-        disable_warnings=True,
-        no_processing=not process_weights,
-        fold_ln=fold_ln,
-        center_writing_weights=center_writing_weights,
-        center_unembed=center_unembed,
-    )
+
+    def boot() -> TransformerBridge:
+        try:
+            return TransformerBridge.boot_transformers(
+                source, dtype=torch_dtype, revision=revision, trust_remote_code=False, **placement
+            )
+        except _HUB_ERRORS as error:
+            if is_local:
+                raise
+            raise HubUnreachableError(
+                f"could not load {name!r} from the Hugging Face hub ({type(error).__name__}: {error}). "
+                f"Check the network or the model id; to run offline use a zoo model ({', '.join(zoo.names())}) "
+                "or pass the path of a locally saved checkpoint folder."
+            ) from error
+
+    bridge = boot()
+    probe = torch.arange(min(8, bridge.cfg.d_vocab), device=bridge.cfg.device)[None]
+    reference = _log_probs(bridge, probe) if process_weights else None
+    options = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed)
+    bridge.enable_compatibility_mode(disable_warnings=True, no_processing=not process_weights, **options)
+    if reference is not None:
+        tolerance = 1e-2 if torch_dtype == torch.float32 else 0.5
+        drift = float((_log_probs(bridge, probe) - reference).abs().max())
+        if drift > tolerance:
+            # transformer-lens 3.9 mis-processes some shapes (e.g. GPT-NeoX with d_mlp == d_model)
+            warnings.warn(f"weight processing changed {name}'s predictions (max log-prob change {drift:.2g}); "
+                          "loading it without weight processing instead", stacklevel=2)
+            bridge = boot()
+            bridge.enable_compatibility_mode(disable_warnings=True, no_processing=True)
     bridge.eval()
     return bridge
+
+
+def _log_probs(bridge: TransformerBridge, tokens: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities `[batch, pos, d_vocab]` (float32) of `tokens [batch, pos]`."""
+    with torch.no_grad():
+        return bridge(tokens).float().log_softmax(-1)
 
 
 def build_native_model(config: dict[str, Any], seed: int, device: str | torch.device = "auto") -> TransformerBridge:

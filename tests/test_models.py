@@ -1,13 +1,15 @@
 """load_model on tiny GPT-NeoX (Pythia), Llama and GPT-Neo (TinyStories) checkpoints saved to disk."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from helpers import models, zoo
 from helpers.models import HubUnreachableError, ModelNotFoundError, load_model
-from tests.conftest import ARCHITECTURES
+from tests.conftest import ARCHITECTURES, build_tiny_checkpoint
 
 HOOKS = ["blocks.{L}.mlp.hook_post", "blocks.{L}.mlp.hook_pre", "blocks.{L}.attn.hook_z",
          "blocks.{L}.attn.hook_pattern", "blocks.{L}.hook_resid_pre", "blocks.{L}.hook_resid_post",
@@ -40,6 +42,19 @@ def test_log_probs_match_raw_hugging_face_model(tiny_checkpoint, architecture, p
         ours = model(tokens).log_softmax(-1)
         theirs = hf_model(tokens).logits.log_softmax(-1)
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_square_mlp_model_keeps_its_predictions(tmp_path):
+    # transformer-lens 3.9 mis-processes GPT-NeoX weights when d_mlp == d_model; load_model must notice and fall back
+    folder = build_tiny_checkpoint("gpt_neox", tmp_path / "square", d_model=32, d_mlp=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = load_model(folder, device="cpu")
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    tokens = model.to_tokens(TEXT)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens).log_softmax(-1), hf_model(tokens).logits.log_softmax(-1),
+                                   atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
