@@ -137,8 +137,8 @@ def load_model(
     bridge = boot()
     probe = torch.arange(min(8, bridge.cfg.d_vocab), device=bridge.cfg.device)[None]
     reference = _log_probs(bridge, probe) if process_weights else None
-    options = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed)
-    bridge.enable_compatibility_mode(disable_warnings=True, no_processing=not process_weights, **options)
+    bridge.enable_compatibility_mode(disable_warnings=True, no_processing=not process_weights, fold_ln=fold_ln,
+                                     center_writing_weights=center_writing_weights, center_unembed=center_unembed)
     if reference is not None:
         tolerance = 1e-2 if torch_dtype == torch.float32 else 0.5
         drift = float((_log_probs(bridge, probe) - reference).abs().max())
