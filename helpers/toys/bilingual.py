@@ -6,9 +6,9 @@ masked out of the loss), so the model must read the language from the document i
 
 What makes a context *neuron* appear (rather than the language living only in attention heads, as it did in every
 wider variant tried, see notebook 04): a narrow residual stream (d_model 16) and few MLP neurons (32 per layer), so
-the language has to be squeezed through the MLPs; German as a minority (10% of documents, as in the Pile); one
-language per document (no code-switched phrases), so the document's language is a clean context to track; and
-10,000 steps.
+the language has to be squeezed through the MLPs; German as a small minority (5% of documents; with 10% or 20% a
+second layer-1 neuron nearly duplicates the best one); one language per document (no code-switched phrases), so the
+document's language is a clean context to track; and 10,000 steps.
 
 Retrain with `python -m helpers.zoo train toy-bilingual`.
 """
@@ -31,7 +31,7 @@ class Recipe:
 
     seed: int = 0
     n_documents: int = 320000
-    german_fraction: float = 0.1
+    german_fraction: float = 0.05
     min_chars: int = 200
     max_chars: int = 380
     code_switch: float = 0.0
