@@ -6,9 +6,12 @@ masked out of the loss), so the model must read the language from the document i
 
 What makes a context *neuron* appear (rather than the language living only in attention heads, as it did in every
 wider variant tried, see notebook 04): a narrow residual stream (d_model 16) and few MLP neurons (32 per layer), so
-the language has to be squeezed through the MLPs; German as a small minority (5% of documents; with 10% or 20% a
-second layer-1 neuron nearly duplicates the best one); one language per document (no code-switched phrases), so the
-document's language is a clean context to track; and 10,000 steps.
+the language has to be squeezed through the MLPs; German as a small minority (5% of documents); one language per
+document (no code-switched phrases), so the document's language is a clean context to track; a small vocabulary
+(512), so that English words are split into pieces too and both languages share sub-word pieces whose continuation
+depends on the language (` e|le|g|ant`, ` fin|den` / ` fin|ds`), which is what contextual n-gram neurons are for;
+and six layers, so that the neurons after the context neuron's layer can read it. The seed matters: most seeds give
+a weaker or less selective neuron (notebook 04 lists them).
 
 Retrain with `python -m helpers.zoo train toy-bilingual`.
 """
@@ -29,15 +32,15 @@ from helpers.tasks.bilingual import tokenize_documents
 class Recipe:
     """Every knob of the toy; the defaults are the committed checkpoint's."""
 
-    seed: int = 0
+    seed: int = 4
     n_documents: int = 320000
     german_fraction: float = 0.05
     min_chars: int = 200
     max_chars: int = 380
     code_switch: float = 0.0
-    vocab_size: int = 1024
+    vocab_size: int = 512
     n_ctx: int = 112
-    n_layers: int = 4
+    n_layers: int = 6
     d_model: int = 16
     n_heads: int = 2
     d_mlp: int = 32
