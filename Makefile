@@ -5,17 +5,19 @@ PY := $(VENV)/bin/python
 # The CPU build of torch by default. GPU users: make setup TORCH_SPEC="torch" TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu126"
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
+# Exact versions of every other package, so nbval's checked outputs reproduce; CONSTRAINTS=/dev/null for the newest.
+CONSTRAINTS ?= constraints.txt
 STAMP := $(VENV)/.installed
 
 .PHONY: setup run test unit nbtest benchmark clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC) $(TORCH_PIP_ARGS)
-	$(PY) -m pip install -q -e ".[sae]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[sae]"
 	touch $(STAMP)
 
 run: setup
