@@ -32,7 +32,7 @@ from helpers.tasks.bilingual import tokenize_documents
 class Recipe:
     """Every knob of the toy; the defaults are the committed checkpoint's."""
 
-    seed: int = 4
+    seed: int = 9
     n_documents: int = 320000
     german_fraction: float = 0.05
     min_chars: int = 200
@@ -44,7 +44,7 @@ class Recipe:
     d_model: int = 16
     n_heads: int = 2
     d_mlp: int = 32
-    steps: int = 10000
+    steps: int = 12000
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.0
