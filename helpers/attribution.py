@@ -1,15 +1,27 @@
 """Direct logit attribution (DLA): how much each component writes along a logit-difference direction.
 
 Everything reads a cache from `model.run_with_cache(tokens)` (TransformerBridge in compatibility mode, or any
-HookedTransformer-like model) and the answer tokens `[batch, 2]` (column 0 correct, column 1 wrong). The final
-LayerNorm is linearised with the scale stored in the cache (`ln_final.hook_scale`), the way
+HookedTransformer-like model) and the answer tokens `[batch, 2]` (column 0 correct, column 1 wrong). The final norm
+is linearised with the scale stored in the cache (`ln_final.hook_scale`, `[batch, pos, 1]`), the way
 `ActivationCache.apply_ln_to_stack` does, so the contributions add up exactly:
 
     sum(layer_attribution(...).values) == mean logit difference      (to float rounding)
 
+How each final norm (`model.cfg.normalization_type`) is linearised, for one piece `x` of the residual stream:
+
+    "LN", "LNPre"    w * (x - mean(x)) / scale    scale = sqrt(mean((resid - mean(resid))^2) + eps)
+    "RMS", "RMSPre"  w * x / scale                scale = sqrt(mean(resid^2) + eps); RMSNorm does not centre
+    None             x                            no final norm, no scale in the cache
+
+The norm's weight `w` is 1 when it has been folded into `W_U` (fold_ln: the bridge keeps "LN" / "RMS" with unit
+weights and a zero bias, HookedTransformer switches to the weightless "LNPre" / "RMSPre"); an unprocessed model keeps
+its own `w`, and LayerNorm's bias `b` writes the constant `b @ W_U`. Only centring is LayerNorm-specific, and
+`center_writing_weights` makes it a no-op on a processed LayerNorm model, never on an RMSNorm one.
+
 The decomposition of the final residual stream is `embed (+ pos_embed) + sum_l (attn_out_l + mlp_out_l)`; heads
-split `attn_out_l` into `z_h @ W_O[l, h]` plus the bias `b_O[l]`. The unembedding bias (`b_U`, which holds the folded
-final-LayerNorm bias) is reported as its own component so that nothing is left out.
+split `attn_out_l` into `z_h @ W_O[l, h]` plus the bias `b_O[l]` (zero where attention has no bias, as in Llama). The
+constant logit offset, `b @ W_U + b_U` (the final norm's bias and the unembedding bias, each where the model has
+one), is reported as the component `unembed_bias` so that nothing is left out.
 """
 from __future__ import annotations
 
@@ -31,8 +43,56 @@ class Attribution:
         return {label: float(value) for label, value in zip(self.labels, self.values)}
 
 
+_NORMS = ("LN", "LNPre", "RMS", "RMSPre")
+_CENTRING_NORMS = ("LN", "LNPre")
+
+
 def _final_resid_name(model) -> str:
     return f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+
+
+def _param(owner, name: str) -> Tensor | None:
+    """`owner.<name>`, or None where the model lacks that parameter: absent, None (a bridge block whose layer has no
+    bias), or a stacking accessor that fails on those Nones (the bridge's `model.b_O` on Llama raises TypeError)."""
+    try:
+        return getattr(owner, name)
+    except (AttributeError, TypeError):
+        return None
+
+
+def _final_norm_weight(model) -> Tensor | None:
+    """The final norm's weight `w` `[d_model]`, None where it has none (LNPre, RMSPre, no final norm)."""
+    return _param(model.ln_final, "w") if model.cfg.normalization_type in _NORMS else None
+
+
+def _final_scale(model, cache, index) -> Tensor | None:
+    """The cached final-norm scale `ln_final.hook_scale[index]` (`[batch, 1]` for `index = (slice(None), pos)`),
+    None for a model without a final norm."""
+    if model.cfg.normalization_type not in _NORMS:
+        return None
+    return cache["ln_final.hook_scale"][index]
+
+
+def _linear_final_norm(model, stack: Tensor, scale: Tensor | None) -> Tensor:
+    """The linear part of the final norm with a frozen scale: stack `[..., batch, d_model]` and scale `[batch, 1]`
+    (or None) -> `w * centre(stack) / scale`, `[..., batch, d_model]`; only LayerNorm centres."""
+    if model.cfg.normalization_type in _CENTRING_NORMS:
+        stack = stack - stack.mean(dim=-1, keepdim=True)
+    if scale is not None:
+        stack = stack / scale.to(stack.dtype)
+    weight = _final_norm_weight(model)
+    return stack if weight is None else stack * weight.to(stack)
+
+
+def _logit_offset(model) -> Tensor | None:
+    """What every prompt adds to the logits whatever the residual stream: `b @ W_U + b_U` `[d_vocab]` (final-norm
+    bias `b`, unembedding bias `b_U`, each where the model has one); None where it has neither."""
+    norm_bias = _param(model.ln_final, "b") if model.cfg.normalization_type in _CENTRING_NORMS else None
+    b_U = _param(model, "b_U")
+    if norm_bias is None:
+        return b_U
+    offset = norm_bias.to(model.W_U) @ model.W_U
+    return offset if b_U is None else offset + b_U.to(offset)
 
 
 def logit_diff_directions(model, answer_tokens: Tensor) -> Tensor:
@@ -43,12 +103,13 @@ def logit_diff_directions(model, answer_tokens: Tensor) -> Tensor:
 
 
 def unembed_bias_diff(model, answer_tokens: Tensor) -> Tensor:
-    """`b_U[correct] - b_U[wrong]`: `[batch]` (zeros when the model has no unembedding bias)."""
-    b_U = getattr(model, "b_U", None)
-    if b_U is None:
+    """`offset[correct] - offset[wrong]` for the constant logit offset `b @ W_U + b_U`: `[batch]` (zeros when the
+    model has neither a final-norm bias nor an unembedding bias)."""
+    offset = _logit_offset(model)
+    if offset is None:
         return torch.zeros(len(answer_tokens))
-    answer_tokens = answer_tokens.to(b_U.device)
-    return b_U[answer_tokens[:, 0]] - b_U[answer_tokens[:, 1]]
+    answer_tokens = answer_tokens.to(offset.device)
+    return offset[answer_tokens[:, 0]] - offset[answer_tokens[:, 1]]
 
 
 def logit_diff(logits: Tensor, answer_tokens: Tensor, pos: int = -1, per_prompt: bool = False) -> Tensor:
@@ -63,14 +124,14 @@ def logit_diff(logits: Tensor, answer_tokens: Tensor, pos: int = -1, per_prompt:
 
 
 def apply_ln_final(stack: Tensor, cache, pos: int = -1) -> Tensor:
-    """Linearised final LayerNorm: centre each vector and divide by the cached scale at `pos`.
+    """Linearised final norm of `cache.model` (the model that made the cache): centre each vector (LayerNorm only),
+    divide by the cached scale at `pos` and multiply by the norm's weight (see the module docstring).
 
-    stack `[..., batch, d_model]` -> `[..., batch, d_model]`. With fold_ln the LayerNorm weight and bias live in
-    `W_U` / `b_U`, so `apply_ln_final(final_resid) @ W_U + b_U` are the logits.
+    stack `[..., batch, d_model]` -> `[..., batch, d_model]`, so that
+    `apply_ln_final(final_resid) @ W_U + b @ W_U + b_U` are the logits.
     """
-    scale = cache["ln_final.hook_scale"][:, pos]  # [batch, 1]
-    centred = stack - stack.mean(dim=-1, keepdim=True)
-    return centred / scale.to(stack.dtype)
+    model = cache.model
+    return _linear_final_norm(model, stack, _final_scale(model, cache, (slice(None), pos)))
 
 
 def stack_to_logit_diff(stack: Tensor, cache, directions: Tensor, pos: int = -1, per_prompt: bool = False) -> Tensor:
@@ -117,6 +178,13 @@ def head_results(model, cache, layer: int, pos: int = -1) -> Tensor:
     return torch.einsum("bhd,hdm->bhm", z, model.W_O[layer].to(z.dtype))
 
 
+def _attn_bias(model, layer: int, like: Tensor) -> Tensor:
+    """The attention output bias `b_O[layer]` broadcast to `like` `[..., d_model]`; zeros where the layer's attention
+    has no output bias (Llama)."""
+    bias = _param(model.blocks[layer].attn, "b_O")
+    return torch.zeros_like(like) if bias is None else bias.to(like).expand_as(like)
+
+
 def layer_attribution(model, cache, answer_tokens: Tensor, pos: int = -1) -> Attribution:
     """DLA of `embed`, every `L{l}_attn` / `L{l}_mlp`, and `unembed_bias`: values `[n_components]`.
 
@@ -131,8 +199,9 @@ def layer_attribution(model, cache, answer_tokens: Tensor, pos: int = -1) -> Att
 
 
 def logit_lens(model, cache, answer_tokens: Tensor, pos: int = -1) -> Attribution:
-    """Logit difference read from the accumulated residual stream before each layer (final LayerNorm scale from the
-    cache, plus the unembedding bias): values `[n_layers + 1]`; the last equals the model's logit difference."""
+    """Logit difference read from the accumulated residual stream before each layer (final norm linearised with the
+    cached scale of the final residual stream, plus the constant offset `unembed_bias`): values `[n_layers + 1]`;
+    the last equals the model's logit difference."""
     stack, labels = accumulated_resid(model, cache, pos)
     directions = logit_diff_directions(model, answer_tokens)
     per_prompt = stack_to_logit_diff(stack, cache, directions, pos, per_prompt=True)
@@ -151,8 +220,9 @@ def head_attribution(model, cache, answer_tokens: Tensor, pos: int = -1, per_pro
 
 
 def full_attribution(model, cache, answer_tokens: Tensor, pos: int = -1) -> Attribution:
-    """Finest exact split: `embed`, every head `L{l}H{h}`, each layer's `L{l}_attn_bias`, every `L{l}_mlp`, and
-    `unembed_bias`. Values sum to the mean logit difference."""
+    """Finest exact split: `embed`, (`pos_embed`), every head `L{l}H{h}`, each layer's `L{l}_attn_bias` (zero
+    without an attention bias), every `L{l}_mlp`, and `unembed_bias`: values `[n_components]`, per_prompt
+    `[n_components, batch]`. Values sum to the mean logit difference."""
     directions = logit_diff_directions(model, answer_tokens)
     pieces: list[Tensor] = []
     labels: list[str] = []
@@ -166,8 +236,8 @@ def full_attribution(model, cache, answer_tokens: Tensor, pos: int = -1) -> Attr
         for head in range(model.cfg.n_heads):
             pieces.append(heads[layer, head])
             labels.append(f"L{layer}H{head}")
-        bias = model.b_O[layer].to(stack.dtype).expand_as(stack[0])
-        pieces.append(stack_to_logit_diff(bias, cache, directions, pos, per_prompt=True))
+        pieces.append(stack_to_logit_diff(_attn_bias(model, layer, stack[0]), cache, directions, pos,
+                                          per_prompt=True))
         labels.append(f"L{layer}_attn_bias")
         pieces.append(stack_to_logit_diff(cache[f"blocks.{layer}.hook_mlp_out"][:, pos], cache, directions, pos,
                                           per_prompt=True))
@@ -207,15 +277,15 @@ def next_token_dla(model, cache, tokens: Tensor) -> tuple[Tensor, list[str]]:
 
     tokens `[batch, pos]` and the cache of `model.run_with_cache(tokens)` -> `(values [n_components, batch, pos - 1],
     labels)` with labels `embed`, `L0_attn`, `L0_mlp`, ..., `unembed_bias`; summed over components they give the
-    logit of `tokens[:, i + 1]` at position `i` (final LayerNorm linearised with the cached scale).
+    logit of `tokens[:, i + 1]` at position `i` (final norm linearised with the cached scale).
     """
     stack, labels = decompose_resid(model, cache, pos=slice(None, -1))    # [n, batch, pos-1, d_model]
     scaled = apply_ln_final(stack, cache, pos=slice(None, -1))
     targets = tokens[:, 1:].to(model.W_U.device)
     directions = model.W_U.T[targets]                                      # [batch, pos-1, d_model]
     values = (scaled * directions.to(scaled.dtype)).sum(-1)
-    b_U = getattr(model, "b_U", None)
-    bias = b_U[targets] if b_U is not None else torch.zeros_like(values[0])
+    offset = _logit_offset(model)
+    bias = offset[targets] if offset is not None else torch.zeros_like(values[0])
     return torch.cat([values, bias[None].to(values)]), labels + ["unembed_bias"]
 
 
@@ -262,18 +332,17 @@ def token_attribution_at(model, cache, answers: Tensor, positions: Tensor) -> At
     answers `[batch]` (token ids), positions `[batch]` (index of each prompt's predicting position) and the cache of
     `model.run_with_cache(tokens)` -> values `[n_components]` (mean over prompts) and per_prompt
     `[n_components, batch]`, with labels `embed`, (`pos_embed`), every head `L{l}H{h}`, `L{l}_attn_bias`, `L{l}_mlp`
-    and `unembed_bias`. The components sum to the answer's logit at that position (final LayerNorm linearised with
-    the cached scale; with center_unembed that logit is relative to the mean over the vocabulary).
+    and `unembed_bias`. The components sum to the answer's logit at that position (final norm linearised with the
+    cached scale; with center_unembed that logit is relative to the mean over the vocabulary).
     """
-    device = cache["ln_final.hook_scale"].device
+    device = cache["hook_embed"].device
     rows = torch.arange(len(positions), device=device)
     positions = positions.to(device).long()
-    scale = cache["ln_final.hook_scale"][rows, positions]  # [batch, 1]
+    scale = _final_scale(model, cache, (rows, positions))  # [batch, 1] or None
     directions = model.W_U[:, answers.to(model.W_U.device)].T.to(device)  # [batch, d_model]
 
     def project(vectors: Tensor) -> Tensor:  # [..., batch, d_model] -> [..., batch]
-        centred = vectors - vectors.mean(-1, keepdim=True)
-        return (centred / scale.to(vectors.dtype) * directions.to(vectors.dtype)).sum(-1)
+        return (_linear_final_norm(model, vectors, scale) * directions.to(vectors.dtype)).sum(-1)
 
     pieces, labels = [project(cache["hook_embed"][rows, positions])], ["embed"]
     if "hook_pos_embed" in cache.keys():
@@ -285,12 +354,12 @@ def token_attribution_at(model, cache, answers: Tensor, positions: Tensor) -> At
         results = torch.einsum("bhd,hdm->hbm", z, model.W_O[layer].to(z.dtype))
         pieces.extend(project(results).unbind(0))
         labels += [f"L{layer}H{head}" for head in range(model.cfg.n_heads)]
-        pieces.append(project(model.b_O[layer].to(z.dtype).expand(len(rows), -1)))
+        pieces.append(project(_attn_bias(model, layer, results[0])))
         labels.append(f"L{layer}_attn_bias")
         pieces.append(project(cache[f"blocks.{layer}.hook_mlp_out"][rows, positions]))
         labels.append(f"L{layer}_mlp")
-    b_U = getattr(model, "b_U", None)
-    pieces.append(b_U[answers.to(b_U.device)].to(pieces[0]) if b_U is not None else torch.zeros_like(pieces[0]))
+    offset = _logit_offset(model)
+    pieces.append(torch.zeros_like(pieces[0]) if offset is None else offset[answers.to(offset.device)].to(pieces[0]))
     labels.append("unembed_bias")
     per_prompt = torch.stack(pieces)
     return Attribution(per_prompt.mean(-1), labels, per_prompt)

@@ -5,8 +5,11 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,63 @@ class ModelNotFoundError(ValueError):
 
 class HubUnreachableError(RuntimeError):
     """The Hugging Face hub could not be reached (no network, or offline mode)."""
+
+
+class UnsupportedCheckpointError(ValueError):
+    """The checkpoint is not a causal LM, its weights file is unreadable, or its weights did not all load."""
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """A published model whose shape identifies it, so a local copy gets the paper's figures too."""
+
+    hub_id: str
+    architecture: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_mlp: int
+    d_vocab: int
+
+
+KNOWN_MODELS = [
+    KnownModel("EleutherAI/pythia-70m", "GPTNeoXForCausalLM", 6, 512, 8, 2048, 50304),
+    KnownModel("EleutherAI/pythia-410m", "GPTNeoXForCausalLM", 24, 1024, 16, 4096, 50304),
+    KnownModel("roneneldan/TinyStories-2Layers-33M", "GPTNeoForCausalLM", 2, 1024, 16, 4096, 50257),
+    KnownModel("meta-llama/Meta-Llama-3-8B", "LlamaForCausalLM", 32, 4096, 32, 14336, 128256),
+]
+
+
+def architecture_of(model) -> str:
+    """The Hugging Face architecture a bridge wraps (`GPTNeoXForCausalLM`, ...); the class name when no config."""
+    original = getattr(model, "original_model", None)
+    names = getattr(getattr(original, "config", None), "architectures", None) or []
+    return names[0] if names else type(original if original is not None else model).__name__
+
+
+def reference_model(model, reference: str | None = None) -> str | None:
+    """The published model whose reference figures apply to `model`: `reference` when given (a hub id), else the
+    known model with the same architecture, layer count, widths, heads and vocabulary; None for anything else.
+
+    Weights are not compared: a local copy, a random-weight stand-in and the hub download of Pythia-70m all get
+    Pythia-70m's figures, shown beside what the run found, never in place of it.
+    """
+    if reference is not None:
+        return reference
+    cfg = model.cfg
+    shape = (architecture_of(model), cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.d_mlp, cfg.d_vocab)
+    for known in KNOWN_MODELS:
+        if (known.architecture, known.n_layers, known.d_model, known.n_heads, known.d_mlp, known.d_vocab) == shape:
+            return known.hub_id
+    return None
+
+
+def is_zoo_model(name: str | Path) -> bool:
+    """True when `name` loads one of the project's toys (by zoo name or by its folder): their bars are asserted."""
+    if zoo.is_zoo_name(str(name)):
+        return True
+    path = Path(name).expanduser()
+    return path.is_dir() and any(path.resolve() == zoo.checkpoint_dir(toy).resolve() for toy in zoo.names())
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -79,6 +139,8 @@ def resolve_source(name: str | Path) -> tuple[str, bool]:
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{path} is a folder but holds no config.json (a Hugging Face checkpoint)")
         return str(path.resolve()), True
+    if name.startswith(("/", "./", "../", "~")) or path.exists():
+        raise ModelNotFoundError(f"no checkpoint folder at {name!r} (the path does not exist or is not a folder)")
     looks_local = name.startswith("toy-") or "/" not in name and hub_offline()
     if looks_local:
         raise ModelNotFoundError(f"unknown model {name!r}. The project's zoo has: {', '.join(zoo.names())}")
@@ -118,13 +180,18 @@ def load_model(
     """
     source, is_local = resolve_source(name)
     torch_dtype = resolve_dtype(dtype)
+    if is_local:
+        check_local_checkpoint(Path(source))
     placement: dict[str, Any] = {"device_map": device_map} if device_map is not None else {"device": resolve_device(device)}
 
     def boot() -> TransformerBridge:
         try:
-            return TransformerBridge.boot_transformers(
-                source, dtype=torch_dtype, revision=revision, trust_remote_code=False, **placement
-            )
+            with missing_weights_recorded() as missing:
+                bridge = TransformerBridge.boot_transformers(
+                    source, dtype=torch_dtype, revision=revision, trust_remote_code=False, **placement
+                )
+            refuse_missing_weights(str(name), missing)
+            return bridge
         except _HUB_ERRORS as error:
             if is_local:
                 raise
@@ -148,8 +215,72 @@ def load_model(
                           "loading it without weight processing instead", stacklevel=2)
             bridge = boot()
             bridge.enable_compatibility_mode(disable_warnings=True, no_processing=True)
+    bridge.cfg.default_prepend_bos = True  # as HookedTransformer, which the papers used (the bridge: False for Pythia)
     bridge.eval()
     return bridge
+
+
+def check_local_checkpoint(folder: Path) -> None:
+    """Refuse, before loading, a folder whose config is not a causal LM or whose weights file is unreadable."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UnsupportedCheckpointError(f"{folder / 'config.json'} is not readable JSON: {error}") from error
+    architectures = config.get("architectures") or []
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if architectures and not any(arch in causal for arch in architectures):
+        raise UnsupportedCheckpointError(
+            f"{folder} holds a {', '.join(architectures)}, not a causal language model: the notebooks need a model "
+            "that predicts the next token (e.g. GPTNeoXForCausalLM, LlamaForCausalLM)")
+    for weights in sorted(folder.glob("*.safetensors")):
+        _safetensors_keys(weights)
+
+
+def _safetensors_keys(path: Path) -> set[str]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return set(handle.keys())
+    except (SafetensorError, OSError) as error:
+        raise UnsupportedCheckpointError(f"the weights file {path} is unreadable ({error}); "
+                                         "it may be truncated: download or save it again") from error
+
+
+@contextmanager
+def missing_weights_recorded():
+    """Record the parameters that `from_pretrained` found no weights for, during the `with` block: yields a list that
+    fills with `(model class, sorted missing keys)`. Reads transformers' own load report (after its key renames and
+    weight tying), so nothing is compared by hand; with a transformers that has no such report it records nothing."""
+    from transformers import modeling_utils
+
+    report = getattr(modeling_utils, "log_state_dict_report", None)
+    records: list[tuple[str, list[str]]] = []
+    if report is None:
+        yield records
+        return
+
+    def recording_report(*args, **kwargs):
+        info, model = kwargs.get("loading_info"), kwargs.get("model")
+        if info is not None and getattr(info, "missing_keys", None):
+            records.append((type(model).__name__, sorted(info.missing_keys)))
+        return report(*args, **kwargs)
+
+    modeling_utils.log_state_dict_report = recording_report
+    try:
+        yield records
+    finally:
+        modeling_utils.log_state_dict_report = report
+
+
+def refuse_missing_weights(name: str, records: list[tuple[str, list[str]]]) -> None:
+    """Raise `UnsupportedCheckpointError` naming the keys when a load left parameters at their random init."""
+    for model_class, missing in records:
+        raise UnsupportedCheckpointError(
+            f"{name}: {len(missing)} weights of {model_class} are not in the checkpoint and would stay random: "
+            f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
 
 
 def _log_probs(bridge: TransformerBridge, tokens: torch.Tensor) -> torch.Tensor:

@@ -7,11 +7,20 @@ Conventions (those of `transformer_lens.patching`, whose results these sweeps re
 - Result shapes follow TransformerLens: `[n_layers, pos]` for the residual stream, attention and MLP outputs;
   `[n_layers, n_heads]` for heads over all positions; `[n_layers, pos, n_heads]` for head q/k/v/z by position;
   `[n_layers, n_heads, dest_pos]` for attention patterns by position.
+- Grouped-query attention (`model.cfg.n_key_value_heads` < `n_heads`, e.g. Llama-3): `hook_k` and `hook_v` hold
+  `n_kv = n_key_value_heads` heads, each shared by a group of `n_heads // n_kv` query heads; query head h reads
+  key/value head `kv_head(model, h) = h // (n_heads // n_kv)`. Key and value sweeps therefore have `n_kv` head
+  columns (`[n_layers, n_kv]`, `[n_layers, pos, n_kv]`), as in TransformerLens, and a head `Component` patched
+  or path-patched at "k" or "v" means the key/value head it reads (which the rest of its group reads too).
 
 How the batching works: the corrupted batch is repeated once per patch variant (`[n_variants * batch, pos]`), and one
 hook per hook point writes each variant's clean slice into its own block of rows. A sweep of N patches therefore
 costs about N / chunk forward passes instead of N; `max_rows` bounds the rows of one pass (memory), by default so
 the logits of one pass stay near 256 MB.
+
+Attention patterns are patched at `hook_pattern` where the model reads that hook back; where it only reports it
+(transformer-lens 3.9's GPT-Neo bridge, see `pattern_route`), the same patch is applied exactly through each head's
+output, `z = pattern @ v`.
 
 Path patching (`path_patch`) sends the corrupted output of sender components to receiver heads' q, k or v inputs
 only (all other heads frozen to their clean values), the IOI paper's definition; attribution patching
@@ -23,6 +32,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from typing import Callable, Sequence
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import Tensor
@@ -46,6 +56,156 @@ def _chunks(n: int, size: int):
         yield range(start, min(n, start + size))
 
 
+# ---- heads under grouped-query attention ----------------------------------------------------------------------
+def n_kv_heads(model) -> int:
+    """Key/value heads per layer: `cfg.n_key_value_heads` under grouped-query attention, else `cfg.n_heads`."""
+    return getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads
+
+
+def kv_head(model, head: int) -> int:
+    """The key/value head that query head `head` reads: `head // (n_heads // n_kv_heads)` (`head` without GQA)."""
+    return head // (model.cfg.n_heads // n_kv_heads(model))
+
+
+def _site_heads(model, site: str) -> int:
+    return n_kv_heads(model) if site in ("k", "v") else model.cfg.n_heads
+
+
+def _component_site(model, component: Component, site: str | None) -> Site:
+    """`(hook name, index)` of a component at `site`; a head's "k"/"v" index is the key/value head it reads."""
+    name = component.hook_name(site if component.kind in ("head", "neuron") else None)
+    index = component.index_tuple(site)
+    if component.kind == "head" and site in ("k", "v"):
+        index = (index[0], kv_head(model, component.index))
+    return name, index
+
+
+# ---- attention patterns -----------------------------------------------------------------------------------------
+_PATTERN_ROUTES: WeakKeyDictionary = WeakKeyDictionary()
+
+
+def _is_pattern(name: str) -> bool:
+    return name.endswith(".attn.hook_pattern")
+
+
+def _attend(pattern: Tensor, v: Tensor) -> Tensor:
+    """Head outputs `z [batch, query_pos, n_heads, d_head]` = pattern `[batch, n_heads, query_pos, key_pos]` times
+    values `[batch, key_pos, n_kv, d_head]`, each query head reading its key/value head."""
+    v = v.repeat_interleave(pattern.shape[1] // v.shape[2], dim=2)
+    return torch.einsum("bhqk,bkhd->bqhd", pattern, v.to(pattern.dtype))
+
+
+def _close(value: Tensor, reference: Tensor) -> bool:
+    scale = float(reference.abs().max().clamp(min=1.0))
+    return float((value - reference).abs().max()) <= 64 * torch.finfo(reference.dtype).eps * scale
+
+
+def _uniform_pattern(pattern: Tensor, hook=None) -> Tensor:  # noqa: ARG001
+    causal = torch.ones_like(pattern).tril()
+    return causal / causal.sum(-1, keepdim=True)
+
+
+@torch.no_grad()
+def pattern_route(model) -> str:
+    """Where this model's attention patterns can be patched; a probe on four tokens, run once per model.
+
+    "pattern": writing `blocks.{L}.attn.hook_pattern` changes the output, so sweeps patch that hook, as
+    TransformerLens does (the GPT-2, GPT-NeoX and Llama bridges compute attention themselves and read it back).
+    "z": the hook fires, but what is written there is dropped, while each head's output is exactly
+    `z = pattern @ v`. So it is in transformer-lens 3.9's GPT-Neo bridge, which runs the Hugging Face attention and
+    fires the hook on the weights it returns, after they were used (TransformerLens's own pattern sweeps change
+    nothing there). A pattern patch is then written at `hook_z` instead: the patched heads' rows of z are
+    recomputed from the new pattern and the run's own values, which is exact, since the pattern reaches nothing
+    but z. Raises NotImplementedError, naming the architecture, when neither holds.
+    """
+    if model in _PATTERN_ROUTES:
+        return _PATTERN_ROUTES[model]
+    tokens = torch.arange(min(4, model.cfg.d_vocab), device=model.cfg.device)[None]
+    logits, cache = model.run_with_cache(
+        tokens, names_filter=lambda name: name.endswith(("attn.hook_pattern", "attn.hook_v", "attn.hook_z")))
+    layers = [f"blocks.{layer}.attn.hook_" for layer in range(model.cfg.n_layers)]
+    patched = model.run_with_hooks(tokens, fwd_hooks=[(layer + "pattern", _uniform_pattern) for layer in layers])
+    if not torch.equal(patched, logits):
+        route = "pattern"
+    elif all(_close(_attend(cache[layer + "pattern"], cache[layer + "v"]), cache[layer + "z"]) for layer in layers):
+        route = "z"
+    else:
+        architecture = getattr(model.cfg, "architecture", None) or type(model).__name__
+        raise NotImplementedError(
+            f"attention patterns of {architecture} cannot be patched: writing blocks.L.attn.hook_pattern does not "
+            "change its output, and its head outputs hook_z are not pattern @ v")
+    _PATTERN_ROUTES[model] = route
+    return route
+
+
+def _patterns_through_z(model, variants: Sequence[Variant]) -> bool:
+    """Whether the variants' pattern sites must be written at hook_z (see `pattern_route`), whose sites it checks."""
+    indices = [index for variant in variants for name, index in variant if _is_pattern(name)]
+    if not indices or pattern_route(model) == "pattern":
+        return False
+    if any(len(index) > 2 or not isinstance(index[0], int) for index in indices):
+        raise ValueError("this model's patterns are patched through hook_z, by whole rows: give pattern sites as "
+                         "(head,) or (head, dest_pos) with an integer head")
+    return True
+
+
+# ---- the batched engine -----------------------------------------------------------------------------------------
+def _identity(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
+    return act
+
+
+def _copy_hook(source: Tensor, writes: list[tuple[int, tuple]], n: int, batch: int):
+    """A hook on an activation `[n * batch, ...]` setting `act[slot block][:, *index] = source[:, *index]` for each
+    `(slot, index)` in `writes`."""
+    def hook(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
+        view = act.view(n, batch, *act.shape[1:])
+        for slot, index in writes:
+            full = (slice(None),) + index
+            view[slot][full] = source[full].to(act.device, act.dtype)
+        return act
+
+    return hook
+
+
+def _pattern_hooks_at_z(model, pattern: Tensor, writes: list[tuple[int, tuple]], n: int, batch: int,
+                        v_hook, z_hook) -> tuple:
+    """The (hook_v, hook_z) hooks of one layer that write pattern rows `pattern [batch, n_heads, dest, src]`
+    through the head outputs: hook_v keeps the run's values (after `v_hook`, this layer's own value writes);
+    hook_z sets `z[:, dest, head] = pattern[:, head, dest] @ v[:, :, kv_head(head)]` for each `(slot, (head,
+    dest?))`, then applies `z_hook` (this layer's own z writes, which sit downstream of the pattern)."""
+    values: dict[str, Tensor] = {}
+
+    def keep_v(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
+        act = v_hook(act)
+        values["v"] = act.view(n, batch, *act.shape[1:])
+        return act
+
+    def write_z(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
+        view = act.view(n, batch, *act.shape[1:])
+        for slot, (head, *dest) in writes:
+            rows = pattern[:, head][(slice(None), *dest)].to(act.device, act.dtype)  # [batch, (dest,) src]
+            v = values["v"][slot][:, :, kv_head(model, head)]  # [batch, src, d_head]
+            view[slot][(slice(None), *(dest or [slice(None)]), head)] = torch.einsum("b...k,bkd->b...d", rows, v)
+        return z_hook(act)
+
+    return keep_v, write_z
+
+
+def _write_hooks(model, sources: dict[str, Tensor], by_hook: dict[str, list[tuple[int, tuple]]], n: int,
+                 batch: int, patterns_at_z: bool) -> list[tuple[str, Callable]]:
+    """One hook per hook point, writing each variant's sites (`by_hook[name] = [(slot, index), ...]`) into its own
+    block of `batch` rows; with `patterns_at_z`, pattern sites are written through hook_v/hook_z instead."""
+    rerouted = [name for name in by_hook if patterns_at_z and _is_pattern(name)]
+    hooks = {name: _copy_hook(sources[name], writes, n, batch) for name, writes in by_hook.items()
+             if name not in rerouted}
+    for name in rerouted:
+        layer = name.removesuffix("pattern")  # "blocks.{L}.attn.hook_"
+        hooks[layer + "v"], hooks[layer + "z"] = _pattern_hooks_at_z(
+            model, sources[name], by_hook[name], n, batch, hooks.get(layer + "v", _identity),
+            hooks.get(layer + "z", _identity))
+    return list(hooks.items())
+
+
 @torch.no_grad()
 def run_patched_variants(model, tokens: Tensor, sources: dict[str, Tensor], variants: Sequence[Variant],
                          metric: Metric, *, max_rows: int | None = None, progress: bool = False) -> Tensor:
@@ -53,9 +213,11 @@ def run_patched_variants(model, tokens: Tensor, sources: dict[str, Tensor], vari
 
     tokens `[batch, pos]` (the run being patched); sources `{hook_name: [batch, ...]}` (the values written, e.g. a
     clean cache); each site writes `act[:, *index] = sources[hook_name][:, *index]`. Returns `[len(variants)]`.
+    Pattern sites (`blocks.{L}.attn.hook_pattern`) work on every model `pattern_route` accepts (checked first).
     """
     batch = len(tokens)
     per_pass = max(1, (max_rows or _default_rows(model, tokens)) // batch)
+    patterns_at_z = _patterns_through_z(model, variants)
     results = torch.empty(len(variants))
     chunks = list(_chunks(len(variants), per_pass))
     for chunk in tqdm(chunks, disable=not progress, desc="patching", mininterval=1.0):
@@ -63,22 +225,8 @@ def run_patched_variants(model, tokens: Tensor, sources: dict[str, Tensor], vari
         for slot, v in enumerate(chunk):
             for name, index in variants[v]:
                 by_hook[name].append((slot, index))
-        n = len(chunk)
-
-        def make_hook(name: str, writes: list[tuple[int, tuple]]):
-            source = sources[name]
-
-            def hook(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
-                view = act.view(n, batch, *act.shape[1:])
-                for slot, index in writes:
-                    full = (slice(None),) + index
-                    view[slot][full] = source[full].to(act.device, act.dtype)
-                return act
-
-            return hook
-
-        hooks = [(name, make_hook(name, writes)) for name, writes in by_hook.items()]
-        logits = model.run_with_hooks(tokens.repeat(n, 1), fwd_hooks=hooks)
+        hooks = _write_hooks(model, sources, by_hook, len(chunk), batch, patterns_at_z)
+        logits = model.run_with_hooks(tokens.repeat(len(chunk), 1), fwd_hooks=hooks)
         for slot, v in enumerate(chunk):
             results[v] = float(metric(logits[slot * batch:(slot + 1) * batch]))
         del logits
@@ -137,9 +285,10 @@ def act_patch_block_every(model, corrupted_tokens, clean_cache, metric, **kwargs
 
 
 def _head_grid(model, site: str, by_position: bool, pos: list[int]) -> tuple[list[Site], tuple[int, ...]]:
+    """The sites of one head sweep and its result shape; k/v sweeps have `n_kv_heads(model)` head columns."""
     if site not in HEAD_SITES:
         raise ValueError(f"unknown head site {site!r}; use one of {HEAD_SITES}")
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    n_layers, n_heads = model.cfg.n_layers, _site_heads(model, site)
     name = "blocks.{}.attn.hook_" + site
     if not by_position:
         index = (lambda h: (h,)) if site == "pattern" else (lambda h: (slice(None), h))
@@ -158,7 +307,10 @@ def act_patch_heads(model, corrupted_tokens: Tensor, clean_cache, metric: Metric
     """Patch each head's `site` ("z" = head output, "q", "k", "v", "pattern").
 
     All positions at once: `[n_layers, n_heads]`. By position: `[n_layers, pos, n_heads]` for q/k/v/z and
-    `[n_layers, n_heads, dest_pos]` for the pattern (TransformerLens's layouts).
+    `[n_layers, n_heads, dest_pos]` for the pattern (TransformerLens's layouts). Under grouped-query attention
+    "k" and "v" sweep the key/value heads: `[n_layers, n_kv]` and `[n_layers, pos, n_kv]`, column g being the
+    key/value head read by query heads `g * n_heads // n_kv` to `(g + 1) * n_heads // n_kv - 1` (as
+    TransformerLens's `get_act_patch_attn_head_k_all_pos` etc.).
     """
     grid, shape = _head_grid(model, site, by_position, _positions(corrupted_tokens, positions))
     return _sweep(model, corrupted_tokens, clean_cache, metric, grid, shape, max_rows, progress)
@@ -167,20 +319,29 @@ def act_patch_heads(model, corrupted_tokens: Tensor, clean_cache, metric: Metric
 def act_patch_heads_every(model, corrupted_tokens: Tensor, clean_cache, metric: Metric, *,
                           by_position: bool = False, max_rows: int | None = None, progress: bool = False) -> Tensor:
     """`[5, n_layers, n_heads]` for output (z), q, k, v, pattern over all positions (one sweep), like
-    `get_act_patch_attn_head_all_pos_every`; with `by_position`, `[4, n_layers, pos, n_heads]` for z, q, k, v."""
+    `get_act_patch_attn_head_all_pos_every`; with `by_position`, `[4, n_layers, pos, n_heads]` for z, q, k, v
+    (the first four of `get_act_patch_attn_head_by_pos_every`).
+
+    Under grouped-query attention the k and v slices hold the `n_kv` key/value heads in their first `n_kv` columns
+    and zeros after them, exactly as TransformerLens pads them: columns `n_kv:` of `[2]` and `[3]` are padding, not
+    heads (use `act_patch_heads(..., "k")` for the unpadded `[n_layers, n_kv]`).
+    """
     pos = _positions(corrupted_tokens, None)
     sites = HEAD_SITES if not by_position else HEAD_SITES[:4]
     grids = [_head_grid(model, site, by_position, pos) for site in sites]
-    grid = [site for g, _ in grids for site in g]
-    return _sweep(model, corrupted_tokens, clean_cache, metric, grid, (len(sites),) + grids[0][1], max_rows, progress)
+    values = _sweep(model, corrupted_tokens, clean_cache, metric, [s for grid, _ in grids for s in grid], (-1,),
+                    max_rows, progress)
+    parts = values.split([len(grid) for grid, _ in grids])
+    return torch.stack([torch.nn.functional.pad(part.view(shape), (0, model.cfg.n_heads - shape[-1]))
+                        for part, (_, shape) in zip(parts, grids)])
 
 
 def patch_components(model, corrupted_tokens: Tensor, clean_cache, metric: Metric,
                      variants: Sequence[Sequence[Component]], site: str | None = None, *,
                      max_rows: int | None = None, progress: bool = False) -> Tensor:
-    """Patch whole sets of components at once (e.g. candidate circuits): `[len(variants)]`."""
-    as_sites = [[(c.hook_name(site if c.kind in ("head", "neuron") else None), c.index_tuple(site)) for c in v]
-                for v in variants]
+    """Patch whole sets of components at once (e.g. candidate circuits): `[len(variants)]`. Heads are query heads;
+    at "k" or "v" under grouped-query attention a head patches the key/value head it reads (`kv_head`)."""
+    as_sites = [[_component_site(model, c, site) for c in v] for v in variants]
     names = [name for v in as_sites for name, _ in v]
     return run_patched_variants(model, corrupted_tokens, _sources(clean_cache, names), as_sites, metric,
                                 max_rows=max_rows, progress=progress)
@@ -201,7 +362,9 @@ def path_patch(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Me
     and apply `metric`. Passes C and D run batched over sender sets; the clean and corrupted caches are computed
     once (or passed in).
 
-    receivers: head components (their `position`, if set, is the receiving position).
+    receivers: head components (their `position`, if set, is the receiving position). Under grouped-query attention
+        a receiver's k or v input is that of the key/value head it reads, `kv_head(model, head)`, which its whole
+        group of `n_heads // n_kv` query heads shares: patching it reaches them all.
     senders: a list of sender sets; None means every single head, and the result is then `[n_layers, n_heads]`.
     Returns `[len(senders)]` (or `[n_layers, n_heads]`): the metric after each path patch (clean = no effect).
     """
@@ -222,7 +385,8 @@ def path_patch(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Me
         _, corrupted_cache = model.run_with_cache(corrupted_tokens,
                                                   names_filter=lambda n: n in z_names or n in mlp_names)
     sender_pos = slice(None) if sender_positions is None else torch.as_tensor(list(sender_positions))
-    receiver_names = sorted({r.hook_name(receiver_site) for r in receivers})
+    receiver_sites = [_component_site(model, r, receiver_site) for r in receivers]
+    receiver_names = sorted({name for name, _ in receiver_sites})
     per_pass = max(1, (max_rows or _default_rows(model, clean_tokens)) // batch)
     results = torch.empty(len(senders))
     for chunk in tqdm(list(_chunks(len(senders), per_pass)), disable=not progress, desc="path patching"):
@@ -270,8 +434,8 @@ def path_patch(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Me
         model.run_with_hooks(repeated, fwd_hooks=hooks)
         # ---- pass D: clean run with only the receivers' inputs patched
         by_name: dict[str, list[tuple]] = defaultdict(list)
-        for r in receivers:
-            by_name[r.hook_name(receiver_site)].append(r.index_tuple(receiver_site))
+        for name, index in receiver_sites:
+            by_name[name].append(index)
 
         def write(name: str, indices: list[tuple]):
             def hook(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
@@ -290,6 +454,14 @@ def path_patch(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Me
 
 
 # ---- attribution patching -----------------------------------------------------------------------------------------
+def _pattern_grad(grad_z: Tensor | None, v: Tensor) -> Tensor | None:
+    """`d metric / d pattern [batch, n_heads, dest, src]` from `grad_z [batch, dest, n_heads, d_head]` and the values
+    `v [batch, src, n_kv, d_head]`, where the pattern reaches the output only through `z = pattern @ v`."""
+    if grad_z is None:
+        return None
+    return torch.einsum("bqhd,bkhd->bhqk", grad_z, v.repeat_interleave(grad_z.shape[2] // v.shape[2], dim=2))
+
+
 def attribution_patch(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Metric,
                       hook_names: Sequence[str]) -> dict[str, Tensor]:
     """First-order estimate of patching each activation element from the clean into the corrupted run.
@@ -297,9 +469,14 @@ def attribution_patch(model, clean_tokens: Tensor, corrupted_tokens: Tensor, met
     Returns `{hook_name: (clean_act - corrupted_act) * d metric / d act}` summed over the batch, shape
     `act.shape[1:]` (e.g. `[pos, n_heads, d_head]` for `hook_z`). Summing over the trailing dimensions estimates the
     metric change of the corresponding activation patch (which, for a normalised metric, is the patched value
-    itself, since the corrupted run scores 0). Two forward passes and one backward pass in all.
+    itself, since the corrupted run scores 0). Two forward passes and one backward pass in all. Where the model
+    does not read `hook_pattern` back (`pattern_route` "z"), a pattern's gradient is taken through `z = pattern @ v`.
     """
     names = list(dict.fromkeys(hook_names))
+    rerouted = [name for name in names if _is_pattern(name)]
+    if rerouted and pattern_route(model) == "pattern":
+        rerouted = []
+    kept = list(dict.fromkeys(names + [name.removesuffix("pattern") + s for name in rerouted for s in ("z", "v")]))
     with torch.no_grad():
         _, clean_cache = model.run_with_cache(clean_tokens, names_filter=lambda n: n in names)
     acts: dict[str, Tensor] = {}
@@ -314,13 +491,16 @@ def attribution_patch(model, clean_tokens: Tensor, corrupted_tokens: Tensor, met
         return hook
 
     with torch.enable_grad():
-        logits = model.run_with_hooks(corrupted_tokens, fwd_hooks=[(name, keep(name)) for name in names])
+        logits = model.run_with_hooks(corrupted_tokens, fwd_hooks=[(name, keep(name)) for name in kept])
         value = metric(logits)
-        grads = torch.autograd.grad(value, [acts[name] for name in names], allow_unused=True)
+        grads = dict(zip(kept, torch.autograd.grad(value, [acts[name] for name in kept], allow_unused=True)))
+    for name in rerouted:
+        layer = name.removesuffix("pattern")  # "blocks.{L}.attn.hook_"
+        grads[name] = _pattern_grad(grads[layer + "z"], acts[layer + "v"].detach())
     out = {}
-    for name, grad in zip(names, grads):
+    for name in names:
         delta = clean_cache[name] - acts[name].detach()
-        out[name] = (delta * grad).sum(0) if grad is not None else torch.zeros_like(delta[0])
+        out[name] = (delta * grads[name]).sum(0) if grads[name] is not None else torch.zeros_like(delta[0])
     model.zero_grad(set_to_none=True)
     return out
 
@@ -335,7 +515,8 @@ def attribution_patch_layer_pos(model, clean_tokens, corrupted_tokens, metric, h
 def attribution_patch_heads(model, clean_tokens, corrupted_tokens, metric, site: str = "z",
                             by_position: bool = False) -> Tensor:
     """Attribution-patching estimate per head: `[n_layers, n_heads]`, or by position `[n_layers, pos, n_heads]`
-    (q/k/v/z) / `[n_layers, n_heads, dest_pos]` (pattern)."""
+    (q/k/v/z) / `[n_layers, n_heads, dest_pos]` (pattern). Under grouped-query attention "k" and "v" have one
+    column per key/value head, `[n_layers, n_kv]` / `[n_layers, pos, n_kv]`, as `act_patch_heads`."""
     names = [f"blocks.{layer}.attn.hook_{site}" for layer in range(model.cfg.n_layers)]
     out = attribution_patch(model, clean_tokens, corrupted_tokens, metric, names)
     rows = []

@@ -20,14 +20,14 @@ TOKENIZER_TEXTS = [
     "12+34=46 99-5=94 7*8=56 81/9=9",
 ] * 30
 
-ARCHITECTURES = ("gpt_neox", "llama", "gpt_neo")
+ARCHITECTURES = ("gpt_neox", "gpt2", "llama", "gpt_neo")
 
 
 def build_tiny_checkpoint(architecture: str, folder: Path, *, d_model: int = 32, n_layers: int = 2,
                           n_heads: int = 4, d_mlp: int = 64, vocab_size: int = 320, seed: int = 0) -> Path:
     """Write a randomly initialised Hugging Face checkpoint of `architecture` with a freshly trained tokenizer."""
-    from transformers import (GPTNeoConfig, GPTNeoForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
-                              LlamaForCausalLM)
+    from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoConfig, GPTNeoForCausalLM, GPTNeoXConfig,
+                              GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM)
 
     from helpers.zoo import save_hf_checkpoint, train_bpe_tokenizer
 
@@ -38,9 +38,14 @@ def build_tiny_checkpoint(architecture: str, folder: Path, *, d_model: int = 32,
         config = GPTNeoXConfig(hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
                                intermediate_size=d_mlp, rotary_pct=0.25, use_parallel_residual=True, **common)
         model_class = GPTNeoXForCausalLM
-    elif architecture == "llama":
-        config = LlamaConfig(hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
-                             num_key_value_heads=n_heads, intermediate_size=d_mlp, **common)
+    elif architecture == "gpt2":
+        config = GPT2Config(n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_inner=d_mlp,
+                            n_positions=common.pop("max_position_embeddings"), **common)
+        model_class = GPT2LMHeadModel
+    elif architecture == "llama":  # grouped-query attention 4:1, as Llama-3 (twice the heads, half as wide)
+        config = LlamaConfig(hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=2 * n_heads,
+                             num_key_value_heads=n_heads // 2, intermediate_size=d_mlp, rope_theta=500000.0,
+                             **common)
         model_class = LlamaForCausalLM
     elif architecture == "gpt_neo":
         config = GPTNeoConfig(hidden_size=d_model, num_layers=n_layers, num_heads=n_heads, intermediate_size=d_mlp,
@@ -55,7 +60,7 @@ def build_tiny_checkpoint(architecture: str, folder: Path, *, d_model: int = 32,
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
-    """`tiny_checkpoint("gpt_neox" | "llama" | "gpt_neo") -> Path` of a saved tiny model (built once per session)."""
+    """`tiny_checkpoint("gpt_neox" | "gpt2" | "llama" | "gpt_neo") -> Path` of a saved tiny model (built once per session)."""
     built: dict[str, Path] = {}
 
     def get(architecture: str) -> Path:

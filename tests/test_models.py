@@ -128,3 +128,67 @@ def test_native_model_is_seeded():
     tokens = torch.tensor([[0, 1, 5], [2, 3, 5]])
     assert torch.equal(first(tokens), second(tokens))
     assert not torch.equal(first(tokens), other(tokens))
+
+
+def test_missing_folder_is_named_not_sent_to_the_hub():
+    with pytest.raises(ModelNotFoundError, match="no checkpoint folder at '/nonexistent/folder'"):
+        load_model("/nonexistent/folder")
+
+
+def test_non_causal_checkpoint_is_refused(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+
+    BertForMaskedLM(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                               vocab_size=50)).save_pretrained(tmp_path)
+    with pytest.raises(models.UnsupportedCheckpointError, match="BertForMaskedLM, not a causal language model"):
+        load_model(tmp_path, device="cpu")
+
+
+def test_truncated_weights_file_is_named(tiny_checkpoint, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(tiny_checkpoint("gpt_neox"), tmp_path / "truncated")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(models.UnsupportedCheckpointError, match="model.safetensors is unreadable"):
+        load_model(folder, device="cpu")
+
+
+def test_checkpoint_missing_weights_is_refused_with_the_keys(tiny_checkpoint, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(tiny_checkpoint("llama"), tmp_path / "partial")
+    weights = load_file(folder / "model.safetensors")
+    dropped = "model.layers.1.mlp.down_proj.weight"
+    save_file({k: v for k, v in weights.items() if k != dropped}, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(models.UnsupportedCheckpointError, match=f"would stay random: {dropped}"):
+        load_model(folder, device="cpu")
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_to_tokens_prepends_bos_as_hooked_transformer_did(tiny_checkpoint, architecture):
+    model = load_model(tiny_checkpoint(architecture), device="cpu")
+    assert model.to_tokens(TEXT)[0, 0] == model.tokenizer.bos_token_id
+
+
+def test_reference_model_is_chosen_by_shape_not_by_name(tiny_checkpoint):
+    from types import SimpleNamespace
+
+    def fake(architecture, n_layers, d_model, n_heads, d_mlp, d_vocab):
+        config = SimpleNamespace(architectures=[architecture])
+        return SimpleNamespace(cfg=SimpleNamespace(n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_mlp=d_mlp,
+                                                   d_vocab=d_vocab), original_model=SimpleNamespace(config=config))
+
+    assert models.reference_model(fake("GPTNeoXForCausalLM", 6, 512, 8, 2048, 50304)) == "EleutherAI/pythia-70m"
+    assert models.reference_model(fake("GPTNeoXForCausalLM", 6, 512, 8, 2048, 50000)) is None
+    assert models.reference_model(fake("LlamaForCausalLM", 6, 512, 8, 2048, 50304)) is None
+    toy = load_model(tiny_checkpoint("gpt_neox"), device="cpu")
+    assert models.reference_model(toy) is None
+    assert models.reference_model(toy, reference="EleutherAI/pythia-70m") == "EleutherAI/pythia-70m"
+
+
+def test_zoo_models_are_recognised_by_name_and_folder(tiny_checkpoint):
+    assert models.is_zoo_model("toy-bilingual") and models.is_zoo_model(zoo.checkpoint_dir("toy-bilingual"))
+    assert not models.is_zoo_model(tiny_checkpoint("gpt_neox")) and not models.is_zoo_model("EleutherAI/pythia-70m")

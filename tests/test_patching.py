@@ -1,6 +1,11 @@
-"""The batched patching engine against transformer_lens.patching (run on the same TransformerBridge), plus
-properties: clean-into-clean gives 1, path patching with identical senders changes nothing, attribution patching is
-the directional derivative of the patch."""
+"""The batched patching engine against transformer_lens.patching (run on the same TransformerBridge), on GPT-2,
+GPT-NeoX (rotary 0.25, parallel residual), Llama (grouped-query attention, 8 query / 2 key-value heads) and GPT-Neo
+(local attention), plus properties: clean-into-clean gives 1, path patching with identical senders changes nothing,
+attribution patching is the directional derivative of the patch.
+
+transformer-lens 3.9's GPT-Neo bridge ignores what is written at `hook_pattern`, so TransformerLens's pattern
+sweeps change nothing there; the reference for GPT-Neo's patterns is the Hugging Face attention itself, with the
+attention weights replaced where it applies them (its `attn_dropout`, the identity in eval mode)."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -13,15 +18,29 @@ from helpers import patching
 from helpers.attribution import logit_diff
 from helpers.components import Component
 from helpers.models import load_model
+from tests.conftest import ARCHITECTURES
 
-SEQ_LEN = 8
+SEQ_LEN = 5
 ATOL = 1e-5
+TL_HEAD_SWEEPS = {  # (site, by_position) -> TransformerLens's single sweep
+    ("z", False): tl_patching.get_act_patch_attn_head_out_all_pos,
+    ("q", False): tl_patching.get_act_patch_attn_head_q_all_pos,
+    ("k", False): tl_patching.get_act_patch_attn_head_k_all_pos,
+    ("v", False): tl_patching.get_act_patch_attn_head_v_all_pos,
+    ("pattern", False): tl_patching.get_act_patch_attn_head_pattern_all_pos,
+    ("z", True): tl_patching.get_act_patch_attn_head_out_by_pos,
+    ("q", True): tl_patching.get_act_patch_attn_head_q_by_pos,
+    ("k", True): tl_patching.get_act_patch_attn_head_k_by_pos,
+    ("v", True): tl_patching.get_act_patch_attn_head_v_by_pos,
+    ("pattern", True): tl_patching.get_act_patch_attn_head_pattern_by_pos,
+}
+HEAD_CASES = list(TL_HEAD_SWEEPS)
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_checkpoint):
-    model = load_model(tiny_checkpoint("gpt_neox"), device="cpu")
-    # two short random prompts starting with BOS; the corrupted batch swaps them
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def setup(request, tiny_checkpoint):
+    """`(arch, model, clean, corrupted, clean_cache, metric)`: two random prompts starting with BOS, swapped."""
+    model = load_model(tiny_checkpoint(request.param), device="cpu")
     clean = torch.randint(1, model.cfg.d_vocab, (2, SEQ_LEN), generator=torch.Generator().manual_seed(0))
     clean[:, 0] = model.tokenizer.bos_token_id
     corrupted = clean[[1, 0]]
@@ -30,73 +49,185 @@ def setup(tiny_checkpoint):
     clean_value = logit_diff(clean_logits, answers).item()
     corrupted_value = logit_diff(model(corrupted), answers).item()
     metric = patching.normalised_logit_diff(answers, clean_value, corrupted_value)
-    return model, clean, corrupted, clean_cache, metric
+    return request.param, model, clean, corrupted, clean_cache, metric
 
 
-@pytest.mark.parametrize("ours, theirs", [
-    (patching.act_patch_resid_pre, tl_patching.get_act_patch_resid_pre),
-    (patching.act_patch_attn_out, tl_patching.get_act_patch_attn_out),
-    (patching.act_patch_mlp_out, tl_patching.get_act_patch_mlp_out),
-])
-def test_layer_pos_sweeps_equal_transformer_lens(setup, ours, theirs):
-    model, _, corrupted, cache, metric = setup
-    expected = theirs(model, corrupted, cache, metric)
-    got = ours(model, corrupted, cache, metric, max_rows=2 * 5)  # several chunks, one partial
+class _ReplaceRows(torch.nn.Module):
+    """Stands in for a Hugging Face attention's `attn_dropout`: returns the weights with `[:, *index]` from source."""
+
+    def __init__(self, source: torch.Tensor, index: tuple):
+        super().__init__()
+        self.source, self.index = source, index
+
+    def forward(self, weights: torch.Tensor) -> torch.Tensor:
+        weights = weights.clone()
+        weights[(slice(None),) + self.index] = self.source[(slice(None),) + self.index]
+        return weights
+
+
+def _hf_pattern_sweep(model, corrupted, cache, metric, by_position: bool) -> torch.Tensor:
+    """GPT-Neo's pattern sweeps, one unbatched run per patch, patched inside the Hugging Face attention:
+    `[n_layers, n_heads]` or `[n_layers, n_heads, dest_pos]`."""
+    positions = [(p,) for p in range(corrupted.shape[1])] if by_position else [()]
+    result = torch.empty(model.cfg.n_layers, model.cfg.n_heads, len(positions))
+    for layer in range(model.cfg.n_layers):
+        attention = model.blocks[layer].attn.original_component
+        for head in range(model.cfg.n_heads):
+            for i, pos in enumerate(positions):
+                with pytest.MonkeyPatch.context() as mp:
+                    mp.setattr(attention, "attn_dropout",
+                               _ReplaceRows(cache[f"blocks.{layer}.attn.hook_pattern"], (head, *pos)))
+                    result[layer, head, i] = float(metric(model(corrupted)))
+    return result if by_position else result[..., 0]
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    """`reference(site, by_position)`: TransformerLens's head sweep on `setup`, run once (for GPT-Neo's patterns,
+    `_hf_pattern_sweep`, since TransformerLens's pattern patch does nothing there)."""
+    arch, model, _, corrupted, cache, metric = setup
+    done: dict[tuple[str, bool], torch.Tensor] = {}
+
+    def get(site: str, by_position: bool) -> torch.Tensor:
+        if (site, by_position) not in done:
+            if site == "pattern" and arch == "gpt_neo":
+                done[site, by_position] = _hf_pattern_sweep(model, corrupted, cache, metric, by_position)
+            else:
+                done[site, by_position] = TL_HEAD_SWEEPS[site, by_position](model, corrupted, cache, metric).float()
+        return done[site, by_position]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def tl_block_every(setup):
+    _, model, _, corrupted, cache, metric = setup
+    return tl_patching.get_act_patch_block_every(model, corrupted, cache, metric).float()
+
+
+def _assert_equal(got: torch.Tensor, expected: torch.Tensor) -> None:
     assert got.shape == expected.shape
-    assert torch.allclose(got, expected.cpu().float(), atol=ATOL)
+    assert torch.allclose(got, expected.cpu().float(), atol=ATOL), (got - expected).abs().max()
 
 
-@pytest.mark.parametrize("site, by_position, theirs", [
-    ("z", False, tl_patching.get_act_patch_attn_head_out_all_pos),
-    ("q", False, tl_patching.get_act_patch_attn_head_q_all_pos),
-    ("k", False, tl_patching.get_act_patch_attn_head_k_all_pos),
-    ("v", False, tl_patching.get_act_patch_attn_head_v_all_pos),
-    ("pattern", False, tl_patching.get_act_patch_attn_head_pattern_all_pos),
-    ("z", True, tl_patching.get_act_patch_attn_head_out_by_pos),
-    ("q", True, tl_patching.get_act_patch_attn_head_q_by_pos),
-    ("k", True, tl_patching.get_act_patch_attn_head_k_by_pos),
-    ("v", True, tl_patching.get_act_patch_attn_head_v_by_pos),
-    ("pattern", True, tl_patching.get_act_patch_attn_head_pattern_by_pos),
-])
-def test_head_sweeps_equal_transformer_lens(setup, site, by_position, theirs):
-    model, _, corrupted, cache, metric = setup
-    expected = theirs(model, corrupted, cache, metric)
-    got = patching.act_patch_heads(model, corrupted, cache, metric, site, by_position=by_position)
-    assert got.shape == expected.shape
-    assert torch.allclose(got, expected.cpu().float(), atol=ATOL)
+# ---- activation patching against TransformerLens ---------------------------------------------------------------
+@pytest.mark.parametrize("row, ours", enumerate([patching.act_patch_resid_pre, patching.act_patch_attn_out,
+                                                 patching.act_patch_mlp_out]))
+def test_layer_pos_sweeps_equal_transformer_lens(setup, tl_block_every, row, ours):
+    _, model, _, corrupted, cache, metric = setup
+    _assert_equal(ours(model, corrupted, cache, metric, max_rows=2 * 3), tl_block_every[row])  # chunks, one partial
 
 
-def test_every_sweeps_equal_transformer_lens(setup):
-    model, _, corrupted, cache, metric = setup
-    expected = tl_patching.get_act_patch_attn_head_all_pos_every(model, corrupted, cache, metric)
+def test_block_every_equals_transformer_lens(setup, tl_block_every):
+    _, model, _, corrupted, cache, metric = setup
+    _assert_equal(patching.act_patch_block_every(model, corrupted, cache, metric), tl_block_every)
+
+
+@pytest.mark.parametrize("site, by_position", HEAD_CASES)
+def test_head_sweeps_equal_transformer_lens(setup, reference, site, by_position):
+    _, model, _, corrupted, cache, metric = setup
+    got = patching.act_patch_heads(model, corrupted, cache, metric, site, by_position=by_position, max_rows=2 * 7)
+    _assert_equal(got, reference(site, by_position))
+    if site in ("k", "v"):  # one column per key/value head (2 for the Llama)
+        assert got.shape[-1] == patching.n_kv_heads(model)
+
+
+def test_heads_every_equals_transformer_lens(setup, reference):
+    arch, model, _, corrupted, cache, metric = setup
     got = patching.act_patch_heads_every(model, corrupted, cache, metric)
     assert got.shape == (5, model.cfg.n_layers, model.cfg.n_heads)
-    assert torch.allclose(got, expected.cpu().float(), atol=ATOL)
-    expected = tl_patching.get_act_patch_block_every(model, corrupted, cache, metric)
-    got = patching.act_patch_block_every(model, corrupted, cache, metric)
-    assert torch.allclose(got, expected.cpu().float(), atol=ATOL)
+    expected = tl_patching.get_act_patch_attn_head_all_pos_every(model, corrupted, cache, metric).float()
+    if arch == "gpt_neo":
+        expected[4] = reference("pattern", False)
+    _assert_equal(got, expected)
 
 
+def test_heads_every_by_position_pads_kv_heads_like_transformer_lens(setup, reference):
+    """TransformerLens's `get_act_patch_attn_head_by_pos_every` stacks its single sweeps, zero-padding k and v to
+    n_heads; ours is its first four slices (z, q, k, v)."""
+    _, model, _, corrupted, cache, metric = setup
+    got = patching.act_patch_heads_every(model, corrupted, cache, metric, by_position=True)
+    parts = [reference(site, True) for site in ("z", "q", "k", "v")]
+    expected = torch.stack([torch.nn.functional.pad(p, (0, model.cfg.n_heads - p.shape[-1])) for p in parts])
+    _assert_equal(got, expected)
+
+
+# ---- attention patterns -----------------------------------------------------------------------------------------
+def _uniform(pattern: torch.Tensor, hook=None) -> torch.Tensor:
+    causal = torch.ones_like(pattern).tril()
+    return causal / causal.sum(-1, keepdim=True)
+
+
+def test_pattern_hook_is_read_back_by_the_other_architectures(setup):
+    arch, model, _, corrupted, _, _ = setup
+    if arch == "gpt_neo":
+        pytest.skip("transformer-lens 3.9's GPT-Neo bridge drops hook_pattern writes (pattern_route 'z')")
+    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
+    patched = model.run_with_hooks(corrupted, fwd_hooks=[(name, _uniform) for name in names])
+    assert (patched - model(corrupted)).abs().max() > 1e-4
+    assert patching.pattern_route(model) == "pattern"
+
+
+def test_uniform_pattern_patch_changes_the_logits(setup):
+    _, model, _, corrupted, _, _ = setup
+    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
+    _, cache = model.run_with_cache(corrupted, names_filter=lambda name: name in names)
+    sources = {name: _uniform(cache[name]) for name in names}
+    base = model(corrupted)
+    every_head = [(name, (head,)) for name in names for head in range(model.cfg.n_heads)]
+    changes = patching.run_patched_variants(model, corrupted, sources, [[], every_head],
+                                            lambda logits: (logits - base).abs().max())
+    assert changes[0] < 1e-6  # batching alone moves logits by float rounding only
+    assert changes[1] > 1e-4
+
+
+@pytest.mark.parametrize("by_position", [False, True])
+def test_pattern_patching_through_z_is_exact(setup, reference, monkeypatch, by_position):
+    """The hook_z detour GPT-Neo needs gives every architecture's pattern sweeps (GQA included)."""
+    _, model, _, corrupted, cache, metric = setup
+    monkeypatch.setitem(patching._PATTERN_ROUTES, model, "z")
+    got = patching.act_patch_heads(model, corrupted, cache, metric, "pattern", by_position=by_position)
+    _assert_equal(got, reference("pattern", by_position))
+
+
+def test_pattern_patching_refused_when_the_hook_is_dropped_and_z_is_not_pattern_times_v(tiny_checkpoint):
+    model = load_model(tiny_checkpoint("gpt_neo"), device="cpu")
+    model.add_perma_hook("blocks.0.attn.hook_z", lambda z, hook: 2 * z)
+    tokens = torch.arange(1, 1 + SEQ_LEN)[None]
+    _, cache = model.run_with_cache(tokens)
+    calls = []
+    with pytest.raises(NotImplementedError, match="GPTNeoForCausalLM"):
+        patching.act_patch_heads(model, tokens, cache, lambda logits: calls.append(1) or logits.sum(), "pattern")
+    assert not calls
+
+
+# ---- properties ---------------------------------------------------------------------------------------------------
 def test_clean_into_clean_is_one_everywhere(setup):
-    model, clean, _, cache, metric = setup
+    _, model, clean, _, cache, metric = setup
     for result in (patching.act_patch_resid_pre(model, clean, cache, metric),
                    patching.act_patch_heads(model, clean, cache, metric, "z", by_position=True),
-                   patching.act_patch_heads_every(model, clean, cache, metric)):
+                   patching.act_patch_heads(model, clean, cache, metric, "v", by_position=True),
+                   patching.act_patch_heads_every(model, clean, cache, metric)[:, :, :patching.n_kv_heads(model)]):
         assert torch.allclose(result, torch.ones_like(result), atol=ATOL)
 
 
-def test_patch_components_matches_single_sweep(setup):
-    model, _, corrupted, cache, metric = setup
-    by_pos = patching.act_patch_heads(model, corrupted, cache, metric, "z", by_position=True)
+def test_patch_components_matches_single_sweeps(setup):
+    _, model, _, corrupted, cache, metric = setup
+    head = model.cfg.n_heads - 1  # under GQA its key is key/value head n_kv - 1
     got = patching.patch_components(model, corrupted, cache, metric, [[Component.head(1, 2, position=3)],
                                                                       [Component.mlp(0, position=-1)]])
+    by_pos = patching.act_patch_heads(model, corrupted, cache, metric, "z", by_position=True)
     assert got[0].item() == pytest.approx(by_pos[1, 3, 2].item(), abs=ATOL)
     mlp = patching.act_patch_mlp_out(model, corrupted, cache, metric)
     assert got[1].item() == pytest.approx(mlp[0, -1].item(), abs=ATOL)
+    keys = patching.act_patch_heads(model, corrupted, cache, metric, "k")
+    got = patching.patch_components(model, corrupted, cache, metric, [[Component.head(1, head)]], "k")
+    assert got[0].item() == pytest.approx(keys[1, patching.n_kv_heads(model) - 1].item(), abs=ATOL)
 
 
 def _path_patch_loop(model, clean, corrupted, metric, sender, receivers, site, sender_positions=None):
-    """Unbatched reference: passes A/B (caches), C (frozen heads, sender corrupted, record), D (patch receivers)."""
+    """Unbatched reference: passes A/B (caches), C (frozen heads, sender corrupted, record), D (patch receivers).
+    A receiver's k/v is that of its key/value head, query heads being grouped in order."""
     _, clean_cache = model.run_with_cache(clean)
     _, corrupt_cache = model.run_with_cache(corrupted)
     pos = slice(None) if sender_positions is None else list(sender_positions)
@@ -118,7 +249,8 @@ def _path_patch_loop(model, clean, corrupted, metric, sender, receivers, site, s
     model.run_with_hooks(clean, fwd_hooks=hooks)
     grouped = defaultdict(list)
     for r in receivers:
-        grouped[r.hook_name(site)].append(r.index_tuple(site))
+        heads = recorded[r.hook_name(site)].shape[2]
+        grouped[r.hook_name(site)].append((r.position, r.index * heads // model.cfg.n_heads))
 
     def write(act, hook, name):
         for index in grouped[name]:
@@ -131,56 +263,61 @@ def _path_patch_loop(model, clean, corrupted, metric, sender, receivers, site, s
 
 @pytest.mark.parametrize("site", ["q", "k", "v"])
 def test_path_patching_equals_unbatched_loop(setup, site):
-    model, clean, corrupted, _, metric = setup
-    receivers = [Component.head(1, 0, position=-1), Component.head(1, 3, position=4)]
+    _, model, clean, corrupted, _, metric = setup
+    receivers = [Component.head(1, 0, position=-1), Component.head(1, model.cfg.n_heads - 1, position=3)]
     senders = [[Component.head(0, h)] for h in range(model.cfg.n_heads)]
-    got = patching.path_patch(model, clean, corrupted, metric, receivers, site, senders, sender_positions=[3, 4, 5],
+    got = patching.path_patch(model, clean, corrupted, metric, receivers, site, senders, sender_positions=[2, 3],
                               max_rows=6)
-    expected = [_path_patch_loop(model, clean, corrupted, metric, s[0], receivers, site, [3, 4, 5]) for s in senders]
+    expected = [_path_patch_loop(model, clean, corrupted, metric, s[0], receivers, site, [2, 3]) for s in senders]
     assert torch.allclose(got, torch.tensor(expected), atol=ATOL)
 
 
 def test_path_patching_identical_senders_change_nothing(setup):
-    model, clean, corrupted, _, metric = setup
+    _, model, clean, corrupted, _, metric = setup
     receivers = [Component.head(1, h, position=-1) for h in range(model.cfg.n_heads)]
     same = patching.path_patch(model, clean, clean.clone(), metric, receivers, "k")
     assert same.shape == (model.cfg.n_layers, model.cfg.n_heads)
     assert torch.allclose(same, torch.ones_like(same), atol=ATOL)
     # senders at position 0 (BOS), identical in the clean and corrupted prompts
-    at_bos = patching.path_patch(model, clean, corrupted, metric, receivers, "q", sender_positions=[0])
+    at_bos = patching.path_patch(model, clean, corrupted, metric, receivers, "v", sender_positions=[0])
     assert torch.allclose(at_bos, torch.ones_like(at_bos), atol=ATOL)
 
 
+# ---- attribution patching ---------------------------------------------------------------------------------------
 def _interpolated_metric(model, clean, corrupted, metric, name, alpha):
+    """The metric with activation `name` moved `alpha` of the way from corrupted to clean, by the engine (so that
+    patterns go through hook_z where the model ignores hook_pattern)."""
     _, clean_cache = model.run_with_cache(clean, names_filter=lambda n: n == name)
-
-    def hook(act, hook):
-        return act + alpha * (clean_cache[name] - act)
-
-    return float(metric(model.run_with_hooks(corrupted, fwd_hooks=[(name, hook)])))
+    _, corrupt_cache = model.run_with_cache(corrupted, names_filter=lambda n: n == name)
+    source = corrupt_cache[name] + alpha * (clean_cache[name] - corrupt_cache[name])
+    sites = ([(name, (head,)) for head in range(model.cfg.n_heads)] if name.endswith("hook_pattern")
+             else [(name, (slice(None),))])
+    return float(patching.run_patched_variants(model, corrupted, {name: source}, [sites], metric)[0])
 
 
 def test_attribution_patching_is_directional_derivative(setup):
-    model, clean, corrupted, _, metric = setup
-    heads = patching.attribution_patch_heads(model, clean, corrupted, metric)
+    _, model, clean, corrupted, _, metric = setup
+    heads = {site: patching.attribution_patch_heads(model, clean, corrupted, metric, site)
+             for site in ("z", "k", "pattern")}
     neurons = patching.attribution_patch_neurons(model, clean, corrupted, metric)
     resid = patching.attribution_patch_layer_pos(model, clean, corrupted, metric, "resid_pre")
-    assert heads.shape == (model.cfg.n_layers, model.cfg.n_heads)
+    assert heads["z"].shape == heads["pattern"].shape == (model.cfg.n_layers, model.cfg.n_heads)
+    assert heads["k"].shape == (model.cfg.n_layers, patching.n_kv_heads(model))
     assert neurons.shape == (model.cfg.n_layers, model.cfg.d_mlp)
     assert resid.shape == (model.cfg.n_layers, clean.shape[1])
     eps = 1e-3
-    for name, estimate in [("blocks.1.attn.hook_z", heads[1].sum()), ("blocks.0.mlp.hook_post", neurons[0].sum()),
-                           ("blocks.1.hook_resid_pre", resid[1].sum())]:
+    for name, estimate in [("blocks.1.attn.hook_z", heads["z"][1].sum()), ("blocks.0.attn.hook_k", heads["k"][0].sum()),
+                           ("blocks.0.attn.hook_pattern", heads["pattern"][0].sum()),
+                           ("blocks.0.mlp.hook_post", neurons[0].sum()), ("blocks.1.hook_resid_pre", resid[1].sum())]:
         plus = _interpolated_metric(model, clean, corrupted, metric, name, eps)
         minus = _interpolated_metric(model, clean, corrupted, metric, name, -eps)
         derivative = (plus - minus) / (2 * eps)
-        assert estimate.item() == pytest.approx(derivative, rel=2e-2, abs=1e-3)
+        assert estimate.item() == pytest.approx(derivative, rel=2e-2, abs=1e-3), name
 
 
-def test_attribution_patching_exact_for_final_residual(setup):
-    """resid_pre of layer 0 patched everywhere gives the clean run exactly; the estimate is first order, so only
-    check that by-position head attributions sum to the all-position ones."""
-    model, clean, corrupted, _, metric = setup
-    by_pos = patching.attribution_patch_heads(model, clean, corrupted, metric, by_position=True)
-    total = patching.attribution_patch_heads(model, clean, corrupted, metric)
-    assert torch.allclose(by_pos.sum(1), total, atol=1e-6)
+def test_attribution_by_position_sums_to_all_positions(setup):
+    _, model, clean, corrupted, _, metric = setup
+    for site in ("z", "v"):
+        by_pos = patching.attribution_patch_heads(model, clean, corrupted, metric, site, by_position=True)
+        total = patching.attribution_patch_heads(model, clean, corrupted, metric, site)
+        assert torch.allclose(by_pos.sum(1), total, atol=1e-6)
