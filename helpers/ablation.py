@@ -214,8 +214,25 @@ def token_losses(model, tokens: Tensor, fwd_hooks: Sequence[Hook] = ()) -> Tenso
     """Next-token cross-entropy at every position: tokens `[batch, pos]` -> `[batch, pos - 1]` (entry `i` is the loss
     of predicting `tokens[:, i + 1]`), under `fwd_hooks`."""
     logits = model.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks)) if fwd_hooks else model(tokens)
-    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    return -log_probs.gather(-1, tokens[:, 1:, None].to(log_probs.device))[..., 0]
+    return next_token_losses(logits, tokens)
+
+
+LOSS_CHUNK = 2 ** 24  # floats of logits turned into losses at a time (64 MB in float32)
+
+
+def next_token_losses(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Cross-entropy of `tokens[:, i + 1]` under `logits[:, i]`: logits `[batch, pos, vocab]` -> `[batch, pos - 1]`.
+
+    Computed as `logsumexp - logit[target]` a few rows at a time, so no second `[batch, pos, vocab]` tensor (the
+    log-softmax) is ever held: with a 50k vocabulary that copy is the largest allocation of a notebook.
+    """
+    targets = tokens[:, 1:, None].to(logits.device)
+    rows = max(1, LOSS_CHUNK // max(1, logits.shape[1] * logits.shape[2]))
+    losses = []
+    for start in range(0, len(logits), rows):
+        chunk = logits[start:start + rows, :-1].float()
+        losses.append(torch.logsumexp(chunk, dim=-1) - chunk.gather(-1, targets[start:start + rows])[..., 0])
+    return torch.cat(losses) if losses else logits.new_zeros((0, max(0, logits.shape[1] - 1)))
 
 
 # ---- normalised logit (arithmetic heuristics notebook) -------------------------------------------------------------

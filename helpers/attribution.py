@@ -15,8 +15,9 @@ How each final norm (`model.cfg.normalization_type`) is linearised, for one piec
 
 The norm's weight `w` is 1 when it has been folded into `W_U` (fold_ln: the bridge keeps "LN" / "RMS" with unit
 weights and a zero bias, HookedTransformer switches to the weightless "LNPre" / "RMSPre"); an unprocessed model keeps
-its own `w`, and LayerNorm's bias `b` writes the constant `b @ W_U`. Only centring is LayerNorm-specific, and
-`center_writing_weights` makes it a no-op on a processed LayerNorm model, never on an RMSNorm one.
+its own `w`, and LayerNorm's bias `b` writes the constant `b @ W_U`. Centring is what tells the two apart: on a
+processed LayerNorm model `center_writing_weights` has already centred every writer, so it changes nothing there,
+while an RMSNorm residual stream keeps its mean and centring it would be wrong.
 
 The decomposition of the final residual stream is `embed (+ pos_embed) + sum_l (attn_out_l + mlp_out_l)`; heads
 split `attn_out_l` into `z_h @ W_O[l, h]` plus the bias `b_O[l]` (zero where attention has no bias, as in Llama). The
@@ -29,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from helpers.ablation import LOSS_CHUNK, next_token_losses
 
 
 @dataclass
@@ -307,22 +310,28 @@ def direct_patch_losses(model, tokens: Tensor, fwd_hooks, components: list[str] 
                                      for kind in ("attn", "mlp")]
     keep = lambda name: name in names  # noqa: E731
     clean_logits, clean = model.run_with_cache(tokens, names_filter=keep)
+    clean_losses = next_token_losses(clean_logits, tokens)
+    del clean_logits  # one [batch, pos, d_vocab] tensor at a time
     with model.hooks(fwd_hooks=list(fwd_hooks)):
         hooked_logits, hooked = model.run_with_cache(tokens, names_filter=keep)
+    hooked_losses = next_token_losses(hooked_logits, tokens)
+    del hooked_logits
     clean_stack, labels = decompose_resid(model, clean, pos=slice(None))
     hooked_stack, _ = decompose_resid(model, hooked, pos=slice(None))
-
-    def losses(logits: Tensor) -> Tensor:
-        log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        return -log_probs.gather(-1, tokens[:, 1:, None].to(log_probs.device))[..., 0]
-
     chosen = labels if components is None else list(components)
     patched = []
     for name in chosen:
         i = labels.index(name)
         resid = clean[final] - clean_stack[i] + hooked_stack[i]
-        patched.append(losses(model.unembed(model.ln_final(resid))))
-    return torch.stack(patched), chosen, losses(clean_logits), losses(hooked_logits)
+        patched.append(torch.cat([next_token_losses(model.unembed(model.ln_final(resid[rows])), tokens[rows])
+                                  for rows in _row_chunks(resid, model.cfg.d_vocab)]))
+    return torch.stack(patched), chosen, clean_losses, hooked_losses
+
+
+def _row_chunks(resid: Tensor, d_vocab: int) -> list[slice]:
+    """Row slices of `resid [batch, pos, d_model]` whose logits stay near `LOSS_CHUNK` floats."""
+    rows = max(1, LOSS_CHUNK // max(1, resid.shape[1] * d_vocab))
+    return [slice(start, start + rows) for start in range(0, len(resid), rows)]
 
 
 # ---- one answer token at one position per prompt (SAE quotation notebook) ----------------------------------------

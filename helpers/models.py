@@ -102,16 +102,20 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
+MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     """Accept `torch.bfloat16` or its name (`"bfloat16"`, `"bf16"`); None means float32."""
     if dtype is None:
         return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
     aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-    resolved = getattr(torch, aliases.get(dtype, dtype), None)
+    resolved = dtype if isinstance(dtype, torch.dtype) else getattr(torch, aliases.get(dtype, dtype), None)
     if not isinstance(resolved, torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32' or 'bfloat16'")
+    if resolved not in MODEL_DTYPES:
+        raise ValueError(f"dtype={dtype!r} cannot hold a model's weights here; use one of "
+                         f"{', '.join(str(d).removeprefix('torch.') for d in MODEL_DTYPES)}")
     return resolved
 
 

@@ -56,7 +56,7 @@ def _chunks(n: int, size: int):
         yield range(start, min(n, start + size))
 
 
-# ---- heads under grouped-query attention ----------------------------------------------------------------------
+# ---- heads under grouped-query attention --------------------------------------------------------------------------
 def n_kv_heads(model) -> int:
     """Key/value heads per layer: `cfg.n_key_value_heads` under grouped-query attention, else `cfg.n_heads`."""
     return getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads
@@ -80,7 +80,7 @@ def _component_site(model, component: Component, site: str | None) -> Site:
     return name, index
 
 
-# ---- attention patterns -----------------------------------------------------------------------------------------
+# ---- attention patterns -------------------------------------------------------------------------------------------
 _PATTERN_ROUTES: WeakKeyDictionary = WeakKeyDictionary()
 
 
@@ -96,6 +96,7 @@ def _attend(pattern: Tensor, v: Tensor) -> Tensor:
 
 
 def _close(value: Tensor, reference: Tensor) -> bool:
+    """Equal up to rounding in the reference's dtype."""
     scale = float(reference.abs().max().clamp(min=1.0))
     return float((value - reference).abs().max()) <= 64 * torch.finfo(reference.dtype).eps * scale
 
@@ -112,11 +113,11 @@ def pattern_route(model) -> str:
     "pattern": writing `blocks.{L}.attn.hook_pattern` changes the output, so sweeps patch that hook, as
     TransformerLens does (the GPT-2, GPT-NeoX and Llama bridges compute attention themselves and read it back).
     "z": the hook fires, but what is written there is dropped, while each head's output is exactly
-    `z = pattern @ v`. So it is in transformer-lens 3.9's GPT-Neo bridge, which runs the Hugging Face attention and
-    fires the hook on the weights it returns, after they were used (TransformerLens's own pattern sweeps change
-    nothing there). A pattern patch is then written at `hook_z` instead: the patched heads' rows of z are
-    recomputed from the new pattern and the run's own values, which is exact, since the pattern reaches nothing
-    but z. Raises NotImplementedError, naming the architecture, when neither holds.
+    `z = pattern @ v`. This is transformer-lens 3.9's GPT-Neo bridge: it runs the Hugging Face attention and fires
+    the hook on the weights that attention returns, after they were used (so TransformerLens's own pattern sweeps
+    change nothing there). A pattern patch is then written at `hook_z` instead: the patched heads' rows of z are
+    recomputed from the new pattern and the run's own values, which is exact, since the pattern reaches the output
+    only through z. Raises NotImplementedError, naming the architecture, when neither holds.
     """
     if model in _PATTERN_ROUTES:
         return _PATTERN_ROUTES[model]
@@ -149,7 +150,7 @@ def _patterns_through_z(model, variants: Sequence[Variant]) -> bool:
     return True
 
 
-# ---- the batched engine -----------------------------------------------------------------------------------------
+# ---- the batched engine -------------------------------------------------------------------------------------------
 def _identity(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
     return act
 
@@ -169,10 +170,13 @@ def _copy_hook(source: Tensor, writes: list[tuple[int, tuple]], n: int, batch: i
 
 def _pattern_hooks_at_z(model, pattern: Tensor, writes: list[tuple[int, tuple]], n: int, batch: int,
                         v_hook, z_hook) -> tuple:
-    """The (hook_v, hook_z) hooks of one layer that write pattern rows `pattern [batch, n_heads, dest, src]`
-    through the head outputs: hook_v keeps the run's values (after `v_hook`, this layer's own value writes);
-    hook_z sets `z[:, dest, head] = pattern[:, head, dest] @ v[:, :, kv_head(head)]` for each `(slot, (head,
-    dest?))`, then applies `z_hook` (this layer's own z writes, which sit downstream of the pattern)."""
+    """The (hook_v, hook_z) hooks of one layer that write rows of `pattern [batch, n_heads, dest, src]` through
+    the head outputs, for each `(slot, (head,))` (all rows) or `(slot, (head, dest))` in `writes`.
+
+    hook_v applies `v_hook` (this layer's own value writes) and keeps the values `[n * batch, src, n_kv, d_head]`;
+    hook_z sets `z[:, dest, head] = pattern[:, head, dest] @ v[:, :, kv_head(head)]`, then applies `z_hook` (this
+    layer's own z writes, which come after the pattern in the model too).
+    """
     values: dict[str, Tensor] = {}
 
     def keep_v(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
@@ -322,9 +326,9 @@ def act_patch_heads_every(model, corrupted_tokens: Tensor, clean_cache, metric: 
     `get_act_patch_attn_head_all_pos_every`; with `by_position`, `[4, n_layers, pos, n_heads]` for z, q, k, v
     (the first four of `get_act_patch_attn_head_by_pos_every`).
 
-    Under grouped-query attention the k and v slices hold the `n_kv` key/value heads in their first `n_kv` columns
-    and zeros after them, exactly as TransformerLens pads them: columns `n_kv:` of `[2]` and `[3]` are padding, not
-    heads (use `act_patch_heads(..., "k")` for the unpadded `[n_layers, n_kv]`).
+    Under grouped-query attention the k and v slices (`result[2]`, `result[3]`) hold the `n_kv` key/value heads in
+    their first `n_kv` columns and zeros after them, exactly as TransformerLens pads them: columns `n_kv:` there are
+    padding, not heads (`act_patch_heads(..., "k")` gives the unpadded `[n_layers, n_kv]`).
     """
     pos = _positions(corrupted_tokens, None)
     sites = HEAD_SITES if not by_position else HEAD_SITES[:4]
@@ -470,7 +474,8 @@ def attribution_patch(model, clean_tokens: Tensor, corrupted_tokens: Tensor, met
     `act.shape[1:]` (e.g. `[pos, n_heads, d_head]` for `hook_z`). Summing over the trailing dimensions estimates the
     metric change of the corresponding activation patch (which, for a normalised metric, is the patched value
     itself, since the corrupted run scores 0). Two forward passes and one backward pass in all. Where the model
-    does not read `hook_pattern` back (`pattern_route` "z"), a pattern's gradient is taken through `z = pattern @ v`.
+    does not read `hook_pattern` back (`pattern_route` "z"), a pattern's gradient is taken through `z = pattern @ v`
+    (the tensor that hook reports is then connected to the output only while the parameters require gradients).
     """
     names = list(dict.fromkeys(hook_names))
     rerouted = [name for name in names if _is_pattern(name)]

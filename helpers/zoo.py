@@ -42,7 +42,7 @@ class ZooModel:
 ZOO: dict[str, ZooModel] = {
     model.name: model
     for model in [
-        ZooModel("toy-stories", "GPTNeoForCausalLM", "tiny-stories-2L-33M",
+        ZooModel("toy-stories", "GPTNeoForCausalLM", "roneneldan/TinyStories-2Layers-33M",
                  "TinyStories-like generated stories with dialogue (quotation notebook)", "stories"),
         ZooModel("toy-arithmetic", "LlamaForCausalLM", "meta-llama/Meta-Llama-3-8B",
                  "single-token arithmetic prompts x+y=, x-y=, x*y=, x/y= (arithmetic heuristics notebook)", "arithmetic"),

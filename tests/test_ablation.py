@@ -96,3 +96,16 @@ def test_head_value_hooks_pin_one_head_from_a_position(setup):
     assert torch.allclose(model.run_with_hooks(one_token, fwd_hooks=same), model(one_token), atol=1e-5)
     with pytest.raises(ValueError):
         ablation.head_value_hooks({Component.neuron(0, 1): value})
+
+
+def test_next_token_losses_equal_cross_entropy_whatever_the_chunk(monkeypatch):
+    from helpers import ablation
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 7, 11, generator=generator)
+    tokens = torch.randint(0, 11, (5, 7), generator=generator)
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), tokens[:, 1:].reshape(-1),
+                                                 reduction="none").view(5, 6)
+    for chunk in (1, 77, 2 ** 24):  # one row at a time, a few rows, everything at once
+        monkeypatch.setattr(ablation, "LOSS_CHUNK", chunk)
+        torch.testing.assert_close(ablation.next_token_losses(logits, tokens), expected)

@@ -119,6 +119,9 @@ def test_device_and_dtype_resolution():
     assert models.resolve_dtype(None) is torch.float32
     with pytest.raises(ValueError, match="unknown dtype"):
         models.resolve_dtype("float7")
+    for unusable in ("float8_e4m3fn", torch.int8):
+        with pytest.raises(ValueError, match="cannot hold a model's weights"):
+            models.resolve_dtype(unusable)
 
 
 def test_native_model_is_seeded():

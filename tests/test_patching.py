@@ -9,6 +9,7 @@ attention weights replaced where it applies them (its `attn_dropout`, the identi
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from helpers.components import Component
 from helpers.models import load_model
 from tests.conftest import ARCHITECTURES
 
-SEQ_LEN = 5
+SEQ_LEN = 4
 ATOL = 1e-5
 TL_HEAD_SWEEPS = {  # (site, by_position) -> TransformerLens's single sweep
     ("z", False): tl_patching.get_act_patch_attn_head_out_all_pos,
@@ -35,6 +36,16 @@ TL_HEAD_SWEEPS = {  # (site, by_position) -> TransformerLens's single sweep
     ("pattern", True): tl_patching.get_act_patch_attn_head_pattern_by_pos,
 }
 HEAD_CASES = list(TL_HEAD_SWEEPS)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: a second thread only adds overhead, and stalls the whole file when the other core is
+    busy (about 20 times slower on a shared two-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)
@@ -65,6 +76,17 @@ class _ReplaceRows(torch.nn.Module):
         return weights
 
 
+@contextmanager
+def _attention_weights_replaced(attention: torch.nn.Module, source: torch.Tensor, index: tuple):
+    """Swap the module itself (pytest's monkeypatch would delete a submodule on undo)."""
+    original = attention.attn_dropout
+    attention.attn_dropout = _ReplaceRows(source, index)
+    try:
+        yield
+    finally:
+        attention.attn_dropout = original
+
+
 def _hf_pattern_sweep(model, corrupted, cache, metric, by_position: bool) -> torch.Tensor:
     """GPT-Neo's pattern sweeps, one unbatched run per patch, patched inside the Hugging Face attention:
     `[n_layers, n_heads]` or `[n_layers, n_heads, dest_pos]`."""
@@ -74,9 +96,7 @@ def _hf_pattern_sweep(model, corrupted, cache, metric, by_position: bool) -> tor
         attention = model.blocks[layer].attn.original_component
         for head in range(model.cfg.n_heads):
             for i, pos in enumerate(positions):
-                with pytest.MonkeyPatch.context() as mp:
-                    mp.setattr(attention, "attn_dropout",
-                               _ReplaceRows(cache[f"blocks.{layer}.attn.hook_pattern"], (head, *pos)))
+                with _attention_weights_replaced(attention, cache[f"blocks.{layer}.attn.hook_pattern"], (head, *pos)):
                     result[layer, head, i] = float(metric(model(corrupted)))
     return result if by_position else result[..., 0]
 
@@ -110,7 +130,7 @@ def _assert_equal(got: torch.Tensor, expected: torch.Tensor) -> None:
     assert torch.allclose(got, expected.cpu().float(), atol=ATOL), (got - expected).abs().max()
 
 
-# ---- activation patching against TransformerLens ---------------------------------------------------------------
+# ---- activation patching against TransformerLens ------------------------------------------------------------------
 @pytest.mark.parametrize("row, ours", enumerate([patching.act_patch_resid_pre, patching.act_patch_attn_out,
                                                  patching.act_patch_mlp_out]))
 def test_layer_pos_sweeps_equal_transformer_lens(setup, tl_block_every, row, ours):
@@ -152,7 +172,7 @@ def test_heads_every_by_position_pads_kv_heads_like_transformer_lens(setup, refe
     _assert_equal(got, expected)
 
 
-# ---- attention patterns -----------------------------------------------------------------------------------------
+# ---- attention patterns -------------------------------------------------------------------------------------------
 def _uniform(pattern: torch.Tensor, hook=None) -> torch.Tensor:
     causal = torch.ones_like(pattern).tril()
     return causal / causal.sum(-1, keepdim=True)
@@ -213,7 +233,6 @@ def test_clean_into_clean_is_one_everywhere(setup):
 
 def test_patch_components_matches_single_sweeps(setup):
     _, model, _, corrupted, cache, metric = setup
-    head = model.cfg.n_heads - 1  # under GQA its key is key/value head n_kv - 1
     got = patching.patch_components(model, corrupted, cache, metric, [[Component.head(1, 2, position=3)],
                                                                       [Component.mlp(0, position=-1)]])
     by_pos = patching.act_patch_heads(model, corrupted, cache, metric, "z", by_position=True)
@@ -221,15 +240,15 @@ def test_patch_components_matches_single_sweeps(setup):
     mlp = patching.act_patch_mlp_out(model, corrupted, cache, metric)
     assert got[1].item() == pytest.approx(mlp[0, -1].item(), abs=ATOL)
     keys = patching.act_patch_heads(model, corrupted, cache, metric, "k")
-    got = patching.patch_components(model, corrupted, cache, metric, [[Component.head(1, head)]], "k")
-    assert got[0].item() == pytest.approx(keys[1, patching.n_kv_heads(model) - 1].item(), abs=ATOL)
+    got = patching.patch_components(model, corrupted, cache, metric, [[Component.head(1, 1)]], "k")
+    kv_head = 1 * patching.n_kv_heads(model) // model.cfg.n_heads  # head 1 reads key 1, or 0 (Llama: heads 0-3)
+    assert got[0].item() == pytest.approx(keys[1, kv_head].item(), abs=ATOL)
 
 
-def _path_patch_loop(model, clean, corrupted, metric, sender, receivers, site, sender_positions=None):
-    """Unbatched reference: passes A/B (caches), C (frozen heads, sender corrupted, record), D (patch receivers).
-    A receiver's k/v is that of its key/value head, query heads being grouped in order."""
-    _, clean_cache = model.run_with_cache(clean)
-    _, corrupt_cache = model.run_with_cache(corrupted)
+def _path_patch_loop(model, clean, caches, metric, sender, receivers, site, sender_positions=None):
+    """Unbatched reference: given passes A/B (`caches`: clean, corrupted), C (frozen heads, sender corrupted,
+    record), D (patch receivers). A receiver's k/v is that of its key/value head, query heads grouped in order."""
+    clean_cache, corrupt_cache = caches
     pos = slice(None) if sender_positions is None else list(sender_positions)
     hooks = []
     for layer in range(model.cfg.n_layers):
@@ -264,11 +283,12 @@ def _path_patch_loop(model, clean, corrupted, metric, sender, receivers, site, s
 @pytest.mark.parametrize("site", ["q", "k", "v"])
 def test_path_patching_equals_unbatched_loop(setup, site):
     _, model, clean, corrupted, _, metric = setup
-    receivers = [Component.head(1, 0, position=-1), Component.head(1, model.cfg.n_heads - 1, position=3)]
+    receivers = [Component.head(1, 1, position=-1), Component.head(1, model.cfg.n_heads - 2, position=2)]
     senders = [[Component.head(0, h)] for h in range(model.cfg.n_heads)]
-    got = patching.path_patch(model, clean, corrupted, metric, receivers, site, senders, sender_positions=[2, 3],
+    got = patching.path_patch(model, clean, corrupted, metric, receivers, site, senders, sender_positions=[1, 2],
                               max_rows=6)
-    expected = [_path_patch_loop(model, clean, corrupted, metric, s[0], receivers, site, [2, 3]) for s in senders]
+    caches = [model.run_with_cache(tokens)[1] for tokens in (clean, corrupted)]
+    expected = [_path_patch_loop(model, clean, caches, metric, s[0], receivers, site, [1, 2]) for s in senders]
     assert torch.allclose(got, torch.tensor(expected), atol=ATOL)
 
 
@@ -283,7 +303,7 @@ def test_path_patching_identical_senders_change_nothing(setup):
     assert torch.allclose(at_bos, torch.ones_like(at_bos), atol=ATOL)
 
 
-# ---- attribution patching ---------------------------------------------------------------------------------------
+# ---- attribution patching -----------------------------------------------------------------------------------------
 def _interpolated_metric(model, clean, corrupted, metric, name, alpha):
     """The metric with activation `name` moved `alpha` of the way from corrupted to clean, by the engine (so that
     patterns go through hook_z where the model ignores hook_pattern)."""
@@ -313,6 +333,22 @@ def test_attribution_patching_is_directional_derivative(setup):
         minus = _interpolated_metric(model, clean, corrupted, metric, name, -eps)
         derivative = (plus - minus) / (2 * eps)
         assert estimate.item() == pytest.approx(derivative, rel=2e-2, abs=1e-3), name
+
+
+def test_attribution_patching_needs_no_parameter_gradients(setup):
+    """A frozen model gives the same estimates: the gradients start at the hooked activations (GPT-Neo's patterns'
+    at hook_z, since the tensor its hook_pattern reports is then cut off from the output)."""
+    _, model, clean, corrupted, _, metric = setup
+    sites = ("z", "k", "pattern")
+    expected = [patching.attribution_patch_heads(model, clean, corrupted, metric, site) for site in sites]
+    model.requires_grad_(False)
+    try:
+        got = [patching.attribution_patch_heads(model, clean, corrupted, metric, site) for site in sites]
+    finally:
+        model.requires_grad_(True)
+    for site, value, reference in zip(sites, got, expected):
+        assert torch.allclose(value, reference, atol=1e-6), site
+        assert reference.abs().max() > 1e-5, site
 
 
 def test_attribution_by_position_sums_to_all_positions(setup):

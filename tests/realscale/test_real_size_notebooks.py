@@ -1,0 +1,87 @@
+"""The real-model path, end to end: each notebook on a checkpoint of its real model's config at real size.
+
+The checkpoints (`helpers.realsize`) have random weights and the real tokenizers, and load by folder path through
+`load_model`, as a downloaded model would. Sample sizes are cut so the tier fits CI; the code path is the notebooks'
+own. On random weights a run must complete, say that the toy's bars were not asserted, and find nothing: every
+acceptance line reads FAIL. Each run appends its wall time and peak memory to `runs/realscale/report.jsonl`.
+
+Run alone with `make realscale` (it fetches the tokenizers and builds the checkpoints the first time).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import nbformat
+import pytest
+
+from helpers import realsize
+from helpers.paths import REPO_ROOT
+
+REPORT = REPO_ROOT / "runs" / "realscale" / "report.jsonl"
+NOT_ASSERTED = "acceptance bars not asserted"
+
+# notebook -> (real config, reduced parameters); every other parameter keeps its default
+CASES = {
+    "02_arithmetic_heuristics": ("llama-3-shrunk", dict(
+        operators=["+", "-"], max_op=12, n_discovery=6, n_eval=6, require_correct=False, n_mean_reference=40,
+        probe_prompts=60, n_attribution_check=3, n_knockout_prompts=12, max_knockout_heuristics=4,
+        prompt_knockout_limits=[0, 1, 2], qk_max_op=12, batch_size=64)),
+    "03_syllogism_circuit": ("pythia-70m", dict(
+        pool_size=200, n_prompts=4, ld_threshold=-1000.0, max_movers=3)),
+    "04_german_context_neuron": ("pythia-70m", dict(
+        n_docs=12, max_tokens=48, batch_size=12, n_candidates=3, n_unigrams=20, max_rows=6)),
+    "05_sae_quote_features": ("tinystories-2layers-33m", dict(
+        n_stories=80, n_prompts=24, sae_steps=20, sae_batch_size=64, expansion_factor=1, n_candidates=3)),
+}
+
+
+def checkpoint(name: str) -> str:
+    try:
+        return str(realsize.build_checkpoint(name))
+    except realsize.FixtureError as error:
+        pytest.fail(f"{error}\nFetch the real tokenizers with: python -m helpers.realsize fetch")
+
+
+def run_notebook(stem: str, parameters: dict, out_dir) -> subprocess.CompletedProcess:
+    """Execute one notebook with papermill in a fresh process (so the report's peak memory is this notebook's)."""
+    command = [sys.executable, "-m", "helpers.run_notebooks", "--only", stem, "--out", str(out_dir),
+               "--report", str(REPORT), "--cell-timeout", "900"]
+    for name, value in parameters.items():
+        command += ["--set", f"{name}={value!r}"]
+    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+
+
+def summary_text(executed) -> str:
+    """The printed output of the notebook's checked summary cell (`# NBVAL_CHECK_OUTPUT`)."""
+    notebook = nbformat.read(executed, as_version=4)
+    cell = next(c for c in notebook.cells if c.cell_type == "code" and "NBVAL_CHECK_OUTPUT" in c.source)
+    return "".join(o.get("text", "") for o in cell.outputs if o.get("output_type") == "stream")
+
+
+@pytest.mark.parametrize("stem", list(CASES))
+def test_notebook_runs_on_its_real_size_checkpoint_and_finds_nothing_in_noise(stem, tmp_path):
+    config, reduced = CASES[stem]
+    parameters = {"model_name": checkpoint(config), "output_dir": str(tmp_path / "figs"), **reduced}
+    result = run_notebook(stem, parameters, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    summary = summary_text(tmp_path / f"{stem}.ipynb")
+    print(summary)
+    assert NOT_ASSERTED in summary
+    passes = [line for line in summary.splitlines() if line.startswith("PASS")]
+    assert not passes, f"random weights cannot show the phenomenon, yet the summary says {passes}"
+
+
+def test_syllogism_filter_that_keeps_too_few_prompts_names_the_parameter(tmp_path):
+    parameters = {"model_name": checkpoint("pythia-70m"), "output_dir": str(tmp_path / "figs"), "pool_size": 200}
+    result = run_notebook("03_syllogism_circuit", parameters, tmp_path)
+    assert result.returncode != 0
+    assert "lower ld_threshold (now 2.0)" in result.stderr + result.stdout
+
+
+def test_reference_figures_follow_the_model_not_its_name():
+    from helpers.models import load_model, reference_model
+
+    model = load_model(checkpoint("pythia-70m"), device="cpu")
+    assert reference_model(model) == "EleutherAI/pythia-70m"
+
