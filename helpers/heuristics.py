@@ -55,6 +55,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from helpers.cache import storable
+
 PAPER_MODULI: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8, 9, 11, 13, 15)
 OPERAND_RANGE_SIZES: dict[str, tuple[int, ...]] = {"+": (10, 30, 50, 100), "-": (10, 30, 50, 100),
                                                    "*": (3, 5, 10), "/": (10, 30, 50, 100)}
@@ -438,6 +440,7 @@ def multi_value_scores(kv_maps: Tensor, scheme: Scheme) -> list[dict[str, float]
     return out
 
 
+@storable
 @dataclass
 class HeuristicScores:
     """Classification of neurons into heuristics.

@@ -43,6 +43,19 @@ def notebooks(only: list[str] | None) -> list[Path]:
     return found
 
 
+def drop_machine_paths(notebook: Path) -> None:
+    """Rewrite papermill's absolute input/output paths as repository-relative ones, so a committed notebook holds
+    no path of the machine that ran it."""
+    import nbformat
+
+    executed = nbformat.read(notebook, as_version=4)
+    record = executed.metadata.get("papermill", {})
+    for key in ("input_path", "output_path"):
+        if key in record and Path(record[key]).is_relative_to(REPO_ROOT):
+            record[key] = str(Path(record[key]).relative_to(REPO_ROOT))
+    nbformat.write(executed, notebook)
+
+
 def write_report(report: Path, stem: str, parameters: dict, elapsed: float) -> None:
     """Append `{notebook, parameters, wall_s, peak_rss_gb}` to `report`. The peak is the largest resident memory of
     any kernel this process has run so far (exact for one notebook per process)."""
@@ -80,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                                    kernel_name="python3", progress_bar=False, execution_timeout=args.cell_timeout)
         elapsed = time.perf_counter() - start
         timings.append((notebook.stem, elapsed))
+        if args.inplace:
+            drop_machine_paths(output)
         if args.report is not None:
             write_report(args.report, notebook.stem, parameters, elapsed)
         print(f"{notebook.stem}: {elapsed:.0f} s -> {output.relative_to(REPO_ROOT) if output.is_relative_to(REPO_ROOT) else output}",

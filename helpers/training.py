@@ -2,6 +2,9 @@
 
 Seeded and deterministic on CPU, AdamW with the seeds' knobs, full-batch or minibatch, an eval callback, atomic
 checkpoints every N steps that make a run resumable, and tqdm progress.
+
+A checkpoint holds plain data only (tensors, numbers, strings, lists, tuples and dicts: the config and history go in
+as `asdict(...)`), so it is loaded with `torch.load(weights_only=True)` and no class of the project is allow-listed.
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from helpers import cache
 
 Batch = tuple[Tensor, ...]
 LossFn = Callable[[nn.Module, Batch], Tensor]
@@ -108,8 +113,12 @@ def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> dict:
-    """Load a checkpoint written by `train` into `model`; returns the whole checkpoint dict."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    """Load a checkpoint written by `train` into `model`; returns the whole checkpoint dict.
+
+    Loaded as plain data (`weights_only=True`): a file that would build any other object, such as a crafted
+    pickle that runs code, raises `pickle.UnpicklingError` instead.
+    """
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(checkpoint["model"])
     return checkpoint
 
@@ -158,7 +167,8 @@ def train(
         loss_fn: `(model, batch) -> scalar loss`.
         eval_fn: `(model) -> {"name": value}`, called under no_grad every `config.eval_every` steps.
         checkpoint_dir: where `step_N.pt` files go (model, optimiser state and history). With `resume`, training
-            continues from the newest one found there.
+            continues from the newest one found there. Stale temp files of killed checkpoint writes are removed
+            (`cache.remove_stale_temp_files`).
     """
     tensors: Batch = (data,) if isinstance(data, Tensor) else tuple(data)
     n_examples = len(tensors[0])
@@ -173,6 +183,7 @@ def train(
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
+        cache.remove_stale_temp_files(folder)
         existing = list_checkpoints(folder)
         if resume and existing:
             checkpoint = load_checkpoint(model, existing[-1][1])

@@ -1,10 +1,14 @@
 """The generic training loop: deterministic, resumable, respects frozen parameters, learns."""
 from __future__ import annotations
 
+import os
+import pickle
+import time
+
 import pytest
 import torch
 
-from helpers import training
+from helpers import cache, training
 from helpers.models import build_native_model
 from helpers.tasks.modular import last_position_loss, make_data
 from helpers.training import TrainConfig, list_checkpoints, train
@@ -60,6 +64,48 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert resumed_result.eval_steps == [5, 10, 15, 20]
     for name, value in weights(straight).items():
         assert torch.equal(value, weights(resumed)[name]), name
+
+
+def test_a_checkpoint_loads_back_weights_only(tmp_path):
+    config = TrainConfig(steps=2, lr=1e-2, batch_size=8, checkpoint_every=2, eval_every=1)
+    model = fresh_model()
+    train(model, data(), loss_fn, config, eval_fn=lambda m: {"loss": loss_fn(m, data())}, checkpoint_dir=tmp_path,
+          progress=False)
+    restored = fresh_model()
+    checkpoint = training.load_checkpoint(restored, list_checkpoints(tmp_path)[-1][1])
+    assert set(checkpoint) == {"step", "model", "optimizer", "history", "config"}
+    assert TrainConfig(**checkpoint["config"]) == config
+    assert training.TrainResult(**checkpoint["history"]).eval_steps == [1, 2]
+    torch.optim.AdamW(restored.parameters()).load_state_dict(checkpoint["optimizer"])
+    for name, value in weights(model).items():
+        assert torch.equal(value, weights(restored)[name]), name
+
+
+class RunsAShellCommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_forged_checkpoint_is_refused_not_executed(tmp_path):
+    marker = tmp_path / "executed"
+    torch.save({"model": {}, "step": RunsAShellCommand(marker)}, tmp_path / "step_0000001.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        training.load_checkpoint(fresh_model(), tmp_path / "step_0000001.pt")
+    assert not marker.exists()
+
+
+def test_training_removes_stale_temp_files_of_killed_checkpoint_writes(tmp_path):
+    stale, in_flight = tmp_path / ".step_0000001.pt-k1ll3d00", tmp_path / ".step_0000001.pt-wr1t1ng0"
+    for file in (stale, in_flight):
+        file.write_bytes(b"half a checkpoint")
+    long_ago = time.time() - 2 * cache.STALE_AFTER_S
+    os.utime(stale, (long_ago, long_ago))
+    train(fresh_model(), data(), loss_fn, TrainConfig(steps=1, checkpoint_every=1), checkpoint_dir=tmp_path,
+          progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [in_flight.name, "step_0000001.pt"]
 
 
 def test_frozen_parameters_do_not_move_and_loss_falls():

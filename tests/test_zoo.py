@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import time
 
 import pytest
 
@@ -39,6 +41,63 @@ def test_failed_save_leaves_the_old_checkpoint_intact(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["toy"]
     zoo.write_checkpoint_atomically(lambda tmp: (tmp / "config.json").write_text("new"), folder)
     assert (folder / "config.json").read_text() == "new"
+
+
+def save_text(text):
+    return lambda tmp: (tmp / "config.json").write_text(text)
+
+
+def age(path):
+    """Make `path` and everything in it look untouched for twice the staleness limit."""
+    long_ago = time.time() - 2 * zoo.STALE_AFTER_S
+    for item in [path, *path.rglob("*")]:
+        os.utime(item, (long_ago, long_ago))
+
+
+def strand(folder):
+    """What a kill between the two renames of `write_checkpoint_atomically` leaves: no `folder`, the previous
+    checkpoint stranded as `.NAME-old-PID`, and the finished new one still in its temp folder."""
+    zoo.write_checkpoint_atomically(save_text("old"), folder)
+    folder.rename(folder.with_name(f".{folder.name}-old-99999"))
+    new = folder.with_name(f".{folder.name}-a1b2c3d4")
+    new.mkdir()
+    save_text("new")(new)
+    return new
+
+
+def test_checkpoint_dir_recovers_a_checkpoint_stranded_by_a_kill(tmp_path, monkeypatch):
+    monkeypatch.setattr(zoo, "MODELS_DIR", tmp_path)
+    new = strand(tmp_path / "toy-stories")
+    folder = zoo.checkpoint_dir("toy-stories")
+    assert (folder / "config.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [new.name, "toy-stories"]  # a young temp may be a live save
+    age(new)
+    zoo.checkpoint_dir("toy-stories")
+    assert [p.name for p in tmp_path.iterdir()] == ["toy-stories"]
+
+
+def test_the_next_save_after_a_kill_recovers_then_replaces(tmp_path):
+    folder = tmp_path / "toy"
+    age(strand(folder))
+    zoo.write_checkpoint_atomically(save_text("newer"), folder)
+    assert (folder / "config.json").read_text() == "newer"
+    assert [p.name for p in tmp_path.iterdir()] == ["toy"]
+
+
+def test_recovery_removes_superseded_and_stale_leftovers_of_this_folder_only(tmp_path):
+    folder = tmp_path / "toy"
+    zoo.write_checkpoint_atomically(save_text("current"), folder)
+    leftovers = {name: tmp_path / name for name in
+                 [".toy-old-123", ".toy-k1ll3d00", ".toy-inflight", ".toy-stories-k1ll3d00", ".toy-stories-old-5"]}
+    for name, path in leftovers.items():
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"half")
+        if name != ".toy-inflight":
+            age(path)
+    zoo.recover_stranded(folder)
+    assert (folder / "config.json").read_text() == "current"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".toy-inflight", ".toy-stories-k1ll3d00",
+                                                           ".toy-stories-old-5", "toy"]
 
 
 def test_every_zoo_entry_has_a_recipe_module_and_a_checkpoint():

@@ -24,7 +24,7 @@ NOT_ASSERTED = "acceptance bars not asserted"
 # notebook -> (real config, reduced parameters); every other parameter keeps its default
 CASES = {
     "02_arithmetic_heuristics": ("llama-3-shrunk", dict(
-        operators=["+", "-"], max_op=12, n_discovery=6, n_eval=6, require_correct=False, n_mean_reference=40,
+        operators=["+", "-"], max_op=40, n_discovery=6, n_eval=6, require_correct=False, n_mean_reference=40,
         probe_prompts=60, n_attribution_check=3, n_knockout_prompts=12, max_knockout_heuristics=4,
         prompt_knockout_limits=[0, 1, 2], qk_max_op=12, batch_size=64)),
     "03_syllogism_circuit": ("pythia-70m", dict(
@@ -32,7 +32,8 @@ CASES = {
     "04_german_context_neuron": ("pythia-70m", dict(
         n_docs=12, max_tokens=48, batch_size=12, n_candidates=3, n_unigrams=20, max_rows=6)),
     "05_sae_quote_features": ("tinystories-2layers-33m", dict(
-        n_stories=80, n_prompts=24, sae_steps=20, sae_batch_size=64, expansion_factor=1, n_candidates=3)),
+        n_stories=60, n_prompts=16, n_eval_sequences=8, sae_steps=20, sae_batch_size=64, expansion_factor=1,
+        n_candidates=3)),
 }
 
 
