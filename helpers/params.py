@@ -214,7 +214,8 @@ SYLLOGISM_CIRCUIT = NotebookParameters(
     relations=(
         Relation("n_prompts even (both orders of each pair are kept together)", ("n_prompts",), lambda n: n % 2 == 0),
         Relation("n_prompts <= pool_size", ("n_prompts", "pool_size"), lambda n, pool: n <= pool),
-        Relation("benchmark_prompts <= n_prompts", ("benchmark_prompts", "n_prompts"), lambda b, n: b <= n),
+        Relation("benchmark_prompts <= n_prompts when run_benchmark", ("run_benchmark", "benchmark_prompts", "n_prompts"),
+                 lambda run, b, n: not run or b <= n),
     ),
 )
 

@@ -86,3 +86,32 @@ def test_reference_figures_follow_the_model_not_its_name():
     model = load_model(checkpoint("pythia-70m"), device="cpu")
     assert reference_model(model) == "EleutherAI/pythia-70m"
 
+
+
+def test_pythia_410m_runs_the_syllogism_pipeline_at_real_size():
+    """Notebook 03's real model at real size, through its helpers: the full notebook's exhaustive sweeps over 24 x 16
+    heads do not fit a 2-core CPU (its run on the Pythia-70m config above covers the same code path)."""
+    import pandas as pd
+    import torch
+    import transformer_lens.patching as tl_patching
+
+    from helpers import attribution, patching
+    from helpers.models import load_model, reference_model
+    from helpers.tasks import syllogisms
+
+    model = load_model(checkpoint("pythia-410m"), device="cpu")
+    assert reference_model(model) == "EleutherAI/pythia-410m"
+    data = syllogisms.build_dataset(model.tokenizer, syllogisms.make_syllogisms(n=400, seed=0)).subset(range(2))
+    with torch.no_grad():
+        clean_logits, clean_cache = model.run_with_cache(data.clean_tokens)
+        clean_ld = attribution.logit_diff(clean_logits, data.answers).item()
+        corrupted_ld = attribution.logit_diff(model(data.corrupted_tokens), data.answers).item()
+    dla = attribution.layer_attribution(model, clean_cache, data.answers)
+    assert abs(dla.values.sum().item() - clean_ld) < 1e-4 * max(1.0, abs(clean_ld))
+    metric = patching.normalised_logit_diff(data.answers, clean_ld, corrupted_ld)
+    final = [data.positions["final"]]
+    ours = patching.act_patch_layer_pos(model, data.corrupted_tokens, clean_cache, metric, positions=final)
+    index = pd.DataFrame({"layer": range(model.cfg.n_layers), "pos": final * model.cfg.n_layers})
+    theirs = tl_patching.generic_activation_patch(model, data.corrupted_tokens, clean_cache, metric,
+                                                  tl_patching.layer_pos_patch_setter, "resid_pre", index_df=index)
+    torch.testing.assert_close(ours[:, 0], theirs.cpu(), atol=1e-5, rtol=0)
