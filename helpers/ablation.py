@@ -214,20 +214,25 @@ def token_losses(model, tokens: Tensor, fwd_hooks: Sequence[Hook] = ()) -> Tenso
     """Next-token cross-entropy at every position: tokens `[batch, pos]` -> `[batch, pos - 1]` (entry `i` is the loss
     of predicting `tokens[:, i + 1]`), under `fwd_hooks`."""
     logits = model.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks)) if fwd_hooks else model(tokens)
-    return next_token_losses(logits, tokens)
+    return losses_from_logits(logits, tokens)
 
 
 LOSS_CHUNK = 2 ** 24  # floats of logits turned into losses at a time (64 MB in float32)
 
 
-def next_token_losses(logits: Tensor, tokens: Tensor) -> Tensor:
+def loss_chunk_rows(n_positions: int, d_vocab: int) -> int:
+    """Rows of `[rows, n_positions, d_vocab]` logits that stay near `LOSS_CHUNK` floats (at least one)."""
+    return max(1, LOSS_CHUNK // max(1, n_positions * d_vocab))
+
+
+def losses_from_logits(logits: Tensor, tokens: Tensor) -> Tensor:
     """Cross-entropy of `tokens[:, i + 1]` under `logits[:, i]`: logits `[batch, pos, vocab]` -> `[batch, pos - 1]`.
 
     Computed as `logsumexp - logit[target]` a few rows at a time, so no second `[batch, pos, vocab]` tensor (the
     log-softmax) is ever held: with a 50k vocabulary that copy is the largest allocation of a notebook.
     """
     targets = tokens[:, 1:, None].to(logits.device)
-    rows = max(1, LOSS_CHUNK // max(1, logits.shape[1] * logits.shape[2]))
+    rows = loss_chunk_rows(logits.shape[1], logits.shape[2])
     losses = []
     for start in range(0, len(logits), rows):
         chunk = logits[start:start + rows, :-1].float()

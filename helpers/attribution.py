@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from helpers.ablation import LOSS_CHUNK, next_token_losses
+from helpers.ablation import loss_chunk_rows, losses_from_logits
 
 
 @dataclass
@@ -310,28 +310,24 @@ def direct_patch_losses(model, tokens: Tensor, fwd_hooks, components: list[str] 
                                      for kind in ("attn", "mlp")]
     keep = lambda name: name in names  # noqa: E731
     clean_logits, clean = model.run_with_cache(tokens, names_filter=keep)
-    clean_losses = next_token_losses(clean_logits, tokens)
+    clean_losses = losses_from_logits(clean_logits, tokens)
     del clean_logits  # one [batch, pos, d_vocab] tensor at a time
     with model.hooks(fwd_hooks=list(fwd_hooks)):
         hooked_logits, hooked = model.run_with_cache(tokens, names_filter=keep)
-    hooked_losses = next_token_losses(hooked_logits, tokens)
+    hooked_losses = losses_from_logits(hooked_logits, tokens)
     del hooked_logits
     clean_stack, labels = decompose_resid(model, clean, pos=slice(None))
     hooked_stack, _ = decompose_resid(model, hooked, pos=slice(None))
     chosen = labels if components is None else list(components)
     patched = []
+    rows = loss_chunk_rows(tokens.shape[1], model.cfg.d_vocab)
     for name in chosen:
         i = labels.index(name)
         resid = clean[final] - clean_stack[i] + hooked_stack[i]
-        patched.append(torch.cat([next_token_losses(model.unembed(model.ln_final(resid[rows])), tokens[rows])
-                                  for rows in _row_chunks(resid, model.cfg.d_vocab)]))
+        patched.append(torch.cat([losses_from_logits(model.unembed(model.ln_final(resid[start:start + rows])),
+                                                     tokens[start:start + rows])
+                                  for start in range(0, len(resid), rows)]))
     return torch.stack(patched), chosen, clean_losses, hooked_losses
-
-
-def _row_chunks(resid: Tensor, d_vocab: int) -> list[slice]:
-    """Row slices of `resid [batch, pos, d_model]` whose logits stay near `LOSS_CHUNK` floats."""
-    rows = max(1, LOSS_CHUNK // max(1, resid.shape[1] * d_vocab))
-    return [slice(start, start + rows) for start in range(0, len(resid), rows)]
 
 
 # ---- one answer token at one position per prompt (SAE quotation notebook) ----------------------------------------

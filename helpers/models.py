@@ -82,8 +82,8 @@ def is_zoo_model(name: str | Path) -> bool:
     """True when `name` loads one of the project's toys (by zoo name or by its folder): their bars are asserted."""
     if zoo.is_zoo_name(str(name)):
         return True
-    path = Path(name).expanduser()
-    return path.is_dir() and any(path.resolve() == zoo.checkpoint_dir(toy).resolve() for toy in zoo.names())
+    path = Path(name).expanduser().resolve()
+    return path.name in zoo.ZOO and path.parent == zoo.MODELS_DIR.resolve()
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -239,15 +239,16 @@ def check_local_checkpoint(folder: Path) -> None:
             f"{folder} holds a {', '.join(architectures)}, not a causal language model: the notebooks need a model "
             "that predicts the next token (e.g. GPTNeoXForCausalLM, LlamaForCausalLM)")
     for weights in sorted(folder.glob("*.safetensors")):
-        _safetensors_keys(weights)
+        _check_readable(weights)
 
 
-def _safetensors_keys(path: Path) -> set[str]:
+def _check_readable(path: Path) -> None:
+    """Open a safetensors file's header (no weights read); a truncated or garbled file is named."""
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            return set(handle.keys())
+        with safe_open(str(path), framework="pt"):
+            pass
     except (SafetensorError, OSError) as error:
         raise UnsupportedCheckpointError(f"the weights file {path} is unreadable ({error}); "
                                          "it may be truncated: download or save it again") from error

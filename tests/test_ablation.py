@@ -98,7 +98,7 @@ def test_head_value_hooks_pin_one_head_from_a_position(setup):
         ablation.head_value_hooks({Component.neuron(0, 1): value})
 
 
-def test_next_token_losses_equal_cross_entropy_whatever_the_chunk(monkeypatch):
+def test_losses_from_logits_equal_cross_entropy_whatever_the_chunk(monkeypatch):
     from helpers import ablation
 
     generator = torch.Generator().manual_seed(0)
@@ -108,4 +108,4 @@ def test_next_token_losses_equal_cross_entropy_whatever_the_chunk(monkeypatch):
                                                  reduction="none").view(5, 6)
     for chunk in (1, 77, 2 ** 24):  # one row at a time, a few rows, everything at once
         monkeypatch.setattr(ablation, "LOSS_CHUNK", chunk)
-        torch.testing.assert_close(ablation.next_token_losses(logits, tokens), expected)
+        torch.testing.assert_close(ablation.losses_from_logits(logits, tokens), expected)
