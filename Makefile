@@ -8,8 +8,10 @@ TORCH_PIP_ARGS ?=
 # Exact versions of every other package, so nbval's checked outputs reproduce; CONSTRAINTS=/dev/null for the newest.
 CONSTRAINTS ?= constraints.txt
 STAMP := $(VENV)/.installed
+# the second environment: the newest transformer-lens 4.x, no sae-lens (see .ci/tl4_env.py)
+TL4_VENV ?= .venv-tl4
 
-.PHONY: setup run test unit realscale fixtures nbtest benchmark clean
+.PHONY: setup run test unit realscale fixtures nbtest tl4 key-figures benchmark clean
 
 setup: $(STAMP)
 
@@ -17,13 +19,13 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC) $(TORCH_PIP_ARGS)
-	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[sae]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[dev,sae]"
 	touch $(STAMP)
 
 run: setup
 	$(PY) -m helpers.run_notebooks
 
-test: unit realscale nbtest
+test: unit realscale nbtest tl4
 
 unit: setup fixtures
 	$(PY) -m pytest -q tests --ignore=tests/realscale
@@ -40,8 +42,17 @@ nbtest: setup
 	$(PY) -m pytest -q --nbval-lax --nbval-sanitize-with notebooks/sanitize.cfg notebooks
 	$(PY) -m helpers.run_notebooks --only 01_grokking --set task=addition --out runs/ci-addition
 
+# the core (everything but the SAE notebook's tests, which skip) on transformer-lens 4.x without sae-lens
+tl4: setup
+	$(PY) .ci/tl4_env.py $(VENV) $(TL4_VENV)
+	$(TL4_VENV)/bin/python -m pytest -q tests --ignore=tests/realscale
+
+# the README's static key figures (docs/figures/*.png) from the figures the last `make run` saved under figs/
+key-figures: setup
+	$(PY) -m helpers.key_figures
+
 benchmark: setup
 	$(PY) benchmarks/grokking_step.py
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(TL4_VENV) runs

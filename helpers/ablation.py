@@ -12,9 +12,11 @@ A component with `position=None` is ablated at every position, otherwise only at
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from helpers.components import Component, all_heads, all_mlps
@@ -180,13 +182,48 @@ def faithfulness(model, tokens: Tensor, circuit: Iterable[Component], metric: Me
             "faithfulness": (kept - empty) / denominator if denominator != 0 else float("nan")}
 
 
-# ---- pinned neurons and per-token losses (German context neuron notebook) ----------------------------------------
+# ---- neurons overwritten: masks, pinned values ------------------------------------------------------------------
+def _overwrite_neurons(act: Float[Tensor, "batch pos d_mlp"], mask: Bool[Tensor, "*batch d_mlp"],
+                       value: Float[Tensor, "*pos d_mlp"] | None, from_position: int
+                       ) -> Float[Tensor, "batch pos d_mlp"]:
+    """`act` with the masked neurons set to `value` (0 when None) at positions `>= from_position`. `mask` is
+    `[d_mlp]` (every prompt) or `[batch, d_mlp]` (per prompt); `value` `[d_mlp]` or `[pos, d_mlp]` (per position)."""
+    where = mask.to(act.device)
+    where = where[None, None] if where.dim() == 1 else where[:, None]            # [batch | 1, 1, d_mlp]
+    if from_position:
+        where = where & (torch.arange(act.shape[1], device=act.device) >= from_position)[None, :, None]
+    if value is None:
+        return act.masked_fill(where, 0.0)
+    value = value.to(act.device, act.dtype)
+    value = value[None, None] if value.dim() == 1 else value[None]               # [1, pos | 1, d_mlp]
+    return torch.where(where, value.expand_as(act), act)
+
+
+def neuron_mask_hooks(masks: dict[int, Bool[Tensor, "*batch d_mlp"]],
+                      fill: dict[int, Float[Tensor, "*pos d_mlp"]] | None = None, from_position: int = 0) -> list[Hook]:
+    """Hooks that ablate chosen MLP neurons (`blocks.{layer}.mlp.hook_post`), the same ones for every prompt or a
+    different set per prompt.
+
+    masks: `{layer: bool [d_mlp] or [batch, d_mlp]}`, True = ablate. fill: None writes 0 (zero ablation), else
+    `{layer: [pos, d_mlp] or [d_mlp]}`, e.g. a mean from `reference_activations` (`reference[name][0]`). Positions
+    before `from_position` are left alone.
+    """
+    def make(layer: int) -> Callable:
+        def hook(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001 - TransformerLens passes the hook point
+            return _overwrite_neurons(act, masks[layer], None if fill is None else fill[layer], from_position)
+
+        return hook
+
+    return [(Component.neuron(layer, 0).hook_name(), make(layer)) for layer in sorted(masks)]
+
+
 def neuron_value_hooks(values: dict, from_position: int = 0) -> list[Hook]:
     """Hooks that pin single MLP neurons to fixed values at every position `>= from_position` (the seed's
     "mean ablation": a neuron set to its mean over a reference distribution, e.g. English text).
 
     `values` maps `Component.neuron(layer, index)` or `(layer, index)` to a float (or 0-d tensor). Each layer's
-    neurons are written by one hook on `blocks.{layer}.mlp.hook_post`, each with its own value.
+    neurons are written by one hook on `blocks.{layer}.mlp.hook_post`, each with its own value (the same writer as
+    `neuron_mask_hooks`, with a mask of the pinned neurons).
     """
     grouped: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for key, value in values.items():
@@ -197,12 +234,14 @@ def neuron_value_hooks(values: dict, from_position: int = 0) -> list[Hook]:
 
     def make(pairs: list[tuple[int, float]]) -> Callable:
         index = torch.tensor([i for i, _ in pairs])
-        fill = torch.tensor([v for _, v in pairs])
+        pinned = torch.tensor([v for _, v in pairs])
 
         def hook(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
-            act = act.clone()
-            act[:, from_position:, index.to(act.device)] = fill.to(act.device, act.dtype)
-            return act
+            mask = torch.zeros(act.shape[-1], dtype=torch.bool)
+            mask[index] = True
+            value = torch.zeros(act.shape[-1])
+            value[index] = pinned
+            return _overwrite_neurons(act, mask, value, from_position)
 
         return hook
 
@@ -240,20 +279,113 @@ def losses_from_logits(logits: Tensor, tokens: Tensor) -> Tensor:
     return torch.cat(losses) if losses else logits.new_zeros((0, max(0, logits.shape[1] - 1)))
 
 
-# ---- normalised logit (arithmetic heuristics notebook) -------------------------------------------------------------
-def normalized_logit(answer_tokens: Tensor, pos: int = -1) -> Metric:
-    """`metric(logits)` = mean over prompts of `logit[answer] / max(logit)` at `pos` (Nikankin et al. Eq. 2's NL).
+# ---- normalised logit (Nikankin et al. Eq. 2) ---------------------------------------------------------------------
+def normalized_logits(answer_tokens: Int[Tensor, "batch"], pos: int = -1) -> Callable[[Tensor], Tensor]:
+    """`metric(logits)` = per prompt `logit[answer] / max(logit)` at `pos`: `[batch]` (Nikankin et al. Eq. 2's NL).
 
-    answer_tokens `[batch]`; works on logits `[batch, pos, vocab]` or `[batch, vocab]`. With `faithfulness` this gives
-    the paper's normalised-logit faithfulness, computed as a ratio of means (stable when a prompt's full and empty
-    values are close), 1 for the full model and 0 for the empty circuit.
-    """
-    def metric(logits: Tensor) -> Tensor:
+    Works on logits `[batch, pos, vocab]` or `[batch, vocab]`, and on batches that are several copies of the prompts
+    (as in batched sweeps: the answers are repeated)."""
+    def metric(logits: Tensor) -> Float[Tensor, "batch"]:
         last = (logits[:, pos] if logits.ndim == 3 else logits).float()
         answers = answer_tokens.to(last.device).repeat(len(last) // len(answer_tokens))
-        return (last.gather(1, answers[:, None])[:, 0] / last.max(dim=-1).values).mean()
+        return last.gather(1, answers[:, None])[:, 0] / last.max(dim=-1).values
 
     return metric
+
+
+def normalized_logit(answer_tokens: Int[Tensor, "batch"], pos: int = -1) -> Metric:
+    """`metric(logits)` = the mean over prompts of `normalized_logits`: a scalar, for `faithfulness` (which then
+    gives the normalised-logit faithfulness as a ratio of means)."""
+    per_prompt = normalized_logits(answer_tokens, pos)
+    return lambda logits: per_prompt(logits).mean()
+
+
+# ---- a circuit evaluator: many circuits, one prompt set --------------------------------------------------------
+@dataclass
+class Faithfulness:
+    """How much of the model's behaviour one circuit keeps, on an evaluator's prompts.
+
+    Attributes:
+        ratio_of_means: `(mean m_circuit - mean m_empty) / (mean m_full - mean m_empty)`: 1 for the full model, 0
+            for the empty circuit; stable when some prompt's full and empty values are close.
+        mean_of_ratios: the mean over prompts of `(m_circuit - m_empty) / (m_full - m_empty)` (Nikankin et al.
+            Eq. 2): the paper's figure; one prompt with `m_full ~ m_empty` can move it arbitrarily, and one with
+            `m_full == m_empty` (e.g. the answer still the top logit with everything ablated, NL = 1 in both runs)
+            makes it NaN, as Eq. 2 is undefined there.
+        circuit: `[batch]` the per-prompt metric of the circuit's run.
+    """
+
+    ratio_of_means: float
+    mean_of_ratios: float
+    circuit: Float[Tensor, "batch"]
+
+
+class CircuitEvaluator:
+    """Faithfulness of many circuits on one prompt set, with the full and empty runs made once.
+
+    A circuit is a set of components (heads, MLPs, positioned or not, see `complement`) kept intact while the rest
+    of `universe` is ablated; `kept_neurons={layer: [neuron, ...]}` also ablates every other neuron of those MLP
+    layers (`blocks.{layer}.mlp.hook_post`, every position), e.g. "the top-k neurons of each late MLP".
+
+        evaluate = CircuitEvaluator(model, tokens, normalized_logits(answers), reference=means)
+        evaluate([Component.head(2, 1), *all_mlps(n_layers)])            # ratio of means, a float
+        evaluate.faithfulness(circuit, kept_neurons={3: [5, 17]}).mean_of_ratios
+
+    Args:
+        tokens: `[batch, pos]` the prompts.
+        metric: per-prompt metric of the logits, `[batch]` (e.g. `normalized_logits(answers)`).
+        reference: `{hook_name: [1, pos, ...]}` mean (or resampled) activations from `reference_activations`, for
+            every hook of `universe` and, where neurons are kept, `blocks.{layer}.mlp.hook_post`; default computed
+            from `reference_tokens` (default `tokens`).
+    """
+
+    def __init__(self, model, tokens: Int[Tensor, "batch pos"], metric: Callable[[Tensor], Tensor], *,
+                 method: str = "mean", reference: dict[str, Tensor] | None = None,
+                 reference_tokens: Tensor | None = None, universe: Iterable[Component] | None = None,
+                 neuron_layers: Iterable[int] = (), seed: int = 0):
+        self.model, self.tokens, self.metric, self.method = model, tokens, metric, method
+        self.universe = circuit_universe(model) if universe is None else list(universe)
+        if method != "zero" and reference is None:
+            sites = self.universe + [Component.neuron(layer, 0) for layer in neuron_layers]
+            reference = reference_activations(model, tokens if reference_tokens is None else reference_tokens, sites,
+                                              method, seed)
+        self.reference = reference
+        with torch.no_grad():
+            self.full = metric(model(tokens)).float().cpu()
+            self.empty = self._run(ablation_hooks(self.universe, method, reference))
+
+    @torch.no_grad()
+    def _run(self, hooks: list[Hook]) -> Float[Tensor, "batch"]:
+        return self.metric(self.model.run_with_hooks(self.tokens, fwd_hooks=hooks)).float().cpu()
+
+    def neuron_hooks(self, kept_neurons: dict[int, Sequence[int]]) -> list[Hook]:
+        """Hooks that ablate every neuron of each layer in `kept_neurons` except the listed ones."""
+        masks = {}
+        for layer, keep in kept_neurons.items():
+            mask = torch.ones(self.model.cfg.d_mlp, dtype=torch.bool)
+            mask[list(keep)] = False
+            masks[layer] = mask
+        fill = None
+        if self.method != "zero":
+            fill = {layer: self.reference[Component.neuron(layer, 0).hook_name()][0] for layer in masks}
+        return neuron_mask_hooks(masks, fill)
+
+    def faithfulness(self, circuit: Iterable[Component],
+                     kept_neurons: dict[int, Sequence[int]] | None = None) -> Faithfulness:
+        """Both faithfulness figures of `circuit` (plus the kept neurons, if any); see `Faithfulness`."""
+        hooks = circuit_hooks(self.model, circuit, self.tokens.shape[1], self.method, self.reference, self.universe)
+        if kept_neurons:
+            hooks = hooks + self.neuron_hooks(kept_neurons)
+        kept = self._run(hooks)
+        full, empty = float(self.full.mean()), float(self.empty.mean())
+        denominator = full - empty
+        ratio = (float(kept.mean()) - empty) / denominator if denominator != 0 else float("nan")
+        per_prompt = (kept - self.empty) / (self.full - self.empty)
+        return Faithfulness(ratio, float(per_prompt.mean()), kept)
+
+    def __call__(self, circuit: Iterable[Component], kept_neurons: dict[int, Sequence[int]] | None = None) -> float:
+        """The ratio-of-means faithfulness of `circuit`."""
+        return self.faithfulness(circuit, kept_neurons).ratio_of_means
 
 
 def head_value_hooks(values: dict, from_position: int = 0) -> list[Hook]:

@@ -7,6 +7,10 @@ is linearised with the scale stored in the cache (`ln_final.hook_scale`, `[batch
 
     sum(layer_attribution(...).values) == mean logit difference      (to float rounding)
 
+Every result names its terms with `helpers.components.Component` (labels `EMBED`, `POS_EMBED`, `L3H2`, `ATTN3`,
+`ATTN_BIAS3`, `MLP3`, `UNEMBED_BIAS`, `RESID_PRE3`, ...), the vocabulary patching and ablation use too, so a DLA
+term can be patched or ablated by the component it names: `component.hook_name()`.
+
 How each final norm (`model.cfg.normalization_type`) is linearised, for one piece `x` of the residual stream:
 
     "LN", "LNPre"    w * (x - mean(x)) / scale    scale = sqrt(mean((resid - mean(resid))^2) + eps)
@@ -22,25 +26,46 @@ while an RMSNorm residual stream keeps its mean and centring it would be wrong.
 The decomposition of the final residual stream is `embed (+ pos_embed) + sum_l (attn_out_l + mlp_out_l)`; heads
 split `attn_out_l` into `z_h @ W_O[l, h]` plus the bias `b_O[l]` (zero where attention has no bias, as in Llama). The
 constant logit offset, `b @ W_U + b_U` (the final norm's bias and the unembedding bias, each where the model has
-one), is reported as the component `unembed_bias` so that nothing is left out.
+one), is reported as the component `UNEMBED_BIAS` so that nothing is left out.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from helpers.ablation import loss_chunk_rows, losses_from_logits
+from helpers.components import Component, as_components, final_resid_hook_name, hook_name
+
+Position = int | slice
 
 
 @dataclass
 class Attribution:
-    """Named contributions. `values[..., i]` belongs to `labels[i]`; `per_prompt` keeps the batch (`[..., batch]`)."""
+    """Contributions named by components: `values[i]` (mean over prompts) and `per_prompt[i]` (`[batch]`) belong to
+    `components[i]`.
 
-    values: Tensor
-    labels: list[str]
-    per_prompt: Tensor | None = None
+        result.components        [Component.embed(), Component.attn(0), ...]
+        result.labels            ['EMBED', 'ATTN0', ...]
+        result["MLP1"]           the value of one component, by label or by `Component.mlp(1)`
+        result.as_dict()         {'EMBED': 0.12, 'ATTN0': -0.4, ...}
+    """
+
+    values: Float[Tensor, "component"]
+    components: list[Component]
+    per_prompt: Float[Tensor, "component batch"] | None = None
+
+    @property
+    def labels(self) -> list[str]:
+        return [component.label for component in self.components]
+
+    def __getitem__(self, component: Component | str) -> float:
+        if isinstance(component, str):
+            component = Component.from_label(component)
+        return float(self.values[self.components.index(component)])
 
     def as_dict(self) -> dict[str, float]:
         return {label: float(value) for label, value in zip(self.labels, self.values)}
@@ -48,10 +73,6 @@ class Attribution:
 
 _NORMS = ("LN", "LNPre", "RMS", "RMSPre")
 _CENTRING_NORMS = ("LN", "LNPre")
-
-
-def _final_resid_name(model) -> str:
-    return f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
 
 
 def _param(owner, name: str) -> Tensor | None:
@@ -63,12 +84,12 @@ def _param(owner, name: str) -> Tensor | None:
         return None
 
 
-def _final_norm_weight(model) -> Tensor | None:
+def _final_norm_weight(model) -> Float[Tensor, "d_model"] | None:
     """The final norm's weight `w` `[d_model]`, None where it has none (LNPre, RMSPre, no final norm)."""
     return _param(model.ln_final, "w") if model.cfg.normalization_type in _NORMS else None
 
 
-def _final_scale(model, cache, index) -> Tensor | None:
+def _final_scale(model, cache, index) -> Float[Tensor, "batch 1"] | None:
     """The cached final-norm scale `ln_final.hook_scale[index]` (`[batch, 1]` for `index = (slice(None), pos)`),
     None for a model without a final norm."""
     if model.cfg.normalization_type not in _NORMS:
@@ -76,7 +97,8 @@ def _final_scale(model, cache, index) -> Tensor | None:
     return cache["ln_final.hook_scale"][index]
 
 
-def _linear_final_norm(model, stack: Tensor, scale: Tensor | None) -> Tensor:
+def _linear_final_norm(model, stack: Float[Tensor, "... batch d_model"], scale: Float[Tensor, "batch 1"] | None
+                       ) -> Float[Tensor, "... batch d_model"]:
     """The linear part of the final norm with a frozen scale: stack `[..., batch, d_model]` and scale `[batch, 1]`
     (or None) -> `w * centre(stack) / scale`, `[..., batch, d_model]`; only LayerNorm centres."""
     if model.cfg.normalization_type in _CENTRING_NORMS:
@@ -87,7 +109,7 @@ def _linear_final_norm(model, stack: Tensor, scale: Tensor | None) -> Tensor:
     return stack if weight is None else stack * weight.to(stack)
 
 
-def _logit_offset(model) -> Tensor | None:
+def _logit_offset(model) -> Float[Tensor, "d_vocab"] | None:
     """What every prompt adds to the logits whatever the residual stream: `b @ W_U + b_U` `[d_vocab]` (final-norm
     bias `b`, unembedding bias `b_U`, each where the model has one); None where it has neither."""
     norm_bias = _param(model.ln_final, "b") if model.cfg.normalization_type in _CENTRING_NORMS else None
@@ -98,14 +120,14 @@ def _logit_offset(model) -> Tensor | None:
     return offset if b_U is None else offset + b_U.to(offset)
 
 
-def logit_diff_directions(model, answer_tokens: Tensor) -> Tensor:
+def logit_diff_directions(model, answer_tokens: Int[Tensor, "batch 2"]) -> Float[Tensor, "batch d_model"]:
     """`W_U[:, correct] - W_U[:, wrong]`: `[batch, d_model]` for answer tokens `[batch, 2]`."""
     W_U = model.W_U
     answer_tokens = answer_tokens.to(W_U.device)
     return (W_U[:, answer_tokens[:, 0]] - W_U[:, answer_tokens[:, 1]]).T
 
 
-def unembed_bias_diff(model, answer_tokens: Tensor) -> Tensor:
+def unembed_bias_diff(model, answer_tokens: Int[Tensor, "batch 2"]) -> Float[Tensor, "batch"]:
     """`offset[correct] - offset[wrong]` for the constant logit offset `b @ W_U + b_U`: `[batch]` (zeros when the
     model has neither a final-norm bias nor an unembedding bias)."""
     offset = _logit_offset(model)
@@ -115,7 +137,9 @@ def unembed_bias_diff(model, answer_tokens: Tensor) -> Tensor:
     return offset[answer_tokens[:, 0]] - offset[answer_tokens[:, 1]]
 
 
-def logit_diff(logits: Tensor, answer_tokens: Tensor, pos: int = -1, per_prompt: bool = False) -> Tensor:
+def logit_diff(logits: Float[Tensor, "batch pos d_vocab"] | Float[Tensor, "batch d_vocab"],
+               answer_tokens: Int[Tensor, "batch 2"], pos: int = -1, per_prompt: bool = False
+               ) -> Float[Tensor, ""] | Float[Tensor, "batch"]:
     """Logit of the correct minus the wrong answer at `pos`: logits `[batch, pos, vocab]` or `[batch, vocab]`,
     answer tokens `[batch, 2]` -> scalar mean (or `[batch]` with `per_prompt`)."""
     if logits.ndim == 3:
@@ -126,7 +150,8 @@ def logit_diff(logits: Tensor, answer_tokens: Tensor, pos: int = -1, per_prompt:
     return diff if per_prompt else diff.mean()
 
 
-def apply_ln_final(stack: Tensor, cache, pos: int = -1) -> Tensor:
+def apply_ln_final(stack: Float[Tensor, "... batch d_model"], cache, pos: Position = -1
+                   ) -> Float[Tensor, "... batch d_model"]:
     """Linearised final norm of `cache.model` (the model that made the cache): centre each vector (LayerNorm only),
     divide by the cached scale at `pos` and multiply by the norm's weight (see the module docstring).
 
@@ -137,7 +162,8 @@ def apply_ln_final(stack: Tensor, cache, pos: int = -1) -> Tensor:
     return _linear_final_norm(model, stack, _final_scale(model, cache, (slice(None), pos)))
 
 
-def stack_to_logit_diff(stack: Tensor, cache, directions: Tensor, pos: int = -1, per_prompt: bool = False) -> Tensor:
+def stack_to_logit_diff(stack: Float[Tensor, "... batch d_model"], cache, directions: Float[Tensor, "batch d_model"],
+                        pos: int = -1, per_prompt: bool = False) -> Float[Tensor, "..."] | Float[Tensor, "... batch"]:
     """Project residual-stream pieces on the logit-difference directions.
 
     stack `[..., batch, d_model]` (values at position `pos`), directions `[batch, d_model]` -> `[...]` (mean over
@@ -148,71 +174,80 @@ def stack_to_logit_diff(stack: Tensor, cache, directions: Tensor, pos: int = -1,
     return values if per_prompt else values.mean(-1)
 
 
-def decompose_resid(model, cache, pos: int = -1) -> tuple[Tensor, list[str]]:
+def _embeddings(cache) -> list[Component]:
+    """`[EMBED]`, or `[EMBED, POS_EMBED]` for a model with learned positions."""
+    has_pos_embed = hook_name("pos_embed") in cache.keys()
+    return [Component.embed()] + ([Component.pos_embed()] if has_pos_embed else [])
+
+
+def decompose_resid(model, cache, pos: Position = -1) -> tuple[Float[Tensor, "component batch d_model"],
+                                                               list[Component]]:
     """The final residual stream at `pos` split into its writers.
 
-    Returns `(stack [n_components, batch, d_model], labels)` with labels `embed`, (`pos_embed`), `L0_attn`,
-    `L0_mlp`, ... Their sum is `blocks.{L-1}.hook_resid_post[:, pos]`.
+    Returns `(stack, components)` with components `EMBED`, (`POS_EMBED`), `ATTN0`, `MLP0`, `ATTN1`, ... Their sum is
+    `blocks.{L-1}.hook_resid_post[:, pos]`. (With a slice `pos` the stack is `[component, batch, pos, d_model]`.)
     """
-    pieces, labels = [cache["hook_embed"][:, pos]], ["embed"]
-    if "hook_pos_embed" in cache.keys():
-        pieces.append(cache["hook_pos_embed"][:, pos] if cache["hook_pos_embed"].ndim == 3
-                      else cache["hook_pos_embed"][pos].expand_as(pieces[0]))
-        labels.append("pos_embed")
-    for layer in range(model.cfg.n_layers):
-        pieces += [cache[f"blocks.{layer}.hook_attn_out"][:, pos], cache[f"blocks.{layer}.hook_mlp_out"][:, pos]]
-        labels += [f"L{layer}_attn", f"L{layer}_mlp"]
-    return torch.stack(pieces), labels
+    embeddings = _embeddings(cache)
+    pieces = [cache[hook_name("embed")][:, pos]]
+    if len(embeddings) == 2:
+        pos_embed = cache[hook_name("pos_embed")]
+        pieces.append(pos_embed[:, pos] if pos_embed.ndim == 3 else pos_embed[pos].expand_as(pieces[0]))
+    writers = [component for layer in range(model.cfg.n_layers)
+               for component in (Component.attn(layer), Component.mlp(layer))]
+    pieces += [cache[component.hook_name()][:, pos] for component in writers]
+    return torch.stack(pieces), embeddings + writers
 
 
-def accumulated_resid(model, cache, pos: int = -1) -> tuple[Tensor, list[str]]:
-    """The residual stream at `pos` before each layer and after the last: `([n_layers + 1, batch, d_model], labels)`
-    with labels `L0_pre`, ..., `final_post`."""
+def accumulated_resid(model, cache, pos: int = -1) -> tuple[Float[Tensor, "layer_plus_1 batch d_model"],
+                                                            list[Component]]:
+    """The residual stream at `pos` before each layer and after the last: `(stack, components)` with components
+    `RESID_PRE0`, ..., `RESID_PRE{L-1}`, `RESID_POST{L-1}`."""
     n_layers = model.cfg.n_layers
-    stack = [cache[f"blocks.{layer}.hook_resid_pre"][:, pos] for layer in range(n_layers)]
-    stack.append(cache[_final_resid_name(model)][:, pos])
-    return torch.stack(stack), [f"L{layer}_pre" for layer in range(n_layers)] + ["final_post"]
+    components = [Component.resid(layer) for layer in range(n_layers)]
+    components.append(Component.resid(n_layers - 1, where="post"))
+    return torch.stack([cache[component.hook_name()][:, pos] for component in components]), components
 
 
-def head_results(model, cache, layer: int, pos: int = -1) -> Tensor:
+def head_results(model, cache, layer: int, pos: int = -1) -> Float[Tensor, "batch head d_model"]:
     """Each head's write to the residual stream at `pos`: `z[:, pos] @ W_O[layer]` -> `[batch, n_heads, d_model]`
     (without the shared bias `b_O[layer]`)."""
-    z = cache[f"blocks.{layer}.attn.hook_z"][:, pos]  # [batch, head, d_head]
+    z = cache[hook_name("head", layer)][:, pos]  # [batch, head, d_head]
     return torch.einsum("bhd,hdm->bhm", z, model.W_O[layer].to(z.dtype))
 
 
-def _attn_bias(model, layer: int, like: Tensor) -> Tensor:
+def _attn_bias(model, layer: int, like: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
     """The attention output bias `b_O[layer]` broadcast to `like` `[..., d_model]`; zeros where the layer's attention
     has no output bias (Llama)."""
     bias = _param(model.blocks[layer].attn, "b_O")
     return torch.zeros_like(like) if bias is None else bias.to(like).expand_as(like)
 
 
-def layer_attribution(model, cache, answer_tokens: Tensor, pos: int = -1) -> Attribution:
-    """DLA of `embed`, every `L{l}_attn` / `L{l}_mlp`, and `unembed_bias`: values `[n_components]`.
+def layer_attribution(model, cache, answer_tokens: Int[Tensor, "batch 2"], pos: int = -1) -> Attribution:
+    """DLA of `EMBED`, (`POS_EMBED`), every `ATTN{l}` / `MLP{l}`, and `UNEMBED_BIAS`: values `[n_components]`.
 
     The values sum to the mean logit difference at `pos`.
     """
-    stack, labels = decompose_resid(model, cache, pos)
+    stack, components = decompose_resid(model, cache, pos)
     directions = logit_diff_directions(model, answer_tokens)
     per_prompt = stack_to_logit_diff(stack, cache, directions, pos, per_prompt=True)
     bias = unembed_bias_diff(model, answer_tokens).to(per_prompt)
     per_prompt = torch.cat([per_prompt, bias[None]])
-    return Attribution(per_prompt.mean(-1), labels + ["unembed_bias"], per_prompt)
+    return Attribution(per_prompt.mean(-1), components + [Component.unembed_bias()], per_prompt)
 
 
-def logit_lens(model, cache, answer_tokens: Tensor, pos: int = -1) -> Attribution:
-    """Logit difference read from the accumulated residual stream before each layer (final norm linearised with the
-    cached scale of the final residual stream, plus the constant offset `unembed_bias`): values `[n_layers + 1]`;
-    the last equals the model's logit difference."""
-    stack, labels = accumulated_resid(model, cache, pos)
+def logit_lens(model, cache, answer_tokens: Int[Tensor, "batch 2"], pos: int = -1) -> Attribution:
+    """Logit difference read from the accumulated residual stream before each layer (`RESID_PRE{l}`) and after the
+    last (`RESID_POST{L-1}`), final norm linearised with the cached scale of the final residual stream, plus the
+    constant offset `UNEMBED_BIAS`: values `[n_layers + 1]`; the last equals the model's logit difference."""
+    stack, components = accumulated_resid(model, cache, pos)
     directions = logit_diff_directions(model, answer_tokens)
     per_prompt = stack_to_logit_diff(stack, cache, directions, pos, per_prompt=True)
     per_prompt = per_prompt + unembed_bias_diff(model, answer_tokens).to(per_prompt)
-    return Attribution(per_prompt.mean(-1), labels, per_prompt)
+    return Attribution(per_prompt.mean(-1), components, per_prompt)
 
 
-def head_attribution(model, cache, answer_tokens: Tensor, pos: int = -1, per_prompt: bool = False) -> Tensor:
+def head_attribution(model, cache, answer_tokens: Int[Tensor, "batch 2"], pos: int = -1, per_prompt: bool = False
+                     ) -> Float[Tensor, "layer head"] | Float[Tensor, "layer head batch"]:
     """DLA of every head at `pos`: `[n_layers, n_heads]` (or `[n_layers, n_heads, batch]` with `per_prompt`)."""
     directions = logit_diff_directions(model, answer_tokens)
     rows = []
@@ -222,36 +257,37 @@ def head_attribution(model, cache, answer_tokens: Tensor, pos: int = -1, per_pro
     return torch.stack(rows)
 
 
-def full_attribution(model, cache, answer_tokens: Tensor, pos: int = -1) -> Attribution:
-    """Finest exact split: `embed`, (`pos_embed`), every head `L{l}H{h}`, each layer's `L{l}_attn_bias` (zero
-    without an attention bias), every `L{l}_mlp`, and `unembed_bias`: values `[n_components]`, per_prompt
+def full_attribution(model, cache, answer_tokens: Int[Tensor, "batch 2"], pos: int = -1) -> Attribution:
+    """Finest exact split: `EMBED`, (`POS_EMBED`), every head `L{l}H{h}`, each layer's `ATTN_BIAS{l}` (zero
+    without an attention bias), every `MLP{l}`, and `UNEMBED_BIAS`: values `[n_components]`, per_prompt
     `[n_components, batch]`. Values sum to the mean logit difference."""
     directions = logit_diff_directions(model, answer_tokens)
     pieces: list[Tensor] = []
-    labels: list[str] = []
-    stack, names = decompose_resid(model, cache, pos)
-    for piece, name in zip(stack, names):
-        if name in ("embed", "pos_embed"):
+    components: list[Component] = []
+    stack, writers = decompose_resid(model, cache, pos)
+    for piece, writer in zip(stack, writers):
+        if writer.kind in ("embed", "pos_embed"):
             pieces.append(stack_to_logit_diff(piece, cache, directions, pos, per_prompt=True))
-            labels.append(name)
+            components.append(writer)
     heads = head_attribution(model, cache, answer_tokens, pos, per_prompt=True)  # [L, H, batch]
     for layer in range(model.cfg.n_layers):
         for head in range(model.cfg.n_heads):
             pieces.append(heads[layer, head])
-            labels.append(f"L{layer}H{head}")
+            components.append(Component.head(layer, head))
         pieces.append(stack_to_logit_diff(_attn_bias(model, layer, stack[0]), cache, directions, pos,
                                           per_prompt=True))
-        labels.append(f"L{layer}_attn_bias")
-        pieces.append(stack_to_logit_diff(cache[f"blocks.{layer}.hook_mlp_out"][:, pos], cache, directions, pos,
+        components.append(Component.attn_bias(layer))
+        pieces.append(stack_to_logit_diff(cache[hook_name("mlp", layer)][:, pos], cache, directions, pos,
                                           per_prompt=True))
-        labels.append(f"L{layer}_mlp")
+        components.append(Component.mlp(layer))
     pieces.append(unembed_bias_diff(model, answer_tokens).to(pieces[0]))
-    labels.append("unembed_bias")
+    components.append(Component.unembed_bias())
     per_prompt = torch.stack(pieces)
-    return Attribution(per_prompt.mean(-1), labels, per_prompt)
+    return Attribution(per_prompt.mean(-1), components, per_prompt)
 
 
-def top_components(values: Tensor, k: int, largest: bool = True) -> list[tuple[tuple[int, ...], float]]:
+def top_components(values: Float[Tensor, "..."], k: int, largest: bool = True
+                   ) -> list[tuple[tuple[int, ...], float]]:
     """The `k` largest (or smallest) entries of a map such as `[n_layers, n_heads]`: `[((layer, head), value), ...]`."""
     flat = values.flatten()
     k = min(k, flat.numel())
@@ -259,14 +295,15 @@ def top_components(values: Tensor, k: int, largest: bool = True) -> list[tuple[t
     return [(tuple(int(i) for i in torch.unravel_index(idx, values.shape)), float(flat[idx])) for idx in order]
 
 
-def attention_vs_contribution(model, cache, answer_tokens: Tensor, layer: int, head: int, query_pos: int,
-                              key_positions: Tensor, answer_column: int = 0) -> tuple[Tensor, Tensor]:
+def attention_vs_contribution(model, cache, answer_tokens: Int[Tensor, "batch 2"], layer: int, head: int,
+                              query_pos: int, key_positions: Int[Tensor, "batch"], answer_column: int = 0
+                              ) -> tuple[Float[Tensor, "batch"], Float[Tensor, "batch"]]:
     """For one head: attention from `query_pos` to `key_positions[i]` and the head's DLA along the direction of
     answer column `answer_column` (0 correct, 1 wrong) at `query_pos`, per prompt.
 
     key_positions `[batch]` (int) -> `(attention [batch], contribution [batch])`.
     """
-    pattern = cache[f"blocks.{layer}.attn.hook_pattern"][:, head, query_pos]  # [batch, key]
+    pattern = cache[hook_name("head", layer, "pattern")][:, head, query_pos]  # [batch, key]
     attention = pattern.gather(1, key_positions.to(pattern.device)[:, None].long())[:, 0]
     directions = model.W_U[:, answer_tokens[:, answer_column].to(model.W_U.device)].T  # [batch, d_model]
     result = head_results(model, cache, layer, query_pos)[:, head]  # [batch, d_model]
@@ -275,39 +312,44 @@ def attention_vs_contribution(model, cache, answer_tokens: Tensor, layer: int, h
 
 
 # ---- every position, next-token views (German context neuron notebook) -------------------------------------------
-def next_token_dla(model, cache, tokens: Tensor) -> tuple[Tensor, list[str]]:
+def next_token_dla(model, cache, tokens: Int[Tensor, "batch pos"]
+                   ) -> tuple[Float[Tensor, "component batch pos_minus_1"], list[Component]]:
     """DLA on the correct next token at every position.
 
     tokens `[batch, pos]` and the cache of `model.run_with_cache(tokens)` -> `(values [n_components, batch, pos - 1],
-    labels)` with labels `embed`, `L0_attn`, `L0_mlp`, ..., `unembed_bias`; summed over components they give the
-    logit of `tokens[:, i + 1]` at position `i` (final norm linearised with the cached scale).
+    components)` with components `EMBED`, (`POS_EMBED`), `ATTN0`, `MLP0`, ..., `UNEMBED_BIAS`; summed over
+    components they give the logit of `tokens[:, i + 1]` at position `i` (final norm linearised with the cached
+    scale).
     """
-    stack, labels = decompose_resid(model, cache, pos=slice(None, -1))    # [n, batch, pos-1, d_model]
+    stack, components = decompose_resid(model, cache, pos=slice(None, -1))    # [n, batch, pos-1, d_model]
     scaled = apply_ln_final(stack, cache, pos=slice(None, -1))
     targets = tokens[:, 1:].to(model.W_U.device)
     directions = model.W_U.T[targets]                                      # [batch, pos-1, d_model]
     values = (scaled * directions.to(scaled.dtype)).sum(-1)
     offset = _logit_offset(model)
     bias = offset[targets] if offset is not None else torch.zeros_like(values[0])
-    return torch.cat([values, bias[None].to(values)]), labels + ["unembed_bias"]
+    return torch.cat([values, bias[None].to(values)]), components + [Component.unembed_bias()]
 
 
 @torch.no_grad()
-def direct_patch_losses(model, tokens: Tensor, fwd_hooks, components: list[str] | None = None
-                        ) -> tuple[Tensor, list[str], Tensor, Tensor]:
+def direct_patch_losses(model, tokens: Int[Tensor, "batch pos"], fwd_hooks,
+                        components: Iterable[Component | str] | None = None
+                        ) -> tuple[Float[Tensor, "component batch pos_minus_1"], list[Component],
+                                   Float[Tensor, "batch pos_minus_1"], Float[Tensor, "batch pos_minus_1"]]:
     """Direct effect of an intervention through each writer of the final residual stream, on the next-token loss.
 
-    Runs `tokens [batch, pos]` clean and under `fwd_hooks`. For each component (`embed`, `L{l}_attn`, `L{l}_mlp`;
-    all, or those named in `components`) the clean final residual stream gets that component's output from the
-    hooked run instead of its clean one; the final LayerNorm and unembedding are recomputed (the seed's
-    `get_direct_loss_increase_for_component`). The effects of different components are not additive.
+    Runs `tokens [batch, pos]` clean and under `fwd_hooks`. For each component (`EMBED`, `ATTN{l}`, `MLP{l}`; all,
+    or those given in `components`, as Components or labels) the clean final residual stream gets
+    that component's output from the hooked run instead of its clean one; the final LayerNorm and unembedding are
+    recomputed (the seed's `get_direct_loss_increase_for_component`). The effects of different components are not
+    additive.
 
-    Returns `(patched [n_components, batch, pos - 1], labels, clean [batch, pos - 1], hooked [batch, pos - 1])`, all
-    per-token losses.
+    Returns `(patched [n_components, batch, pos - 1], components, clean [batch, pos - 1], hooked [batch, pos - 1])`,
+    all per-token losses.
     """
-    final = _final_resid_name(model)
-    names = ["hook_embed", final] + [f"blocks.{layer}.hook_{kind}_out" for layer in range(model.cfg.n_layers)
-                                     for kind in ("attn", "mlp")]
+    final = final_resid_hook_name(model)
+    names = [hook_name("embed"), final] + [hook_name(kind, layer) for layer in range(model.cfg.n_layers)
+                                           for kind in ("attn", "mlp")]
     keep = lambda name: name in names  # noqa: E731
     clean_logits, clean = model.run_with_cache(tokens, names_filter=keep)
     clean_losses = losses_from_logits(clean_logits, tokens)
@@ -316,13 +358,13 @@ def direct_patch_losses(model, tokens: Tensor, fwd_hooks, components: list[str] 
         hooked_logits, hooked = model.run_with_cache(tokens, names_filter=keep)
     hooked_losses = losses_from_logits(hooked_logits, tokens)
     del hooked_logits
-    clean_stack, labels = decompose_resid(model, clean, pos=slice(None))
+    clean_stack, writers = decompose_resid(model, clean, pos=slice(None))
     hooked_stack, _ = decompose_resid(model, hooked, pos=slice(None))
-    chosen = labels if components is None else list(components)
+    chosen = writers if components is None else as_components(components)
     patched = []
     rows = loss_chunk_rows(tokens.shape[1], model.cfg.d_vocab)
-    for name in chosen:
-        i = labels.index(name)
+    for component in chosen:
+        i = writers.index(component)
         resid = clean[final] - clean_stack[i] + hooked_stack[i]
         patched.append(torch.cat([losses_from_logits(model.unembed(model.ln_final(resid[start:start + rows])),
                                                      tokens[start:start + rows])
@@ -331,16 +373,17 @@ def direct_patch_losses(model, tokens: Tensor, fwd_hooks, components: list[str] 
 
 
 # ---- one answer token at one position per prompt (SAE quotation notebook) ----------------------------------------
-def token_attribution_at(model, cache, answers: Tensor, positions: Tensor) -> Attribution:
+def token_attribution_at(model, cache, answers: Int[Tensor, "batch"], positions: Int[Tensor, "batch"]
+                         ) -> Attribution:
     """DLA of one answer token per prompt at one position per prompt (prompts of different lengths, right-padded).
 
     answers `[batch]` (token ids), positions `[batch]` (index of each prompt's predicting position) and the cache of
     `model.run_with_cache(tokens)` -> values `[n_components]` (mean over prompts) and per_prompt
-    `[n_components, batch]`, with labels `embed`, (`pos_embed`), every head `L{l}H{h}`, `L{l}_attn_bias`, `L{l}_mlp`
-    and `unembed_bias`. The components sum to the answer's logit at that position (final norm linearised with the
-    cached scale; with center_unembed that logit is relative to the mean over the vocabulary).
+    `[n_components, batch]`, with components `EMBED`, (`POS_EMBED`), every head `L{l}H{h}`, `ATTN_BIAS{l}`,
+    `MLP{l}` and `UNEMBED_BIAS`. The components sum to the answer's logit at that position (final norm linearised
+    with the cached scale; with center_unembed that logit is relative to the mean over the vocabulary).
     """
-    device = cache["hook_embed"].device
+    device = cache[hook_name("embed")].device
     rows = torch.arange(len(positions), device=device)
     positions = positions.to(device).long()
     scale = _final_scale(model, cache, (rows, positions))  # [batch, 1] or None
@@ -349,47 +392,47 @@ def token_attribution_at(model, cache, answers: Tensor, positions: Tensor) -> At
     def project(vectors: Tensor) -> Tensor:  # [..., batch, d_model] -> [..., batch]
         return (_linear_final_norm(model, vectors, scale) * directions.to(vectors.dtype)).sum(-1)
 
-    pieces, labels = [project(cache["hook_embed"][rows, positions])], ["embed"]
-    if "hook_pos_embed" in cache.keys():
-        pos_embed = cache["hook_pos_embed"]
+    components = _embeddings(cache)
+    pieces = [project(cache[hook_name("embed")][rows, positions])]
+    if len(components) == 2:
+        pos_embed = cache[hook_name("pos_embed")]
         pieces.append(project(pos_embed[rows, positions] if pos_embed.ndim == 3 else pos_embed[positions]))
-        labels.append("pos_embed")
     for layer in range(model.cfg.n_layers):
-        z = cache[f"blocks.{layer}.attn.hook_z"][rows, positions]  # [batch, head, d_head]
+        z = cache[hook_name("head", layer)][rows, positions]  # [batch, head, d_head]
         results = torch.einsum("bhd,hdm->hbm", z, model.W_O[layer].to(z.dtype))
         pieces.extend(project(results).unbind(0))
-        labels += [f"L{layer}H{head}" for head in range(model.cfg.n_heads)]
+        components += [Component.head(layer, head) for head in range(model.cfg.n_heads)]
         pieces.append(project(_attn_bias(model, layer, results[0])))
-        labels.append(f"L{layer}_attn_bias")
-        pieces.append(project(cache[f"blocks.{layer}.hook_mlp_out"][rows, positions]))
-        labels.append(f"L{layer}_mlp")
+        components.append(Component.attn_bias(layer))
+        pieces.append(project(cache[hook_name("mlp", layer)][rows, positions]))
+        components.append(Component.mlp(layer))
     offset = _logit_offset(model)
     pieces.append(torch.zeros_like(pieces[0]) if offset is None else offset[answers.to(offset.device)].to(pieces[0]))
-    labels.append("unembed_bias")
+    components.append(Component.unembed_bias())
     per_prompt = torch.stack(pieces)
-    return Attribution(per_prompt.mean(-1), labels, per_prompt)
+    return Attribution(per_prompt.mean(-1), components, per_prompt)
 
 
 # ---- who writes a direction (German context neuron notebook) -----------------------------------------------------
-def direction_writes(model, cache, direction: Tensor) -> tuple[Tensor, list[str]]:
+def direction_writes(model, cache, direction: Float[Tensor, "d_model"]
+                     ) -> tuple[Float[Tensor, "component batch pos"], list[Component]]:
     """Every writer of the final residual stream projected on one residual direction, at every position.
 
     `direction [d_model]` and the cache of `model.run_with_cache(tokens)` -> `(values [n_components, batch, pos],
-    labels)` with labels `embed`, (`pos_embed`), `L{l}H{h}` for each head (its `z @ W_O`), `L{l}_attn_bias`,
-    `L{l}_mlp`. Summed over components they give `final_resid @ direction`. Used to ask which component carries a
+    components)` with components `EMBED`, (`POS_EMBED`), `L{l}H{h}` for each head (its `z @ W_O`), `ATTN_BIAS{l}`,
+    `MLP{l}`. Summed over components they give `final_resid @ direction`. Used to ask which component carries a
     feature such as the document's language.
     """
     direction = direction.to(model.W_O.device, model.W_O.dtype)
-    values, labels = [cache["hook_embed"] @ direction], ["embed"]
-    if "hook_pos_embed" in cache.keys():
-        pos_embed = cache["hook_pos_embed"]
-        values.append((pos_embed @ direction).expand_as(values[0]))
-        labels.append("pos_embed")
+    components = _embeddings(cache)
+    values = [cache[hook_name("embed")] @ direction]
+    if len(components) == 2:
+        values.append((cache[hook_name("pos_embed")] @ direction).expand_as(values[0]))
     for layer in range(model.cfg.n_layers):
-        z = cache[f"blocks.{layer}.attn.hook_z"]                                   # [batch, pos, head, d_head]
+        z = cache[hook_name("head", layer)]                                        # [batch, pos, head, d_head]
         per_head = torch.einsum("bphd,hd->hbp", z, model.W_O[layer] @ direction)
-        attn_bias = cache[f"blocks.{layer}.hook_attn_out"] @ direction - per_head.sum(0)
-        values += [*per_head, attn_bias, cache[f"blocks.{layer}.hook_mlp_out"] @ direction]
-        labels += [f"L{layer}H{head}" for head in range(model.cfg.n_heads)]
-        labels += [f"L{layer}_attn_bias", f"L{layer}_mlp"]
-    return torch.stack(values), labels
+        attn_bias = cache[hook_name("attn", layer)] @ direction - per_head.sum(0)
+        values += [*per_head, attn_bias, cache[hook_name("mlp", layer)] @ direction]
+        components += [Component.head(layer, head) for head in range(model.cfg.n_heads)]
+        components += [Component.attn_bias(layer), Component.mlp(layer)]
+    return torch.stack(values), components

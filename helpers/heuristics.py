@@ -1,9 +1,11 @@
 """Arithmetic heuristics (Nikankin et al., "Arithmetic Without Algorithms", ICLR 2025): neuron activation maps over
 operand pairs, the heuristic scheme, classification of neurons into heuristics, and the knockout experiments.
 
-Everything here takes tensors (operand pairs, results, tokens, answer token ids) and the model; nothing imports a
-task module. Shapes: `pairs [N, 2]` long (op1, op2), `results [N]` long, `tokens [N, seq]` (answer read at the last
-position), maps `[n_neurons, N]`.
+This module is the study's own: the localisation steps before it (IE maps, circuit, probes, top-k neurons) are in
+`helpers.arithmetic_circuit`, the generic head views in `helpers.attention`, neuron ablation hooks in
+`helpers.ablation`. Everything here takes tensors (operand pairs, results, tokens, answer token ids) and the model;
+nothing imports a task module. Shapes: `pairs [N, 2]` long (op1, op2), `results [N]` long, `tokens [N, seq]` (answer
+read at the last position), maps `[n_neurons, N]`.
 
 Maps (paper Fig. 6, Algorithm 1). For an MLP neuron (layer l, index n) and the prompts of all operand pairs:
     K map:  its activation `blocks.l.mlp.hook_post[:, -1, n]` (the "key" of the neuron read as a key/value memory)
@@ -53,9 +55,13 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from helpers.ablation import neuron_mask_hooks
 from helpers.cache import storable
+from helpers.components import device_of, hook_name
+from helpers.components import hook_name
 
 PAPER_MODULI: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8, 9, 11, 13, 15)
 OPERAND_RANGE_SIZES: dict[str, tuple[int, ...]] = {"+": (10, 30, 50, 100), "-": (10, 30, 50, 100),
@@ -262,7 +268,8 @@ def _add_family(families: list[Family], feature: Tensor, names: Sequence[str], d
     families.append(Family(remap[torch.where(feature >= 0, feature, len(names))], [names[j] for j in keep], direct))
 
 
-def build_scheme(pairs: Tensor, results: Tensor, operator: str, *, moduli: Sequence[int] = PAPER_MODULI,
+def build_scheme(pairs: Int[Tensor, "N 2"], results: Int[Tensor, "N"], operator: str, *,
+                 moduli: Sequence[int] = PAPER_MODULI,
                  operand_range_sizes: Sequence[int] | None = None, result_range_sizes: Sequence[int] | None = None,
                  range_step: int = 10, pattern_width: int = 3, min_relevant: int = 10,
                  multi_value_sizes: Sequence[int] | None = None, multi_value_top: int = 1000) -> Scheme:
@@ -382,12 +389,20 @@ def chance_corrected(hits: Tensor, sizes: Tensor, n: int) -> Tensor:
     return (hits / sizes - base) / (1 - base)
 
 
-def score_maps(maps: Tensor, scheme: Scheme, check_bottom: bool) -> tuple[Tensor, Tensor]:
+def precision_at_size(hits: Tensor, sizes: Tensor, n: int) -> Tensor:  # noqa: ARG001 - chance_corrected's signature
+    """`hits/|R|`: the fraction of the top-|R| pairs that lie in R, the paper's statistic (Algorithm 1), not corrected
+    for chance: a heuristic that concerns 60% of the pairs scores 0.6 on any map."""
+    return hits / sizes.to(hits.dtype)
+
+
+def score_maps(maps: Float[Tensor, "m N"], scheme: Scheme, check_bottom: bool, chance_correct: bool = True
+               ) -> tuple[Float[Tensor, "m H"], Bool[Tensor, "m H"]]:
     """Score every heuristic of `scheme` on `maps [m, N]` (rows aligned with `scheme.pairs`).
 
     Returns `(scores [m, H], from_bottom [m, H] bool)`; with `check_bottom` the score is the max of the map and its
-    negation (the bottom of the map).
+    negation (the bottom of the map). `chance_correct=False` gives the paper's uncorrected precision.
     """
+    statistic = chance_corrected if chance_correct else precision_at_size
     maps = maps.float()
     n = scheme.n_pairs
     if maps.shape[-1] != n:
@@ -397,7 +412,7 @@ def score_maps(maps: Tensor, scheme: Scheme, check_bottom: bool) -> tuple[Tensor
     per_family = []
     for family in scheme.families:
         sizes = torch.bincount(family.feature[family.feature >= 0], minlength=len(family.names))
-        per_family.append(chance_corrected(_family_hits(family.feature, sizes, ranks), sizes, n))
+        per_family.append(statistic(_family_hits(family.feature, sizes, ranks), sizes, n))
     scores = torch.cat(per_family, dim=1) if per_family else torch.zeros(len(stacked), 0)
     if not check_bottom:
         return scores, torch.zeros_like(scores, dtype=torch.bool)
@@ -406,7 +421,8 @@ def score_maps(maps: Tensor, scheme: Scheme, check_bottom: bool) -> tuple[Tensor
     return torch.where(bottom, low, top), bottom
 
 
-def multi_value_scores(kv_maps: Tensor, scheme: Scheme) -> list[dict[str, float]]:
+def multi_value_scores(kv_maps: Float[Tensor, "m N"], scheme: Scheme, chance_correct: bool = True
+                       ) -> list[dict[str, float]]:
     """Data-dependent multi-value result heuristics per map: the n most frequent results among the top
     `scheme.multi_value_top` positive entries (those promoting the answer), for each n in
     `scheme.multi_value_sizes`, scored like any heuristic."""
@@ -435,7 +451,8 @@ def multi_value_scores(kv_maps: Tensor, scheme: Scheme) -> list[dict[str, float]
                 continue
             feature = torch.where(member, 0, -1)
             hits = _family_hits(feature, torch.tensor([k]), _rank_stats(kv_maps[row : row + 1]))
-            found[heuristic.name] = float(chance_corrected(hits, torch.tensor([k]), n)[0, 0])
+            statistic = chance_corrected if chance_correct else precision_at_size
+            found[heuristic.name] = float(statistic(hits, torch.tensor([k]), n)[0, 0])
         out.append(found)
     return out
 
@@ -507,48 +524,60 @@ class HeuristicScores:
         return {g: dict(v) for g, v in out.items()}
 
 
-def classify(k_maps: Tensor, kv_maps: Tensor, scheme: Scheme, neurons: Sequence[Neuron],
-             check_bottom_k: bool = True) -> HeuristicScores:
+def classify(k_maps: Float[Tensor, "n N"], kv_maps: Float[Tensor, "n N"], scheme: Scheme, neurons: Sequence[Neuron],
+             check_bottom_k: bool = True, chance_correct: bool = True) -> HeuristicScores:
     """Classify neurons: indirect heuristics scored on the K maps `[n, N]`, direct (result) heuristics on the KV
-    maps `[n, N]` (the seed's HYBRID mode), plus the data-dependent multi-value heuristics on the KV maps."""
+    maps `[n, N]` (the seed's HYBRID mode), plus the data-dependent multi-value heuristics on the KV maps.
+    `chance_correct=False` scores with the paper's uncorrected precision (`precision_at_size`)."""
     direct = scheme.direct_mask()
-    k_scores, k_bottom = score_maps(k_maps, scheme, check_bottom_k)
-    kv_scores, _ = score_maps(kv_maps, scheme, False)
+    k_scores, k_bottom = score_maps(k_maps, scheme, check_bottom_k, chance_correct)
+    kv_scores, _ = score_maps(kv_maps, scheme, False, chance_correct)
     scores = torch.where(direct[None], kv_scores, k_scores)
     bottom = torch.where(direct[None], torch.zeros_like(k_bottom), k_bottom)
-    extra = multi_value_scores(kv_maps, scheme)
+    extra = multi_value_scores(kv_maps, scheme, chance_correct)
     return HeuristicScores(list(map(tuple, neurons)), list(scheme.names), scores, bottom, extra)
 
 
+def uncorrected(scores: HeuristicScores, scheme: Scheme) -> HeuristicScores:
+    """The same classification scored with the paper's uncorrected precision instead of our chance-corrected score,
+    without rescoring: per heuristic, precision = s (1 - |R|/N) + |R|/N, a monotone map, so the top/bottom choice is
+    the same. Equal to `classify(..., chance_correct=False)` on the maps `scores` came from."""
+    base = (scheme.sizes.float() / scheme.n_pairs)[None]
+    extra = []
+    for row in scores.extra or []:
+        out = {}
+        for name, value in row.items():
+            share = float(parse(name).matches(scheme.pairs, scheme.results).float().mean())
+            out[name] = value * (1 - share) + share
+        extra.append(out)
+    return HeuristicScores(list(scores.neurons), list(scores.names), scores.scores * (1 - base) + base,
+                           scores.from_bottom.clone(), extra)
+
+
 # ---- maps from a model ----------------------------------------------------------------------------------------------
-def _mlp_name(layer: int) -> str:
-    return f"blocks.{layer}.mlp.hook_post"
-
-
 @torch.no_grad()
-def neuron_activations(model, tokens: Tensor, neurons: Sequence[Neuron], position: int = -1,
-                       batch_size: int = 1024, fwd_hooks: Sequence = ()) -> Tensor:
+def neuron_activations(model, tokens: Int[Tensor, "N seq"], neurons: Sequence[Neuron], position: int = -1,
+                       batch_size: int = 1024, fwd_hooks: Sequence = ()) -> Float[Tensor, "n_neurons N"]:
     """K maps: `blocks.l.mlp.hook_post[:, position, n]` for each (l, n) over the prompts: `[n_neurons, N]` (CPU)."""
     neurons = [tuple(map(int, nn)) for nn in neurons]
     layers = sorted({l for l, _ in neurons})
-    names = {_mlp_name(l) for l in layers}
+    names = {hook_name("neuron", l) for l in layers}
     index = {l: torch.tensor([n for ll, n in neurons if ll == l]) for l in layers}
     rows = {l: [i for i, (ll, _) in enumerate(neurons) if ll == l] for l in layers}
     out = torch.zeros(len(neurons), len(tokens))
-    device = getattr(model.cfg, "device", None)
     for start in range(0, len(tokens), batch_size):
-        batch = tokens[start : start + batch_size]
-        batch = batch.to(device) if device is not None else batch
+        batch = tokens[start : start + batch_size].to(device_of(model))
         with model.hooks(fwd_hooks=list(fwd_hooks)):
             _, cache = model.run_with_cache(batch, names_filter=lambda name: name in names)
         for l in layers:
-            act = cache[_mlp_name(l)][:, position].float().cpu()
+            act = cache[hook_name("neuron", l)][:, position].float().cpu()
             out[rows[l], start : start + len(batch)] = act[:, index[l]].T
     return out
 
 
 @torch.no_grad()
-def neuron_answer_logits(model, neurons: Sequence[Neuron], answer_ids: Tensor) -> Tensor:
+def neuron_answer_logits(model, neurons: Sequence[Neuron], answer_ids: Int[Tensor, "N"]
+                         ) -> Float[Tensor, "n_neurons N"]:
     """The logit lens of each neuron's value vector at each prompt's answer token: `(W_out[l, n] @ W_U)[answer]`,
     `[n_neurons, N]`."""
     W_U = model.W_U.float()
@@ -560,19 +589,44 @@ def neuron_answer_logits(model, neurons: Sequence[Neuron], answer_ids: Tensor) -
     return torch.stack(rows) if rows else torch.zeros(0, len(answer_ids))
 
 
-def kv_maps(model, k_maps: Tensor, neurons: Sequence[Neuron], answer_ids: Tensor) -> Tensor:
+def kv_maps(model, k_maps: Float[Tensor, "n_neurons N"], neurons: Sequence[Neuron], answer_ids: Int[Tensor, "N"]
+            ) -> Float[Tensor, "n_neurons N"]:
     """KV maps `[n_neurons, N]`: activation times the value vector's logit of the correct answer (paper Alg. 1)."""
     return k_maps * neuron_answer_logits(model, neurons, answer_ids)
 
 
 @torch.no_grad()
-def value_logits(model, layer: int, neuron: int) -> Tensor:
-    """`W_out[layer, neuron] @ W_U`: `[d_vocab]`, what the neuron's value vector promotes."""
-    return (model.W_out[layer, neuron].float() @ model.W_U.float()).cpu()
+def value_logits(model, neurons: Sequence[Neuron], token_ids: Int[Tensor, "T"] | None = None
+                 ) -> Float[Tensor, "n_neurons T"]:
+    """The logit lens of each neuron's value vector: `W_out[layer, neuron] @ W_U`, what the neuron promotes when it
+    fires (positive activation), over `token_ids` (default the whole vocabulary): `[n_neurons, T]` (CPU)."""
+    W_U = model.W_U.float() if token_ids is None else model.W_U.float()[:, torch.as_tensor(token_ids).long()]
+    rows = torch.stack([model.W_out[layer, neuron].float() for layer, neuron in neurons]) if neurons else None
+    return (rows @ W_U).cpu() if rows is not None else torch.zeros(0, W_U.shape[1])
 
 
-def grid_map(values: Tensor, pairs: Tensor, shape: tuple[int, int] | None = None,
-             offset: tuple[int, int] = (0, 0)) -> Tensor:
+def value_lens_agreement(scores: "HeuristicScores", threshold: float, logits: Float[Tensor, "n_neurons T"],
+                         top: int = 10) -> dict[Neuron, float]:
+    """For each neuron classified (>= threshold) into a direct heuristic on numbers 0..T-1 (`logits` from
+    `value_logits` over the number tokens, rows aligned with `scores.neurons`): the fraction of the `top` numbers
+    its value vector promotes most that its best direct heuristic concerns as results (direct heuristics are
+    classified on KV maps from the top, i.e. as promoting). 1: the value vector writes exactly the answers the
+    neuron's heuristic is about."""
+    numbers = torch.arange(logits.shape[1])
+    out = {}
+    for i, neuron in enumerate(scores.neurons):
+        direct = [(name, s) for name, s in scores.by_neuron(threshold)[neuron] if parse(name).direct]
+        if not direct:
+            continue
+        heuristic = parse(direct[0][0])
+        promoted = logits[i].topk(min(top, len(numbers))).indices
+        member = heuristic.matches(torch.zeros(len(numbers), 2, dtype=torch.long), numbers)
+        out[neuron] = float(member[promoted].float().mean())
+    return out
+
+
+def grid_map(values: Float[Tensor, "N"], pairs: Int[Tensor, "N 2"], shape: tuple[int, int] | None = None,
+             offset: tuple[int, int] = (0, 0)) -> Float[Tensor, "op1 op2"]:
     """Scatter values `[N]` over pairs `[N, 2]` into an image `[op1, op2]` (NaN where no valid pair)."""
     pairs = torch.as_tensor(pairs).long()
     if shape is None:
@@ -580,6 +634,24 @@ def grid_map(values: Tensor, pairs: Tensor, shape: tuple[int, int] | None = None
     image = torch.full(shape, float("nan"))
     image[pairs[:, 0] - offset[0], pairs[:, 1] - offset[1]] = values.float()
     return image
+
+
+def analyse_neurons(model, tokens: Int[Tensor, "N seq"], answer_ids: Int[Tensor, "N"], pairs: Int[Tensor, "N 2"],
+                    results: Int[Tensor, "N"], operator: str, neurons: Sequence[Neuron], batch_size: int = 1024,
+                    chance_correct: bool = True) -> tuple[Float[Tensor, "n N"], Float[Tensor, "n N"], HeuristicScores]:
+    """The whole heuristic analysis of `neurons` over one operator's prompts (every valid operand pair): their K maps,
+    KV maps and classification (`classify` on `build_scheme(pairs, results, operator)`)."""
+    k_maps = neuron_activations(model, tokens, neurons, batch_size=batch_size)
+    kv = kv_maps(model, k_maps, neurons, answer_ids)
+    scheme = build_scheme(pairs, results, operator)
+    return k_maps, kv, classify(k_maps, kv, scheme, neurons, chance_correct=chance_correct)
+
+
+def value_scheme(values: Int[Tensor, "T"]) -> Scheme:
+    """The operand heuristics (ranges, moduli, patterns, values) over single numbers, e.g. to classify how an early
+    MLP neuron responds to a number token by itself: `build_scheme` with the number as op1 (op2 fixed at 0)."""
+    values = torch.as_tensor(values).long()
+    return build_scheme(torch.stack([values, torch.zeros_like(values)], dim=1), values, "+")
 
 
 def top_neurons_per_layer(scores: Tensor | dict[int, Tensor], k: int, layers: Iterable[int]) -> list[Neuron]:
@@ -592,41 +664,21 @@ def top_neurons_per_layer(scores: Tensor | dict[int, Tensor], k: int, layers: It
 
 
 # ---- knockouts ------------------------------------------------------------------------------------------------------
-def neuron_mask_hooks(masks: dict[int, Tensor], method: str = "zero", means: dict[int, Tensor] | None = None) -> list:
-    """Hooks that ablate, per prompt, a set of neurons at every position.
-
-    masks: `{layer: bool [batch, d_mlp]}` (True = ablate). method "zero" writes 0; "mean" writes
-    `means[layer]` (`[pos, d_mlp]` or `[d_mlp]`, e.g. the mean over a reference distribution).
-    """
+@torch.no_grad()
+def correct_under(model, tokens: Int[Tensor, "N seq"], answers: Int[Tensor, "N"],
+                  masks: dict[int, Bool[Tensor, "N d_mlp"]] | None = None, method: str = "zero",
+                  means: dict[int, Float[Tensor, "*pos d_mlp"]] | None = None, batch_size: int = 512
+                  ) -> Bool[Tensor, "N"]:
+    """Is the greedy answer still right with the per-prompt neuron masks `{layer: [N, d_mlp]}` (True = ablate) zero-
+    or mean-ablated (`means[layer]`, `[pos, d_mlp]` or `[d_mlp]`) at every position?"""
     if method not in ("zero", "mean"):
         raise ValueError(f"method must be 'zero' or 'mean', got {method!r}")
-
-    def make(layer: int):
-        mask = masks[layer]
-
-        def hook(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
-            m = mask.to(act.device)[:, None, :]
-            if method == "zero":
-                return act.masked_fill(m, 0.0)
-            fill = means[layer].to(act.device, act.dtype)
-            fill = fill[None] if fill.dim() == 2 else fill[None, None]
-            return torch.where(m, fill.expand_as(act), act)
-
-        return hook
-
-    return [(_mlp_name(layer), make(layer)) for layer in sorted(masks)]
-
-
-@torch.no_grad()
-def correct_under(model, tokens: Tensor, answers: Tensor, masks: dict[int, Tensor] | None = None,
-                  method: str = "zero", means: dict[int, Tensor] | None = None, batch_size: int = 512) -> Tensor:
-    """Bool `[N]`: is the greedy answer still right with the (per-prompt) neuron masks `{layer: [N, d_mlp]}`?"""
     out = []
-    device = getattr(model.cfg, "device", None)
     for start in range(0, len(tokens), batch_size):
         sl = slice(start, start + batch_size)
-        batch = tokens[sl].to(device) if device is not None else tokens[sl]
-        hooks = neuron_mask_hooks({l: m[sl] for l, m in masks.items()}, method, means) if masks else []
+        batch = tokens[sl].to(device_of(model))
+        fill = None if method == "zero" else means
+        hooks = neuron_mask_hooks({l: m[sl] for l, m in masks.items()}, fill) if masks else []
         logits = model.run_with_hooks(batch, fwd_hooks=hooks) if hooks else model(batch)
         out.append(logits[:, -1].argmax(-1).cpu() == answers[sl].cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
@@ -662,8 +714,9 @@ def _masks_for(neurons: Sequence[Neuron], n_rows: int, d_mlp: int) -> dict[int, 
     return masks
 
 
-def heuristic_knockout(model, scores: HeuristicScores, threshold: float, tokens: Tensor, answers: Tensor,
-                       pairs: Tensor, results: Tensor, *, min_neurons: int = 3, n_prompts: int = 100, seed: int = 0,
+def heuristic_knockout(model, scores: HeuristicScores, threshold: float, tokens: Int[Tensor, "N seq"],
+                       answers: Int[Tensor, "N"], pairs: Int[Tensor, "N 2"], results: Int[Tensor, "N"], *,
+                       min_neurons: int = 3, n_prompts: int = 100, seed: int = 0,
                        method: str = "zero", means: dict[int, Tensor] | None = None,
                        max_heuristics: int | None = None) -> list[KnockoutResult]:
     """Knock out one heuristic at a time and measure accuracy on related vs unrelated prompts (paper §4.2).
@@ -701,8 +754,16 @@ def heuristic_knockout(model, scores: HeuristicScores, threshold: float, tokens:
     return out
 
 
-def associated_neurons(scores: HeuristicScores, threshold: float, pairs: Tensor, results: Tensor
-                       ) -> tuple[Tensor, list[str]]:
+def knockout_accuracy(results: Sequence[KnockoutResult]) -> tuple[float, float]:
+    """Mean accuracy over knocked-out heuristics on (related, unrelated) prompts (NaN when none was knocked out)."""
+    if not results:
+        return float("nan"), float("nan")
+    return (sum(r.ablated_related for r in results) / len(results),
+            sum(r.ablated_unrelated for r in results) / len(results))
+
+
+def associated_neurons(scores: HeuristicScores, threshold: float, pairs: Int[Tensor, "N 2"], results: Int[Tensor, "N"]
+                       ) -> tuple[Float[Tensor, "N n_neurons"], list[str]]:
     """Association of prompts with classified neurons: `best [N, n_neurons]` = the highest score of the neuron
     among heuristics (>= threshold) that concern the prompt (0 where none), and the heuristic names used."""
     classes = scores.classes(threshold)
@@ -739,18 +800,22 @@ class PromptKnockoutResult:
     mean_control: Tensor
 
 
-def prompt_guided_knockout(model, scores: HeuristicScores, threshold: float, tokens: Tensor, answers: Tensor,
-                           pairs: Tensor, results: Tensor, top_neurons: Sequence[Neuron], limits: Sequence[int], *,
+def prompt_guided_knockout(model, scores: HeuristicScores, threshold: float, tokens: Int[Tensor, "N seq"],
+                           answers: Int[Tensor, "N"], pairs: Int[Tensor, "N 2"], results: Int[Tensor, "N"],
+                           top_neurons: Sequence[Neuron], limits: Sequence[int], *,
                            seed: int = 0, method: str = "zero", means: dict[int, Tensor] | None = None
                            ) -> PromptKnockoutResult:
     """For each prompt ablate (per layer) up to `limit` of its associated heuristic neurons, ranked by their
-    classification score, and compare with ablating as many random neurons drawn from that layer's `top_neurons`
-    that are NOT associated with the prompt (the paper's control). Seeded; batched over prompts."""
+    classification score, and compare with ablating exactly as many random neurons of that layer not associated
+    with the prompt: drawn from the layer's `top_neurons` (the paper's control) and, where too few of those are left,
+    topped up from the layer's other neurons, so both arms always ablate the same number. Seeded; batched over
+    prompts."""
     best, _ = associated_neurons(scores, threshold, pairs, results)
     d_mlp = model.cfg.d_mlp
     layers = sorted({l for l, _ in top_neurons})
     col = {neuron: i for i, neuron in enumerate(scores.neurons)}
     by_layer = {l: [n for ll, n in top_neurons if ll == l] for l in layers}
+    top_set = {l: set(by_layer[l]) for l in layers}
     baseline = float(correct_under(model, tokens, answers).float().mean())
     ablated, control, n_abl, n_ctl = [], [], [], []
     n = len(tokens)
@@ -766,11 +831,15 @@ def prompt_guided_knockout(model, scores: HeuristicScores, threshold: float, tok
                 chosen = [nn for _, nn in cands[:limit]]
                 associated = {nn for _, nn in cands}
                 pool = [nn for nn in by_layer[l] if nn not in associated]
-                draw = torch.randperm(len(pool), generator=generator)[: len(chosen)].tolist()
+                drawn = [pool[i] for i in torch.randperm(len(pool), generator=generator)[: len(chosen)].tolist()]
+                if len(drawn) < len(chosen):  # too few unassociated top neurons: the rest of the layer
+                    rest = [nn for nn in range(d_mlp) if nn not in top_set[l]]
+                    extra = torch.randperm(len(rest), generator=generator)[: len(chosen) - len(drawn)]
+                    drawn += [rest[i] for i in extra.tolist()]
                 if chosen:
                     mask_a[l][p, chosen] = True
-                if draw:
-                    mask_c[l][p, [pool[i] for i in draw]] = True
+                if drawn:
+                    mask_c[l][p, drawn] = True
         ablated.append(float(correct_under(model, tokens, answers, mask_a, method, means).float().mean()))
         control.append(float(correct_under(model, tokens, answers, mask_c, method, means).float().mean()))
         n_abl.append(float(sum(m.sum() for m in mask_a.values())) / max(n, 1))
@@ -791,8 +860,9 @@ class PromptProfile:
 
 
 @torch.no_grad()
-def prompt_profile(model, scores: HeuristicScores, threshold: float, tokens: Tensor, answer_ids: Tensor,
-                   pairs: Tensor, results: Tensor, strong: float = 0.05) -> PromptProfile:
+def prompt_profile(model, scores: HeuristicScores, threshold: float, tokens: Int[Tensor, "N seq"],
+                   answer_ids: Int[Tensor, "N"], pairs: Int[Tensor, "N 2"], results: Int[Tensor, "N"],
+                   strong: float = 0.05) -> PromptProfile:
     """The failure-mode analysis (paper §4.3) on any prompts: activations are computed on these prompts (not looked
     up in a grid of another operand range), contributions at the answer the prompt *should* get (`answer_ids`).
     `strong`: a contribution counted as "high" when above this fraction of the prompt's largest contribution."""
@@ -805,41 +875,3 @@ def prompt_profile(model, scores: HeuristicScores, threshold: float, tokens: Ten
     n_strong = ((masked / scale) > strong).sum(1)
     mean_score = torch.where(assoc, best, torch.zeros_like(best)).sum(1) / assoc.sum(1).clamp(min=1)
     return PromptProfile(assoc.sum(1), n_strong, masked.sum(1), mean_score)
-
-
-# ---- head views over number tokens and operand pairs ---------------------------------------------------------------
-@torch.no_grad()
-def attention_from_last(model, tokens: Tensor, batch_size: int = 1024) -> Tensor:
-    """Attention of the last position to every source position, for every head: `[n_layers, n_heads, N, seq]`."""
-    names = {f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)}
-    out = []
-    device = getattr(model.cfg, "device", None)
-    for start in range(0, len(tokens), batch_size):
-        batch = tokens[start : start + batch_size]
-        batch = batch.to(device) if device is not None else batch
-        _, cache = model.run_with_cache(batch, names_filter=lambda name: name in names)
-        out.append(torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][:, :, -1].float().cpu()
-                                for l in range(model.cfg.n_layers)]).transpose(1, 2))
-    return torch.cat(out, dim=2)
-
-
-@torch.no_grad()
-def ov_transition(model, layer: int, head: int, token_ids: Tensor, source: str = "embed") -> Tensor:
-    """The OV circuit of a head between number tokens: `[n_tokens (input), n_tokens (output)]` logits.
-
-    Input vectors are the tokens' embeddings (`source="embed"`, RMS-normalised as the attention input is) or their
-    unembedding directions (`source="unembed"`, the seed's choice for heads that copy number representations);
-    the output is read with `W_U`. Grouped-query attention is handled (query head h uses value head
-    `h // (n_heads / n_kv_heads)`).
-    """
-    token_ids = torch.as_tensor(token_ids).long()
-    W_V, W_O, W_U = model.W_V[layer].float(), model.W_O[layer, head].float(), model.W_U.float()
-    kv_head = head // max(1, model.cfg.n_heads // W_V.shape[0])
-    if source == "embed":
-        x = model.W_E.float()[token_ids.to(W_U.device)]
-        x = x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
-    elif source == "unembed":
-        x = W_U[:, token_ids.to(W_U.device)].T
-    else:
-        raise ValueError("source must be 'embed' or 'unembed'")
-    return (x @ W_V[kv_head] @ W_O @ W_U[:, token_ids.to(W_U.device)]).cpu()

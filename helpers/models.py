@@ -17,6 +17,7 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 
 from helpers import zoo
+from helpers.components import device_of
 
 _HUB_ERRORS: tuple[type[BaseException], ...] = (OSError, ConnectionError, TimeoutError)
 
@@ -190,7 +191,7 @@ def load_model(
 
     def boot() -> TransformerBridge:
         try:
-            with missing_weights_recorded() as missing:
+            with missing_weights_recorded() as missing, weight_loading_bars_silenced():
                 bridge = TransformerBridge.boot_transformers(
                     source, dtype=torch_dtype, revision=revision, trust_remote_code=False, **placement
                 )
@@ -206,7 +207,7 @@ def load_model(
             ) from error
 
     bridge = boot()
-    probe = torch.arange(min(8, bridge.cfg.d_vocab), device=bridge.cfg.device)[None]
+    probe = torch.arange(min(8, bridge.cfg.d_vocab), device=device_of(bridge))[None]
     reference = _log_probs(bridge, probe) if process_weights else None
     bridge.enable_compatibility_mode(disable_warnings=True, no_processing=not process_weights, fold_ln=fold_ln,
                                      center_writing_weights=center_writing_weights, center_unembed=center_unembed)
@@ -252,6 +253,26 @@ def _check_readable(path: Path) -> None:
     except (SafetensorError, OSError) as error:
         raise UnsupportedCheckpointError(f"the weights file {path} is unreadable ({error}); "
                                          "it may be truncated: download or save it again") from error
+
+
+@contextmanager
+def weight_loading_bars_silenced():
+    """Turn off transformers' own progress bars (its `Loading weights 0/76` bar, which a saved notebook shows frozen
+    at 0%) during the `with` block, keeping the hub's download bars as they were; restores the previous state."""
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on, downloads_were_on = hf_logging.is_progress_bar_enabled(), not hub_utils.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()  # also turns the hub's bars off ...
+    if downloads_were_on:
+        hub_utils.enable_progress_bars()  # ... which come back: a download of a large model shows its progress
+    try:
+        yield
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+        if not downloads_were_on:
+            hub_utils.disable_progress_bars()
 
 
 @contextmanager

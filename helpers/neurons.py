@@ -16,6 +16,8 @@ from sklearn.metrics import accuracy_score, mean_squared_error, r2_score
 from sklearn.model_selection import train_test_split
 from torch import Tensor
 
+from helpers.components import hook_name
+
 
 @dataclass
 class ProbeResult:
@@ -326,13 +328,6 @@ class NeuronClassifierAccumulator:
             n_pos=int(self.pos_stats.count), n_neg=int(self.neg_stats.count))
 
 
-def mlp_hook_name(layer: int, hook: str = "post") -> str:
-    """`blocks.{layer}.mlp.hook_post` (or `hook_pre`)."""
-    if hook not in {"post", "pre"}:
-        raise ValueError(f"hook must be 'post' or 'pre', got {hook!r}")
-    return f"blocks.{layer}.mlp.hook_{hook}"
-
-
 def mlp_activations(model, tokens: Tensor, layers: Sequence[int], *, hook: str = "post",
                     fwd_hooks: Sequence = (), neurons: Tensor | Sequence[int] | None = None) -> dict[int, Tensor]:
     """MLP activations `{layer: [batch, pos, d_mlp]}` (or `[batch, pos, len(neurons)]`) of one forward pass.
@@ -348,7 +343,7 @@ def mlp_activations(model, tokens: Tensor, layers: Sequence[int], *, hook: str =
             captured[layer] = kept.detach().clone()
         return capture
 
-    hooks = list(fwd_hooks) + [(mlp_hook_name(layer, hook), make_capture(layer)) for layer in layers]
+    hooks = list(fwd_hooks) + [(hook_name("neuron", layer, hook), make_capture(layer)) for layer in layers]
     with torch.no_grad():
         model.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None)
     return captured

@@ -178,7 +178,7 @@ GROKKING = NotebookParameters(
         lr=number(0, low_open=True, optional=True), weight_decay=number(0),
         betas=sequence(number(0, 1), min_items=2), num_epochs=integer(1, optional=True), checkpoint_every=integer(1),
         data_seed=integer(0), model_seed=integer(0), key_frequency_threshold=number(0, 1, low_open=True),
-        **_common(model_default=False)),
+        key_frequency_share=number(0, 1, low_open=True), strict=flag(optional=True), **_common(model_default=False)),
     relations=(Relation("exactly two betas", ("betas",), lambda betas: len(betas) == 2),),
 )
 
@@ -194,7 +194,8 @@ ARITHMETIC_HEURISTICS = NotebookParameters(
         n_attribution_check=integer(1), top_neuron_fraction=number(0, 1, low_open=True),
         topk_fractions=sequence(number(0, 1), min_items=2), heuristic_threshold=number(0, 1, low_open=True),
         min_neurons_per_heuristic=integer(1), n_knockout_prompts=integer(1), max_knockout_heuristics=integer(1),
-        prompt_knockout_limits=sequence(integer(0)), qk_max_op=integer(2), batch_size=integer(1), seed=integer(0),
+        prompt_knockout_limits=sequence(integer(0)), qk_max_op=integer(2), n_early_neurons=integer(1),
+        interactive_views=flag(), batch_size=integer(1), seed=integer(0),
         reference=text(optional=True), strict=flag(optional=True), output_dir=text(optional=True)),
     relations=(
         Relation("every probe operator among the operators", ("probe_operators", "operators"),
@@ -209,8 +210,8 @@ SYLLOGISM_CIRCUIT = NotebookParameters(
     rules=dict(
         seed=integer(0), pool_size=integer(2), n_prompts=integer(2), ld_threshold=number(),
         knockout_method=choice("zero", "mean"), max_movers=integer(1), knockout_target=number(0, 1, low_open=True),
-        marker_replacement=text(), path_threshold=number(0), run_benchmark=flag(), benchmark_prompts=integer(2),
-        **_common()),
+        marker_replacement=text(), path_threshold=number(0), eap_ig_steps=integer(1),
+        eap_target=number(0, 1, low_open=True), run_benchmark=flag(), benchmark_prompts=integer(2), **_common()),
     relations=(
         Relation("n_prompts even (both orders of each pair are kept together)", ("n_prompts",), lambda n: n % 2 == 0),
         Relation("n_prompts <= pool_size", ("n_prompts", "pool_size"), lambda n, pool: n <= pool),
@@ -224,8 +225,9 @@ GERMAN_CONTEXT_NEURON = NotebookParameters(
         seed=integer(0), n_docs=integer(1), max_tokens=integer(2), skip_positions=integer(0), batch_size=integer(1),
         german_source=existing_file_or(optional=True, hub_ids=True),
         english_source=existing_file_or(optional=True, hub_ids=True),
-        doc_chars=sequence(integer(1), min_items=2), code_switch=number(0, 1), n_candidates=integer(1),
-        n_unigrams=integer(1), max_rows=integer(1), **_common()),
+        doc_chars=sequence(integer(1), min_items=2), code_switch=number(0, 1), n_backups=integer(1),
+        n_candidates=integer(1), n_unigrams=integer(1), max_rows=integer(1),
+        german_examples=sequence(text()), english_examples=sequence(text()), **_common()),
     relations=(
         Relation("max_tokens > skip_positions + 1 (some scored positions)", ("max_tokens", "skip_positions"),
                  lambda max_tokens, skip: max_tokens > skip + 1),

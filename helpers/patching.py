@@ -13,10 +13,16 @@ Conventions (those of `transformer_lens.patching`, whose results these sweeps re
   columns (`[n_layers, n_kv]`, `[n_layers, pos, n_kv]`), as in TransformerLens, and a head `Component` patched
   or path-patched at "k" or "v" means the key/value head it reads (which the rest of its group reads too).
 
-How the batching works: the corrupted batch is repeated once per patch variant (`[n_variants * batch, pos]`), and one
-hook per hook point writes each variant's clean slice into its own block of rows. A sweep of N patches therefore
-costs about N / chunk forward passes instead of N; `max_rows` bounds the rows of one pass (memory), by default so
-the logits of one pass stay near 256 MB.
+How a sweep runs: a patch cannot change what comes before it, neither the layers before its first layer nor
+(attention being causal) the positions before its first position. So the corrupted tokens run once unpatched
+through the blocks (`_Trace`, the bridge's own blocks with its processed weights and hooks), and each variant starts
+at its first (layer, position): the residual stream there from that run, the run's keys and values for the earlier
+positions, only the later positions recomputed. Variants sharing a start run batched (the corrupted batch repeated
+once per variant, `[n_variants * batch, pos - start]`, one hook per hook point writing each variant's clean slice
+into its own rows), and only the logits the metric reads are computed (`PositionalMetric`; a plain metric is given
+every position). `max_rows` bounds the rows of one pass; by default they fit `ACTIVATION_BUDGET`. Where a model's
+blocks cannot be run that way exactly (`fast_path`, probed once per model), every variant runs from the embedding
+instead, with full logits, and a warning says so once.
 
 Attention patterns are patched at `hook_pattern` where the model reads that hook back; where it only reports it
 (transformer-lens 3.9's GPT-Neo bridge, see `pattern_route`), the same patch is applied exactly through each head's
@@ -29,8 +35,11 @@ corrupted run, per component or per neuron.
 """
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 from collections import defaultdict
+from contextlib import contextmanager
 from typing import Callable, Sequence
 from weakref import WeakKeyDictionary
 
@@ -38,7 +47,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from helpers.components import Component, all_heads
+from helpers.components import Component, all_heads, device_of, hook_name
 
 Metric = Callable[[Tensor], Tensor]
 Site = tuple[str, tuple]  # (hook name, index into the activation after the batch dimension)
@@ -121,14 +130,16 @@ def pattern_route(model) -> str:
     """
     if model in _PATTERN_ROUTES:
         return _PATTERN_ROUTES[model]
-    tokens = torch.arange(min(4, model.cfg.d_vocab), device=model.cfg.device)[None]
+    tokens = torch.arange(min(4, model.cfg.d_vocab), device=device_of(model))[None]
     logits, cache = model.run_with_cache(
         tokens, names_filter=lambda name: name.endswith(("attn.hook_pattern", "attn.hook_v", "attn.hook_z")))
-    layers = [f"blocks.{layer}.attn.hook_" for layer in range(model.cfg.n_layers)]
-    patched = model.run_with_hooks(tokens, fwd_hooks=[(layer + "pattern", _uniform_pattern) for layer in layers])
+    layers = range(model.cfg.n_layers)
+    patched = model.run_with_hooks(tokens, fwd_hooks=[(hook_name("head", layer, "pattern"), _uniform_pattern)
+                                                      for layer in layers])
     if not torch.equal(patched, logits):
         route = "pattern"
-    elif all(_close(_attend(cache[layer + "pattern"], cache[layer + "v"]), cache[layer + "z"]) for layer in layers):
+    elif all(_close(_attend(cache[hook_name("head", layer, "pattern")], cache[hook_name("head", layer, "v")]),
+                    cache[hook_name("head", layer, "z")]) for layer in layers):
         route = "z"
     else:
         architecture = getattr(model.cfg, "architecture", None) or type(model).__name__
@@ -210,6 +221,356 @@ def _write_hooks(model, sources: dict[str, Tensor], by_hook: dict[str, list[tupl
     return list(hooks.items())
 
 
+# ---- metrics that read a few positions ----------------------------------------------------------------------------
+class PositionalMetric:
+    """A metric that reads the logits at a few positions only, and says which: the engine then computes the logits at
+    those positions only (the unembedding of every position is most of a real model's arithmetic).
+
+    `positions`: the positions read (negative counts from the end); `read(logits [batch, len(positions), vocab])`
+    computes the metric from the logits at those positions, in that order. Called like any metric,
+    `metric(logits [batch, pos, vocab])` reads those positions itself; `[batch, vocab]` is taken as the logits at
+    the one position read. A plain callable metric is given every position, so any metric stays correct.
+    """
+
+    def __init__(self, positions: Sequence[int], read: Callable[[Tensor], Tensor]):
+        self.positions, self.read = tuple(int(p) for p in positions), read
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        return self.read(logits[:, list(self.positions)] if logits.ndim == 3 else logits[:, None])
+
+
+def _read_positions(metric: Metric, n_pos: int) -> list[int]:
+    """The positions `metric` reads, in `[0, n_pos)`: those a `PositionalMetric` declares, else all of them."""
+    if isinstance(metric, PositionalMetric):
+        return [p % n_pos for p in metric.positions]
+    return list(range(n_pos))
+
+
+def _score(metric: Metric, logits: Tensor) -> float:
+    """`metric` on the logits at its read positions (`[batch, len(read), vocab]`)."""
+    return float(metric.read(logits) if isinstance(metric, PositionalMetric) else metric(logits))
+
+
+# ---- the fast engine: start each patched run where its patch starts -----------------------------------------------
+class _NoFastPath(Exception):
+    """The blocks of this model cannot be run from a layer and a position exactly as the model runs them."""
+
+
+FAST_HOOKS = {f"hook_{name}" for name in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")} | {
+    f"attn.hook_{name}" for name in ("q", "k", "v", "z", "pattern", "attn_scores")} | {"mlp.hook_pre", "mlp.hook_post"}
+QUERY_AXIS_HOOKS = ("attn.hook_pattern", "attn.hook_attn_scores")  # [batch, head, query_pos, key_pos]
+ACTIVATION_BUDGET = 2 ** 25  # floats of activations and logits per pass (128 MB in float32) when max_rows is not given
+_FAST_PATH: WeakKeyDictionary = WeakKeyDictionary()
+
+
+def _repeat_rows(tensor: Tensor, n: int) -> Tensor:
+    """`tensor [batch, ...]` repeated `n` times along the batch: `[n * batch, ...]`, variant-major."""
+    return tensor if n == 1 else tensor.repeat(n, *(1,) * (tensor.ndim - 1))
+
+
+def _broadcast_rows(tensor: Tensor, n: int) -> Tensor:
+    """A block argument `[batch or 1, ...]` for `n` copies of the batch (one row broadcasts as it is)."""
+    return tensor if tensor.shape[0] == 1 else _repeat_rows(tensor, n)
+
+
+class _KeyValueCache:
+    """Stands in for the model's key/value cache inside its attention layers during a run through the blocks.
+
+    Each attention layer calls `update(keys, values, layer_index)` with the keys and values of the positions it
+    computes (`[rows, n_kv, new_pos, d_head]`, rotary embeddings applied) and attends to what it returns: the kept
+    keys and values of the earlier positions (`prefix[layer_index]`, `[batch, n_kv, start, d_head]`, repeated for
+    the `repeats` variants of a pass) followed by its own. What each layer got back is kept in `seen`.
+    """
+
+    def __init__(self, prefix: dict[int, tuple[Tensor, Tensor]], repeats: int):
+        self.prefix, self.repeats, self.seen = prefix, repeats, {}
+
+    def update(self, keys: Tensor, values: Tensor, layer_index: int, *args, **kwargs):  # noqa: ARG002
+        if layer_index in self.prefix:
+            old_keys, old_values = self.prefix[layer_index]
+            keys = torch.cat([_repeat_rows(old_keys, self.repeats), keys], dim=-2)
+            values = torch.cat([_repeat_rows(old_values, self.repeats), values], dim=-2)
+        self.seen[layer_index] = (keys, values)
+        return keys, values
+
+
+def _block_calls(model, tokens: Tensor) -> tuple[list[dict], Tensor]:
+    """The arguments the model passes each block on `tokens`, by name (the hidden states first), and its logits."""
+    calls: list[dict] = []
+
+    def keep(block):
+        names = [name for name, p in inspect.signature(block.original_component.forward).parameters.items()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+        def hook(module, args, kwargs):  # noqa: ARG001
+            calls.append({**dict(zip(names, args)), **kwargs})
+
+        return hook
+
+    handles = [block.register_forward_pre_hook(keep(block), with_kwargs=True) for block in model.blocks]
+    try:
+        logits = model(tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls, logits
+
+
+def _suffix_argument(name: str, value, start: int, repeats: int, cache: _KeyValueCache):
+    """A block argument for a run of positions `start:` of `repeats` copies of the batch; raises `_NoFastPath` for
+    an argument it does not know how to cut."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "update") and not isinstance(value, Tensor):  # the model's key/value cache
+        return cache
+    if name == "attention_mask" and isinstance(value, Tensor) and value.ndim in (2, 4):
+        return _broadcast_rows(value[:, :, start:] if value.ndim == 4 else value, repeats)  # queries from start
+    if name in ("position_ids", "cache_position") and isinstance(value, Tensor):
+        return _broadcast_rows(value[..., start:], repeats) if value.ndim > 1 else value[start:]
+    if name == "position_embeddings" and isinstance(value, tuple):
+        return tuple(_broadcast_rows(part[:, start:], repeats) for part in value)
+    raise _NoFastPath(f"block argument {name!r} ({type(value).__name__})")
+
+
+def _run_blocks(model, calls: list[dict], hidden: Tensor, first_layer: int, start: int, repeats: int,
+                prefix: dict[int, tuple[Tensor, Tensor]], inputs: list | None = None,
+                last_layer: int | None = None) -> tuple[Tensor, _KeyValueCache]:
+    """Run blocks `first_layer..last_layer` (default: to the end) on `hidden [repeats * batch, pos - start, d_model]`,
+    the residual stream of positions `start:`, attending also to the `prefix` keys and values of positions before
+    `start`. Appends each block's input to `inputs` when given. Returns the last block's output and the cache."""
+    cache = _KeyValueCache(prefix, repeats)
+    last_layer = model.cfg.n_layers - 1 if last_layer is None else last_layer
+    for layer in range(first_layer, last_layer + 1):
+        if inputs is not None:
+            inputs.append(hidden)
+        first, *rest = calls[layer]
+        kwargs = {name: _suffix_argument(name, calls[layer][name], start, repeats, cache) for name in rest}
+        handle = model.blocks[layer].attn.register_forward_pre_hook(_cache_as_past_key_values(cache),
+                                                                    with_kwargs=True)
+        try:
+            output = model.blocks[layer](hidden, **kwargs)
+        finally:
+            handle.remove()
+        hidden = output[0] if isinstance(output, tuple) else output
+    return hidden, cache
+
+
+def _cache_as_past_key_values(cache: _KeyValueCache):
+    """A pre-hook on an attention bridge handing it `cache` as `past_key_values`, where it looks for the cache
+    (transformers 5's Llama and GPT-2 layers pass theirs on as `cache`, which transformer-lens 3.9's bridge ignores)."""
+    def hook(module, args, kwargs):  # noqa: ARG001
+        if any(value is cache for value in kwargs.values()) and "past_key_values" not in kwargs:
+            return args, {**kwargs, "past_key_values": cache}
+        return None
+
+    return hook
+
+
+_HOOK_POINTS: WeakKeyDictionary = WeakKeyDictionary()
+_ENGINE_HOOK_LEVEL = -1  # the context level of the engine's own hooks: removing them leaves every other hook alone
+
+
+@contextmanager
+def _hooks_on(model, hooks: list[tuple[str, Callable]]):
+    """`model.hooks(fwd_hooks=hooks)`, without rebuilding the bridge's map of hook names on every pass (a third of
+    a small model's pass): the hook points are looked up once per model."""
+    if model not in _HOOK_POINTS:
+        _HOOK_POINTS[model] = model.hook_dict
+    points = [_HOOK_POINTS[model][name] for name, _ in hooks]
+    try:
+        for point, (_, hook) in zip(points, hooks):
+            point.add_hook(hook, level=_ENGINE_HOOK_LEVEL)
+        yield
+    finally:
+        for point in points:
+            point.remove_hooks("fwd", level=_ENGINE_HOOK_LEVEL)
+
+
+def _unembed(model, hidden: Tensor) -> Tensor:
+    return model.unembed(model.ln_final(hidden))
+
+
+class _Trace:
+    """An unpatched run of `tokens [batch, pos]` through the blocks, kept to start patched runs from: each block's
+    arguments (`calls`) and input (`inputs[layer]`, `[batch, pos, d_model]`), each attention layer's keys and values
+    (`keys_values`, `[batch, n_kv, pos, d_head]`) and the logits at the `read` positions (`[batch, len(read), vocab]`).
+    Raises `_NoFastPath` when running the blocks this way does not give the model's own logits."""
+
+    def __init__(self, model, tokens: Tensor, read: list[int]):
+        self.model, self.tokens, self.read = model, tokens, read
+        self.calls, reference = _block_calls(model, tokens)
+        if len(self.calls) != model.cfg.n_layers:
+            raise _NoFastPath("the model does not call each block once")
+        self.inputs: list[Tensor] = []
+        embedded = next(iter(self.calls[0].values()))
+        hidden, cache = _run_blocks(model, self.calls, embedded, 0, 0, 1, {}, self.inputs)
+        self.keys_values = cache.seen
+        self.logits = _unembed(model, hidden[:, read])
+        if not _close(self.logits, reference[:, read]):
+            raise _NoFastPath("running the blocks directly does not give the model's logits")
+
+    def run(self, first_layer: int, start: int, repeats: int, hooks, last_layer: int | None = None) -> Tensor:
+        """Blocks `first_layer` on, positions `start:` of `repeats` copies of the batch, under `hooks`: the residual
+        stream after `last_layer` (default: the last block), `[repeats * batch, pos - start, d_model]`."""
+        prefix = {index: (keys[:, :, :start], values[:, :, :start])
+                  for index, (keys, values) in self.keys_values.items()} if start else {}
+        hidden = _repeat_rows(self.inputs[first_layer][:, start:], repeats)
+        with _hooks_on(self.model, hooks):
+            return _run_blocks(self.model, self.calls, hidden, first_layer, start, repeats, prefix,
+                               last_layer=last_layer)[0]
+
+    def logits_at_read(self, hidden: Tensor, start: int, repeats: int) -> Tensor:
+        """`[repeats * batch, len(read), vocab]`: the read positions before `start` from this run (a patch from
+        `start` on cannot change them), the others unembedded from `hidden` (positions `start:`)."""
+        logits = self.logits.repeat(repeats, 1, 1)
+        late = [i for i, p in enumerate(self.read) if p >= start]
+        if late:
+            logits[:, late] = _unembed(self.model, hidden[:, [self.read[i] - start for i in late]])
+        return logits
+
+
+def _fast_path_problem(model) -> str | None:
+    """Why this model's blocks cannot be run from a layer and a position exactly (None: they can). A probe on two
+    rows of six tokens: every start (layer, position) in a few must give the logits of the full run."""
+    if getattr(model.cfg, "attention_dir", "causal") != "causal":
+        return "attention is not causal"
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 6), generator=generator).to(device_of(model))
+    try:
+        trace = _Trace(model, tokens, list(range(6)))
+        for layer, start in [(0, 3), (model.cfg.n_layers - 1, 5), (model.cfg.n_layers // 2, 1)]:
+            hidden = trace.run(layer, start, 2, [])
+            if not _close(trace.logits_at_read(hidden, start, 2), _repeat_rows(trace.logits, 2)):
+                return f"a run from layer {layer}, position {start} does not give the full run's logits"
+    except _NoFastPath as problem:
+        return str(problem)
+    except Exception as error:  # noqa: BLE001 - any failure of the probe means: not this way
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+@torch.no_grad()
+def fast_path(model) -> bool:
+    """Whether sweeps on `model` start each patched run at its patch (probed once per model, see `_Trace`); where
+    not, they run every variant from the embedding, as before, and say why once."""
+    if model not in _FAST_PATH:
+        problem = _fast_path_problem(model)
+        if problem is not None:
+            architecture = getattr(model.cfg, "architecture", None) or type(model).__name__
+            warnings.warn(f"patching on {architecture} runs each variant from the embedding (slower): {problem}")
+        _FAST_PATH[model] = problem is None
+    return _FAST_PATH[model]
+
+
+def _position_axis(name: str) -> int:
+    """The position axis of a hook's activation, after the batch: the query axis of patterns and scores."""
+    return 1 if name.endswith(QUERY_AXIS_HOOKS) else 0
+
+
+def _positions_written(index: tuple, axis: int, n_pos: int) -> range | None:
+    """The positions a site index writes (None where it is not an int or a forward slice)."""
+    position = index[axis] if len(index) > axis else slice(None)
+    if isinstance(position, int):
+        return range(position % n_pos, position % n_pos + 1)
+    if isinstance(position, slice) and (position.step or 1) > 0:
+        return range(n_pos)[position]
+    return None
+
+
+def _patch_start(variant: Variant, n_layers: int, n_pos: int) -> tuple[int, int] | None:
+    """The first (layer, position) a variant's sites write: nothing before it can change (attention is causal).
+    `(n_layers, n_pos)` for no sites; None where a site is outside `FAST_HOOKS` or its positions are not a range."""
+    layers, positions = [n_layers], [n_pos]
+    for name, index in variant:
+        layer, _, hook = name.removeprefix("blocks.").partition(".")
+        written = _positions_written(index, _position_axis(name), n_pos)
+        if not name.startswith("blocks.") or hook not in FAST_HOOKS or written is None:
+            return None
+        layers.append(int(layer))
+        positions.append(written.start if written else n_pos)
+    return min(layers), min(positions)
+
+
+def _suffix_index(index: tuple, axis: int, n_pos: int, start: int) -> tuple | None:
+    """A site index in the coordinates of a run of positions `start:`, keeping the positions it writes from `start`
+    on (None where it writes none). An index without a position writes every position of the run."""
+    if len(index) <= axis:
+        return index
+    written = [p for p in _positions_written(index, axis, n_pos) if p >= start]
+    if not written:
+        return None
+    if isinstance(index[axis], int):
+        position = written[0] - start
+    else:
+        step = index[axis].step or 1
+        position = slice(written[0] - start, written[-1] - start + 1, step)
+    return index[:axis] + (position,) + index[axis + 1:]
+
+
+def _rows_per_pass(model, n_pos: int, start: int, n_read: int) -> int:
+    """Rows one pass may hold so that its activations (attention patterns included), the keys and values it repeats
+    and its logits stay within `ACTIVATION_BUDGET` floats."""
+    cfg, new = model.cfg, n_pos - start
+    per_row = (new * (max(cfg.d_mlp or 0, 4 * cfg.d_model) + 2 * cfg.n_heads * n_pos)
+               + 2 * start * n_kv_heads(model) * cfg.d_head + n_read * cfg.d_vocab)
+    return max(1, ACTIVATION_BUDGET // per_row)
+
+
+BLOCK_CALL_FLOPS = 5e7  # what one block call costs beyond its arithmetic (the bridge's Python), in CPU FLOPs
+
+
+def _passes(model, starts: list[tuple[int, int]], batch: int, n_pos: int, per_pass) -> list[tuple[int, int, list]]:
+    """`(first_layer, start_position, variant numbers)` of each pass: variants sharing a start position, in layer
+    order, up to `per_pass(start_position)` per pass. A variant joins a pass that starts at an earlier layer when
+    recomputing the layers between costs less arithmetic than the block calls of a pass of its own would cost
+    (`BLOCK_CALL_FLOPS`; this batches a small model's sweeps, whose passes are mostly the bridge's overhead)."""
+    cfg = model.cfg
+    flops_per_token_layer = 2 * (4 * cfg.d_model ** 2 + 2 * cfg.d_model * (cfg.d_mlp or 4 * cfg.d_model))
+    by_start: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for v, start in enumerate(starts):
+        by_start[start].append(v)
+    passes: list[tuple[int, int, list]] = []
+    for (layer, position), members in sorted(by_start.items(), key=lambda item: (item[0][1], item[0][0])):
+        for i in range(0, len(members), per_pass(position)):
+            group = members[i:i + per_pass(position)]
+            if passes and passes[-1][1] == position and len(passes[-1][2]) + len(group) <= per_pass(position):
+                first, _, joined = passes[-1]
+                extra = (layer - first) * len(group) * batch * (n_pos - position) * flops_per_token_layer
+                if extra < (cfg.n_layers - layer) * BLOCK_CALL_FLOPS:
+                    joined.extend(group)
+                    continue
+            passes.append((layer, position, list(group)))
+    return passes
+
+
+def _run_from_starts(model, tokens: Tensor, sources: dict[str, Tensor], variants: Sequence[Variant],
+                     starts: list[tuple[int, int]], metric: Metric, max_rows: int | None, progress: bool) -> Tensor:
+    """The fast engine (see `run_patched_variants`): one unpatched trace, then each pass runs the variants that share
+    a start (layer, position) from there, with the trace's keys and values for the earlier positions."""
+    batch, n_pos, n_layers = tokens.shape[0], tokens.shape[1], model.cfg.n_layers
+    trace = _Trace(model, tokens, _read_positions(metric, n_pos))
+
+    def per_pass(start: int) -> int:
+        return max(1, (max_rows or _rows_per_pass(model, n_pos, start, len(trace.read))) // batch)
+
+    results = torch.empty(len(variants))
+    for layer, start, chunk in tqdm(_passes(model, starts, batch, n_pos, per_pass), disable=not progress,
+                                    desc="patching", mininterval=1.0):
+        if layer == n_layers:  # no sites: the unpatched run
+            logits = _repeat_rows(trace.logits, len(chunk))
+        else:
+            by_hook: dict[str, list[tuple[int, tuple]]] = defaultdict(list)
+            for slot, v in enumerate(chunk):
+                for name, index in variants[v]:
+                    by_hook[name].append((slot, _suffix_index(index, _position_axis(name), n_pos, start)))
+            later = {name: sources[name].narrow(_position_axis(name) + 1, start, n_pos - start) for name in by_hook}
+            hooks = _write_hooks(model, later, by_hook, len(chunk), batch, patterns_at_z=False)
+            logits = trace.logits_at_read(trace.run(layer, start, len(chunk), hooks), start, len(chunk))
+        for slot, v in enumerate(chunk):
+            results[v] = _score(metric, logits[slot * batch:(slot + 1) * batch])
+    return results
+
+
 @torch.no_grad()
 def run_patched_variants(model, tokens: Tensor, sources: dict[str, Tensor], variants: Sequence[Variant],
                          metric: Metric, *, max_rows: int | None = None, progress: bool = False) -> Tensor:
@@ -218,10 +579,38 @@ def run_patched_variants(model, tokens: Tensor, sources: dict[str, Tensor], vari
     tokens `[batch, pos]` (the run being patched); sources `{hook_name: [batch, ...]}` (the values written, e.g. a
     clean cache); each site writes `act[:, *index] = sources[hook_name][:, *index]`. Returns `[len(variants)]`.
     Pattern sites (`blocks.{L}.attn.hook_pattern`) work on every model `pattern_route` accepts (checked first).
+
+    A patch cannot change what comes before it: the layers before its first layer, and (attention being causal)
+    the positions before its first position. So the tokens are run once unpatched, and each variant whose sites
+    are in `FAST_HOOKS` starts at its first (layer, position), attending to the unpatched run's keys and values
+    for the earlier positions, batched with the variants that share that start; only the logits the metric reads
+    are computed (see `PositionalMetric`). `max_rows` bounds the rows of one pass (default: what fits
+    `ACTIVATION_BUDGET`). Other variants, and models where `fast_path` is False, run from the embedding.
     """
+    patterns_at_z = _patterns_through_z(model, variants)
+    starts = [_patch_start(v, model.cfg.n_layers, tokens.shape[1]) for v in variants]
+    fast = [] if patterns_at_z or not fast_path(model) else [v for v, start in enumerate(starts) if start]
+    results = torch.empty(len(variants))
+    if fast:
+        try:
+            results[fast] = _run_from_starts(model, tokens, sources, [variants[v] for v in fast],
+                                             [starts[v] for v in fast], metric, max_rows, progress)
+        except _NoFastPath as problem:
+            warnings.warn(f"patching these tokens runs each variant from the embedding (slower): {problem}")
+            fast = []
+    slow = sorted(set(range(len(variants))) - set(fast))
+    if slow:
+        results[slow] = _run_from_embedding(model, tokens, sources, [variants[v] for v in slow], metric,
+                                            max_rows, progress, patterns_at_z)
+    return results
+
+
+def _run_from_embedding(model, tokens: Tensor, sources: dict[str, Tensor], variants: Sequence[Variant],
+                        metric: Metric, max_rows: int | None, progress: bool, patterns_at_z: bool) -> Tensor:
+    """Every variant run from the embedding, the corrupted batch repeated once per variant of a pass, full logits
+    (`max_rows` rows per pass; default: logits near `LOGIT_BUDGET` floats)."""
     batch = len(tokens)
     per_pass = max(1, (max_rows or _default_rows(model, tokens)) // batch)
-    patterns_at_z = _patterns_through_z(model, variants)
     results = torch.empty(len(variants))
     chunks = list(_chunks(len(variants), per_pass))
     for chunk in tqdm(chunks, disable=not progress, desc="patching", mininterval=1.0):
@@ -259,7 +648,7 @@ def act_patch_layer_pos(model, corrupted_tokens: Tensor, clean_cache, metric: Me
     """Patch one (layer, position) of `blocks.{L}.hook_{hook}` at a time ("resid_pre", "resid_mid", "resid_post",
     "attn_out", "mlp_out"): `[n_layers, pos]` (or `[n_layers, len(positions)]`)."""
     pos = _positions(corrupted_tokens, positions)
-    grid = [(f"blocks.{layer}.hook_{hook}", (p,)) for layer in range(model.cfg.n_layers) for p in pos]
+    grid = [(hook_name(hook, layer), (p,)) for layer in range(model.cfg.n_layers) for p in pos]
     return _sweep(model, corrupted_tokens, clean_cache, metric, grid, (model.cfg.n_layers, len(pos)), max_rows,
                   progress)
 
@@ -279,13 +668,14 @@ def act_patch_mlp_out(model, corrupted_tokens, clean_cache, metric, **kwargs) ->
     return act_patch_layer_pos(model, corrupted_tokens, clean_cache, metric, "mlp_out", **kwargs)
 
 
-def act_patch_block_every(model, corrupted_tokens, clean_cache, metric, **kwargs) -> Tensor:
+def act_patch_block_every(model, corrupted_tokens, clean_cache, metric, *, positions: Sequence[int] | None = None,
+                          max_rows: int | None = None, progress: bool = False) -> Tensor:
     """`[3, n_layers, pos]`: resid_pre, attn_out, mlp_out (like `get_act_patch_block_every`), in one sweep."""
-    pos = _positions(corrupted_tokens, kwargs.pop("positions", None))
-    grid = [(f"blocks.{layer}.hook_{hook}", (p,)) for hook in ("resid_pre", "attn_out", "mlp_out")
+    pos = _positions(corrupted_tokens, positions)
+    grid = [(hook_name(hook, layer), (p,)) for hook in ("resid_pre", "attn_out", "mlp_out")
             for layer in range(model.cfg.n_layers) for p in pos]
-    return _sweep(model, corrupted_tokens, clean_cache, metric, grid, (3, model.cfg.n_layers, len(pos)),
-                  kwargs.get("max_rows"), kwargs.get("progress", False))
+    return _sweep(model, corrupted_tokens, clean_cache, metric, grid, (3, model.cfg.n_layers, len(pos)), max_rows,
+                  progress)
 
 
 def _head_grid(model, site: str, by_position: bool, pos: list[int]) -> tuple[list[Site], tuple[int, ...]]:
@@ -293,15 +683,15 @@ def _head_grid(model, site: str, by_position: bool, pos: list[int]) -> tuple[lis
     if site not in HEAD_SITES:
         raise ValueError(f"unknown head site {site!r}; use one of {HEAD_SITES}")
     n_layers, n_heads = model.cfg.n_layers, _site_heads(model, site)
-    name = "blocks.{}.attn.hook_" + site
+    names = [hook_name("head", layer, site) for layer in range(n_layers)]
     if not by_position:
         index = (lambda h: (h,)) if site == "pattern" else (lambda h: (slice(None), h))
-        grid = [(name.format(layer), index(h)) for layer in range(n_layers) for h in range(n_heads)]
+        grid = [(names[layer], index(h)) for layer in range(n_layers) for h in range(n_heads)]
         return grid, (n_layers, n_heads)
     if site == "pattern":  # [layer, head, dest_pos], as TransformerLens
-        grid = [(name.format(layer), (h, p)) for layer in range(n_layers) for h in range(n_heads) for p in pos]
+        grid = [(names[layer], (h, p)) for layer in range(n_layers) for h in range(n_heads) for p in pos]
         return grid, (n_layers, n_heads, len(pos))
-    grid = [(name.format(layer), (p, h)) for layer in range(n_layers) for p in pos for h in range(n_heads)]
+    grid = [(names[layer], (p, h)) for layer in range(n_layers) for p in pos for h in range(n_heads)]
     return grid, (n_layers, len(pos), n_heads)
 
 
@@ -352,19 +742,148 @@ def patch_components(model, corrupted_tokens: Tensor, clean_cache, metric: Metri
 
 
 # ---- path patching ------------------------------------------------------------------------------------------------
+class _Runner:
+    """Patched runs of `repeats` copies of `tokens [batch, pos]` under hooks, from a start (layer, position) where
+    `fast_path(model)` (an unpatched `_Trace` to start from), else from the embedding (every start is then (0, 0))."""
+
+    def __init__(self, model, tokens: Tensor, read: list[int]):
+        self.model, self.tokens, self.read = model, tokens, read
+        self.trace = _Trace(model, tokens, read) if fast_path(model) else None
+
+    def start(self, layer: int, position: int) -> tuple[int, int]:
+        return (layer, position) if self.trace is not None else (0, 0)
+
+    def rows(self, start: int) -> int:
+        """Rows per pass by default."""
+        if self.trace is None:
+            return _default_rows(self.model, self.tokens)
+        return _rows_per_pass(self.model, self.tokens.shape[1], start, len(self.read))
+
+    def run(self, layer: int, start: int, repeats: int, hooks, last_layer: int) -> None:
+        """Run blocks `layer..last_layer` for the hooks' sake (e.g. to record activations)."""
+        if self.trace is not None:
+            self.trace.run(layer, start, repeats, hooks, last_layer)
+        else:
+            self.model.run_with_hooks(self.tokens.repeat(repeats, 1), fwd_hooks=hooks, stop_at_layer=last_layer + 1)
+
+    def logits(self, layer: int, start: int, repeats: int, hooks) -> Tensor:
+        """`[repeats * batch, len(read), vocab]` of a run from (`layer`, `start`) under `hooks`."""
+        if self.trace is not None:
+            if layer >= self.model.cfg.n_layers:
+                return _repeat_rows(self.trace.logits, repeats)
+            return self.trace.logits_at_read(self.trace.run(layer, start, repeats, hooks), start, repeats)
+        return self.model.run_with_hooks(self.tokens.repeat(repeats, 1), fwd_hooks=hooks)[:, self.read]
+
+
+def _sender_sets(model, senders) -> tuple[list, tuple | None]:
+    """The sender sets and the result's shape: None means every single head, `[n_layers, n_heads]`."""
+    if senders is not None:
+        for sender in (s for group in senders for s in group):
+            if sender.kind not in ("head", "mlp"):
+                raise ValueError(f"senders must be heads or MLPs, not {sender.kind!r}")
+        return list(senders), None
+    return [[head] for head in all_heads(model.cfg.n_layers, model.cfg.n_heads)], (model.cfg.n_layers,
+                                                                                     model.cfg.n_heads)
+
+
+def _path_caches(model, clean_tokens, corrupted_tokens, clean_cache, corrupted_cache) -> tuple:
+    """The clean and corrupted head outputs and MLP outputs (passes A and B), unless given."""
+    names = {hook_name(kind, layer) for layer in range(model.cfg.n_layers) for kind in ("head", "mlp")}
+    if clean_cache is None:
+        _, clean_cache = model.run_with_cache(clean_tokens, names_filter=lambda n: n in names)
+    if corrupted_cache is None:
+        _, corrupted_cache = model.run_with_cache(corrupted_tokens, names_filter=lambda n: n in names)
+    return clean_cache, corrupted_cache
+
+
+def _freeze_hook(clean: Tensor, corrupted: Tensor, writes: list[tuple[int, int | None]], positions: list[int],
+                 n: int, freeze: bool):
+    """Pass C's hook on a head or MLP output of a run of positions `start:` (`clean`, `corrupted` cut to them):
+    everything to its clean value (if `freeze`), then each `(slot, head or None)` sender to its corrupted value at
+    `positions` (run coordinates)."""
+    def hook(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
+        view = act.view(n, -1, *act.shape[1:])
+        if freeze:
+            view[:] = clean.to(act.dtype)
+        for slot, head in writes:
+            index = (slice(None), positions) if head is None else (slice(None), positions, head)
+            view[slot][index] = corrupted[index].to(act.dtype)
+        return act
+
+    return hook
+
+
+def _record_hook(recorded: dict[str, Tensor], name: str):
+    def hook(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
+        recorded[name] = act.clone()
+        return act
+
+    return hook
+
+
+def _write_recorded_hook(recorded: Tensor, indices: list[tuple]):
+    def hook(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
+        for index in indices:
+            act[(slice(None),) + index] = recorded[(slice(None),) + index]
+        return act
+
+    return hook
+
+
+def _path_pass(runner: _Runner, caches: tuple, sender_sets: list, sender_positions: list[int],
+               receiver_sites: list[Site], layer: int, start: int, freeze_mlps: bool) -> Tensor:
+    """The logits (read positions) of one pass over `sender_sets`, all starting at (`layer`, `start`).
+
+    Pass C: the clean run from there with every head output frozen to its clean value except the senders' at
+    `sender_positions`, corrupted; it records the receivers' inputs (only those from `layer` on can change).
+    Pass D: the clean run with the receivers' inputs (from `start` on) replaced by those records."""
+    model, (clean_cache, corrupted_cache), n = runner.model, caches, len(sender_sets)
+    n_pos = runner.tokens.shape[1]
+    sender_writes: dict[str, list[tuple[int, int | None]]] = defaultdict(list)
+    for slot, group in enumerate(sender_sets):
+        for sender in group:
+            sender_writes[sender.hook_name()].append((slot, sender.index if sender.kind == "head" else None))
+    receivers = [(name, _suffix_index(index, 0, n_pos, start)) for name, index in receiver_sites
+                 if int(name.split(".")[1]) >= layer]
+    receivers = [(name, index) for name, index in receivers if index is not None]
+    if not receivers:
+        return runner.logits(model.cfg.n_layers, n_pos, n, [])
+    last = max(int(name.split(".")[1]) for name, _ in receivers)
+    positions = [p - start for p in sender_positions]
+    hooks = []
+    for later in range(layer, last + 1):
+        for name, freeze in ((hook_name("head", later), True), (hook_name("mlp", later), freeze_mlps)):
+            if freeze or name in sender_writes:
+                hooks.append((name, _freeze_hook(clean_cache[name][:, start:], corrupted_cache[name][:, start:],
+                                                 sender_writes.get(name, []), positions, n, freeze)))
+    recorded: dict[str, Tensor] = {}
+    by_name: dict[str, list[tuple]] = defaultdict(list)
+    for name, index in receivers:
+        by_name[name].append(index)
+    runner.run(layer, start, n, hooks + [(name, _record_hook(recorded, name)) for name in by_name], last)
+    first = min(int(name.split(".")[1]) for name in by_name)
+    writes = [(name, _write_recorded_hook(recorded[name], indices)) for name, indices in by_name.items()]
+    return runner.logits(first, start, n, writes)
+
+
 @torch.no_grad()
 def path_patch(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Metric,
-               receivers: Sequence[Component], receiver_site: str = "k", senders: Sequence[Sequence[Component]] | None = None,
-               *, sender_positions: Sequence[int] | None = None, freeze_mlps: bool = False,
-               clean_cache=None, corrupted_cache=None, max_rows: int | None = None, progress: bool = False) -> Tensor:
+               receivers: Sequence[Component], receiver_site: str = "k",
+               senders: Sequence[Sequence[Component]] | None = None, *,
+               sender_positions: Sequence[int] | None = None, freeze_mlps: bool = False, clean_cache=None,
+               corrupted_cache=None, max_rows: int | None = None, progress: bool = False) -> Tensor:
     """Path patching from senders to receiver heads' `receiver_site` ("q", "k" or "v") inputs.
 
     For each sender set: (pass C) run the clean tokens with every head's output frozen to its clean value except the
     senders, whose outputs (`hook_z` for heads, `hook_mlp_out` for MLPs) at `sender_positions` (None: all) are
     their corrupted values; MLPs are recomputed unless `freeze_mlps`. Record the receivers' q/k/v. (Pass D) run the
     clean tokens again with only the receivers' q/k/v at their `position` (None: all) replaced by those records,
-    and apply `metric`. Passes C and D run batched over sender sets; the clean and corrupted caches are computed
-    once (or passed in).
+    and apply `metric`. The clean and corrupted caches are computed once (or passed in).
+
+    Passes C and D run batched over the sender sets that share a first layer and first sender position, and (where
+    `fast_path(model)`) start there: before the senders' first layer and first position the frozen run is the clean
+    run, so pass C starts at that (layer, position) from the clean run's keys and values and stops at the last
+    receiver's layer, and pass D starts at the first receiver's layer; only the logits `metric` reads are computed.
 
     receivers: head components (their `position`, if set, is the receiving position). Under grouped-query attention
         a receiver's k or v input is that of the key/value head it reads, `kv_head(model, head)`, which its whole
@@ -376,84 +895,21 @@ def path_patch(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Me
         raise ValueError("receiver_site must be 'q', 'k' or 'v'")
     if any(r.kind != "head" for r in receivers):
         raise ValueError("receivers must be head components")
-    grid_shape = None
-    if senders is None:
-        senders = [[head] for head in all_heads(model.cfg.n_layers, model.cfg.n_heads)]
-        grid_shape = (model.cfg.n_layers, model.cfg.n_heads)
-    n_layers, batch = model.cfg.n_layers, len(clean_tokens)
-    z_names = [f"blocks.{layer}.attn.hook_z" for layer in range(n_layers)]
-    mlp_names = [f"blocks.{layer}.hook_mlp_out" for layer in range(n_layers)]
-    if clean_cache is None:
-        _, clean_cache = model.run_with_cache(clean_tokens, names_filter=lambda n: n in z_names or n in mlp_names)
-    if corrupted_cache is None:
-        _, corrupted_cache = model.run_with_cache(corrupted_tokens,
-                                                  names_filter=lambda n: n in z_names or n in mlp_names)
-    sender_pos = slice(None) if sender_positions is None else torch.as_tensor(list(sender_positions))
+    sender_sets, grid_shape = _sender_sets(model, senders)
+    caches = _path_caches(model, clean_tokens, corrupted_tokens, clean_cache, corrupted_cache)
+    batch, n_pos = clean_tokens.shape
+    runner = _Runner(model, clean_tokens, _read_positions(metric, n_pos))
+    positions = sorted({p % n_pos for p in _positions(clean_tokens, sender_positions)})
     receiver_sites = [_component_site(model, r, receiver_site) for r in receivers]
-    receiver_names = sorted({name for name, _ in receiver_sites})
-    per_pass = max(1, (max_rows or _default_rows(model, clean_tokens)) // batch)
-    results = torch.empty(len(senders))
-    for chunk in tqdm(list(_chunks(len(senders), per_pass)), disable=not progress, desc="path patching"):
-        n = len(chunk)
-        # ---- pass C: freeze heads to clean, senders to corrupted; record receiver inputs
-        sender_writes: dict[str, list[tuple[int, int | None]]] = defaultdict(list)
+    starts = [runner.start(min(s.layer for s in group), positions[0]) if group else
+              runner.start(model.cfg.n_layers, n_pos) for group in sender_sets]
+    results = torch.empty(len(sender_sets))
+    passes = _passes(model, starts, batch, n_pos, lambda start: max(1, (max_rows or runner.rows(start)) // batch))
+    for layer, start, chunk in tqdm(passes, disable=not progress, desc="path patching"):
+        logits = _path_pass(runner, caches, [sender_sets[v] for v in chunk], positions, receiver_sites, layer, start,
+                            freeze_mlps)
         for slot, v in enumerate(chunk):
-            for sender in senders[v]:
-                if sender.kind == "head":
-                    sender_writes[sender.hook_name()].append((slot, sender.index))
-                elif sender.kind == "mlp":
-                    sender_writes[sender.hook_name()].append((slot, None))
-                else:
-                    raise ValueError(f"senders must be heads or MLPs, not {sender.kind!r}")
-
-        def freeze_hook(name: str, freeze: bool):
-            clean, corrupt, writes = clean_cache[name], corrupted_cache[name], sender_writes.get(name, [])
-
-            def hook(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
-                view = act.view(n, batch, *act.shape[1:])
-                if freeze:
-                    view[:] = clean.to(act.dtype)
-                for slot, head in writes:
-                    if head is None:
-                        view[slot][:, sender_pos] = corrupt[:, sender_pos].to(act.dtype)
-                    else:
-                        view[slot][:, sender_pos, head] = corrupt[:, sender_pos, head].to(act.dtype)
-                return act
-
-            return hook
-
-        recorded: dict[str, Tensor] = {}
-
-        def record(name: str):
-            def hook(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
-                recorded[name] = act.clone()
-                return act
-
-            return hook
-
-        hooks = [(name, freeze_hook(name, True)) for name in z_names]
-        hooks += [(name, freeze_hook(name, freeze_mlps)) for name in mlp_names if freeze_mlps or name in sender_writes]
-        hooks += [(name, record(name)) for name in receiver_names]
-        repeated = clean_tokens.repeat(n, 1)
-        model.run_with_hooks(repeated, fwd_hooks=hooks)
-        # ---- pass D: clean run with only the receivers' inputs patched
-        by_name: dict[str, list[tuple]] = defaultdict(list)
-        for name, index in receiver_sites:
-            by_name[name].append(index)
-
-        def write(name: str, indices: list[tuple]):
-            def hook(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
-                for index in indices:
-                    full = (slice(None),) + index
-                    act[full] = recorded[name][full]
-                return act
-
-            return hook
-
-        logits = model.run_with_hooks(repeated, fwd_hooks=[(name, write(name, idx)) for name, idx in by_name.items()])
-        for slot, v in enumerate(chunk):
-            results[v] = float(metric(logits[slot * batch:(slot + 1) * batch]))
-        del logits, recorded
+            results[v] = _score(metric, logits[slot * batch:(slot + 1) * batch])
     return results.view(*grid_shape) if grid_shape is not None else results
 
 
@@ -512,7 +968,7 @@ def attribution_patch(model, clean_tokens: Tensor, corrupted_tokens: Tensor, met
 
 def attribution_patch_layer_pos(model, clean_tokens, corrupted_tokens, metric, hook: str = "resid_pre") -> Tensor:
     """Attribution-patching estimate for `blocks.{L}.hook_{hook}` per (layer, position): `[n_layers, pos]`."""
-    names = [f"blocks.{layer}.hook_{hook}" for layer in range(model.cfg.n_layers)]
+    names = [hook_name(hook, layer) for layer in range(model.cfg.n_layers)]
     out = attribution_patch(model, clean_tokens, corrupted_tokens, metric, names)
     return torch.stack([out[name].sum(-1) for name in names])
 
@@ -522,7 +978,7 @@ def attribution_patch_heads(model, clean_tokens, corrupted_tokens, metric, site:
     """Attribution-patching estimate per head: `[n_layers, n_heads]`, or by position `[n_layers, pos, n_heads]`
     (q/k/v/z) / `[n_layers, n_heads, dest_pos]` (pattern). Under grouped-query attention "k" and "v" have one
     column per key/value head, `[n_layers, n_kv]` / `[n_layers, pos, n_kv]`, as `act_patch_heads`."""
-    names = [f"blocks.{layer}.attn.hook_{site}" for layer in range(model.cfg.n_layers)]
+    names = [hook_name("head", layer, site) for layer in range(model.cfg.n_layers)]
     out = attribution_patch(model, clean_tokens, corrupted_tokens, metric, names)
     rows = []
     for name in names:
@@ -541,7 +997,7 @@ def attribution_patch_neurons(model, clean_tokens, corrupted_tokens, metric, by_
     """Attribution-patching estimate per MLP neuron (`blocks.{L}.mlp.hook_post`): `[n_layers, d_mlp]`, or
     `[n_layers, pos, d_mlp]` by position (rows follow `layers` when given)."""
     layers = range(model.cfg.n_layers) if layers is None else layers
-    names = [f"blocks.{layer}.mlp.hook_post" for layer in layers]
+    names = [hook_name("neuron", layer) for layer in layers]
     out = attribution_patch(model, clean_tokens, corrupted_tokens, metric, names)
     return torch.stack([out[name] if by_position else out[name].sum(0) for name in names])
 
@@ -551,55 +1007,17 @@ def normalised_logit_diff(answer_tokens: Tensor, clean_value: float, corrupted_v
                           pos: int = -1) -> Metric:
     """`metric(logits)` = (mean logit difference - corrupted) / (clean - corrupted): 1 = clean, 0 = corrupted.
 
-    Works on any batch that is a whole number of copies of `answer_tokens [batch, 2]` (as in batched sweeps)."""
+    Works on any batch that is a whole number of copies of `answer_tokens [batch, 2]` (as in batched sweeps). It reads
+    position `pos` only (a `PositionalMetric`), so sweeps unembed that position only."""
     denominator = clean_value - corrupted_value
     if math.isclose(denominator, 0.0, abs_tol=1e-12):
         raise ValueError("clean and corrupted logit differences are equal; the metric is undefined")
 
-    def metric(logits: Tensor) -> Tensor:
-        last = logits[:, pos] if logits.ndim == 3 else logits
+    def read(logits: Tensor) -> Tensor:  # [batch, 1, vocab]: the logits at pos
+        last = logits[:, 0]
         answers = answer_tokens.to(last.device).repeat(len(last) // len(answer_tokens), 1)
         diff = last.gather(1, answers[:, :1]) - last.gather(1, answers[:, 1:2])
         return (diff.mean() - corrupted_value) / denominator
 
-    return metric
+    return PositionalMetric([pos], read)
 
-
-# ---- indirect effect (arithmetic heuristics notebook) -------------------------------------------------------------
-def indirect_effect(pre: Tensor, post: Tensor, clean_answers: Tensor, corrupt_answers: Tensor) -> Tensor:
-    """The indirect effect of Stolfo et al. / Nikankin et al. (Eq. 1), per prompt: `[batch]`.
-
-    `0.5 * ((post[r'] - pre[r']) / pre[r'] + (pre[r] - post[r]) / post[r])`, where `pre` and `post` are the
-    next-token distributions `[batch, vocab]` of the clean run and of the run with one component patched from the
-    counterfactual prompt, r the clean answer and r' the counterfactual answer (`[batch]` token ids). 0 when the
-    patch changes nothing; large when it moves probability from r to r'.
-    """
-    r, r_prime = clean_answers.to(pre.device)[:, None], corrupt_answers.to(pre.device)[:, None]
-    pre_r, pre_rp = pre.gather(1, r)[:, 0], pre.gather(1, r_prime)[:, 0]
-    post_r, post_rp = post.gather(1, r)[:, 0], post.gather(1, r_prime)[:, 0]
-    return 0.5 * ((post_rp - pre_rp) / pre_rp + (pre_r - post_r) / post_r)
-
-
-def signed_log(values: Tensor) -> Tensor:
-    """`sign * log(1 + |values|)`, elementwise: a log scale that keeps negative effects (log1p alone gives NaN
-    below -1)."""
-    return torch.sign(values) * torch.log1p(values.abs())
-
-
-def indirect_effect_metric(clean_logits: Tensor, clean_answers: Tensor, corrupt_answers: Tensor,
-                           pos: int = -1, log_scale: bool = False) -> Metric:
-    """`metric(logits)` = mean indirect effect (probabilities) of a patched run of the CLEAN prompts against their
-    unpatched distribution `clean_logits` (`[batch, pos, vocab]` or `[batch, vocab]`); with `log_scale`, the mean of
-    `signed_log(IE)` over prompts, so that one prompt's exploding IE cannot dominate. Use it with noising: run the
-    clean tokens and write activations of the counterfactual run (e.g. `run_patched_variants(model, clean_tokens,
-    corrupt_cache, ...)`); differentiable, so `attribution_patch(model, corrupt_tokens, clean_tokens, metric, ...)`
-    gives its first-order estimate `(corrupt - clean) . dIE/dact` at the clean run (the same for both scales, as
-    `signed_log` has slope 1 at 0)."""
-    pre = torch.softmax((clean_logits[:, pos] if clean_logits.ndim == 3 else clean_logits).float(), dim=-1).detach()
-
-    def metric(logits: Tensor) -> Tensor:
-        post = torch.softmax((logits[:, pos] if logits.ndim == 3 else logits).float(), dim=-1)
-        effect = indirect_effect(pre.to(post.device), post, clean_answers, corrupt_answers)
-        return (signed_log(effect) if log_scale else effect).mean()
-
-    return metric

@@ -1,4 +1,4 @@
-"""Sparse autoencoders on model activations: train, save/load in SAELens's format, splice, ablate, analyse.
+"""Sparse autoencoders on model activations: train, save/load in SAELens's format, splice, ablate, measure.
 
 The SAEs are SAELens `StandardSAE`s (ReLU, `W_enc [d_in, d_sae]`, `W_dec [d_sae, d_in]`, `b_enc`, `b_dec`), so
 `sae_lens.SAE.load_from_disk` reads what `save_sae` writes, and published SAELens releases load through the same
@@ -16,6 +16,9 @@ ours streams activations from any TransformerBridge):
 - dead features are resampled a few times early on (inputs drawn with probability proportional to their squared
   reconstruction error, the seed's / Anthropic's recipe), their Adam moments reset.
 
+Measurements at one position per prompt (`logits_at`, `answer_measures`, `measure_changes`) serve interventions at
+that position (`at_positions`). What features do and what drives them is in `helpers.sae_features`.
+
 Functions take the model and tensors and return tensors or small dataclasses; nothing prints or plots.
 """
 from __future__ import annotations
@@ -27,10 +30,14 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from helpers.components import device_of
+
 Hook = Callable[[Tensor, object], Tensor]
+HooksFor = Callable[[Tensor, Tensor], list]  # (rows, positions of those rows) -> [(hook_name, hook)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -113,17 +120,18 @@ def load_sae(source: str | Path, sae_id: str | None = None, *, device: str | tor
 # Streaming activations
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def collect_activations(model, tokens: Tensor, hook_names: Sequence[str], *, skip_first: int = 1) -> dict[str, Tensor]:
-    """Activations of `hook_names` for `tokens [batch, seq]`, flattened to `[batch * (seq - skip_first), d]` (the
-    first `skip_first` positions, i.e. BOS, are left out)."""
+def collect_activations(model, tokens: Int[Tensor, "batch seq"], hook_names: Sequence[str], *, skip_first: int = 1
+                        ) -> dict[str, Float[Tensor, "tokens d"]]:
+    """Activations of `hook_names`, flattened to `[batch * (seq - skip_first), d]` (the first `skip_first`
+    positions, i.e. BOS, are left out)."""
     names = set(hook_names)
-    _, cache = model.run_with_cache(tokens.to(_device_of(model)), names_filter=lambda name: name in names)
+    _, cache = model.run_with_cache(tokens.to(device_of(model)), names_filter=lambda name: name in names)
     return {name: cache[name][:, skip_first:].reshape(-1, cache[name].shape[-1]).float() for name in hook_names}
 
 
-def activation_stream(model, tokens: Tensor, hook_names: Sequence[str], *, model_batch_size: int = 32,
+def activation_stream(model, tokens: Int[Tensor, "n_seq seq"], hook_names: Sequence[str], *, model_batch_size: int = 32,
                       buffer_rows: int = 256, batch_size: int = 1024, seed: int = 0,
-                      skip_first: int = 1) -> Iterator[dict[str, Tensor]]:
+                      skip_first: int = 1) -> Iterator[dict[str, Float[Tensor, "batch d"]]]:
     """Endless shuffled batches `{hook: [batch_size, d]}` of activations, read `model_batch_size` sequences at a
     time into a buffer of `buffer_rows` sequences; the sequence order is reshuffled every pass over `tokens`."""
     generator = torch.Generator().manual_seed(seed)
@@ -201,8 +209,8 @@ class SAETrainStats:
     resampled: dict[int, int] = field(default_factory=dict)
 
 
-def sparsity_penalty(acts: Tensor, config: SAETrainConfig) -> Tensor:
-    """Mean over tokens of the sparsity penalty of feature activations `acts [batch, d_sae]`."""
+def sparsity_penalty(acts: Float[Tensor, "batch d_sae"], config: SAETrainConfig) -> Float[Tensor, ""]:
+    """Mean over tokens of the sparsity penalty of feature activations."""
     if config.reg == "l1":
         return config.l1_coefficient * acts.sum(-1).mean()
     soft = torch.where(acts < 1, (acts + 1e-9).sqrt(), acts)  # sqrt below 1, linear above (the seed's "sqrt")
@@ -210,13 +218,15 @@ def sparsity_penalty(acts: Tensor, config: SAETrainConfig) -> Tensor:
     return config.l1_coefficient * soft.sum(-1).mean() + config.hoyer_coefficient * hoyer.mean()
 
 
-def _sae_forward(sae, x: Tensor) -> tuple[Tensor, Tensor]:
+def _sae_forward(sae, x: Float[Tensor, "batch d_in"]
+                 ) -> tuple[Float[Tensor, "batch d_sae"], Float[Tensor, "batch d_in"]]:
     acts = sae.encode(x)
     return acts, sae.decode(acts)
 
 
 @torch.no_grad()
-def _resample_dead(sae, optimizer, dead: Tensor, x: Tensor, generator: torch.Generator) -> int:
+def _resample_dead(sae, optimizer, dead: Bool[Tensor, "d_sae"], x: Float[Tensor, "batch d_in"],
+                   generator: torch.Generator) -> int:
     """Re-initialise dead features from inputs drawn with probability ~ squared reconstruction error."""
     n_dead = int(dead.sum())
     if n_dead == 0:
@@ -241,11 +251,12 @@ def _resample_dead(sae, optimizer, dead: Tensor, x: Tensor, generator: torch.Gen
     return n_dead
 
 
-def train_saes(model, tokens: Tensor, hook_names: Sequence[str], config: SAETrainConfig = SAETrainConfig(), *,
+def train_saes(model, tokens: Int[Tensor, "n_seq seq"], hook_names: Sequence[str],
+               config: SAETrainConfig = SAETrainConfig(), *,
                model_name: str = "", progress: bool = True) -> tuple[dict[str, object], dict[str, SAETrainStats]]:
     """Train one SAE per hook on the activations of `tokens [n_seq, seq]` (BOS first), sharing the model's forward
     passes. Returns `({hook: StandardSAE}, {hook: SAETrainStats})`; the SAEs work on unscaled activations."""
-    device = _device_of(model)
+    device = device_of(model)
     stream = activation_stream(model, tokens, hook_names, model_batch_size=config.model_batch_size,
                                buffer_rows=config.buffer_rows, batch_size=config.batch_size, seed=config.seed)
     first = next(stream)
@@ -305,7 +316,8 @@ def train_saes(model, tokens: Tensor, hook_names: Sequence[str], config: SAETrai
     return saes, stats
 
 
-def cached_saes(model, tokens: Tensor, hook_names: Sequence[str], config: SAETrainConfig = SAETrainConfig(), *,
+def cached_saes(model, tokens: Int[Tensor, "n_seq seq"], hook_names: Sequence[str],
+                config: SAETrainConfig = SAETrainConfig(), *,
                 model_name: str = "", progress: bool = True, refresh: bool = False,
                 cache_dir: str | Path | None = None) -> tuple[dict[str, object], dict[str, SAETrainStats]]:
     """`train_saes`, cached under `data/cache/` by the model's weights, the tokens, the hooks and the config (and the
@@ -322,7 +334,7 @@ def cached_saes(model, tokens: Tensor, hook_names: Sequence[str], config: SAETra
         return {name: {"sae": sae_to_dict(saes[name]), "stats": asdict(stats[name])} for name in hook_names}
 
     stored = cache.cached("sae", key, compute, cache_dir=cache_dir, refresh=refresh)
-    device = _device_of(model)
+    device = device_of(model)
     saes = {name: sae_from_dict(stored[name]["sae"], device) for name in hook_names}
     return saes, {name: SAETrainStats(**stored[name]["stats"]) for name in hook_names}
 
@@ -330,7 +342,7 @@ def cached_saes(model, tokens: Tensor, hook_names: Sequence[str], config: SAETra
 # ----------------------------------------------------------------------------------------------------------------
 # Hooks: splice, reconstruct, ablate
 # ----------------------------------------------------------------------------------------------------------------
-def _select(activation: Tensor, positions: Tensor | None) -> Tensor:
+def _select(activation: Float[Tensor, "batch pos d"], positions: Tensor | None) -> Bool[Tensor, "batch pos 1"]:
     """Bool mask `[batch, pos, 1]` of where to intervene; `positions` is a `[batch, pos]` mask or `[batch]` indices."""
     batch, n_pos = activation.shape[:2]
     if positions is None:
@@ -397,17 +409,17 @@ def replace_hook(value: Tensor | float, positions: Tensor | None = None) -> Hook
 # Losses and metrics
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def next_token_losses(model, tokens: Tensor, hooks: Sequence[tuple[str, Hook]] = (), *,
-                      batch_size: int = 64) -> Tensor:
-    """Cross-entropy of every next-token prediction: `[batch, seq - 1]` (entry `[b, p]` predicts `tokens[b, p+1]`)."""
+def next_token_losses(model, tokens: Int[Tensor, "batch seq"], hooks: Sequence[tuple[str, Hook]] = (), *,
+                      batch_size: int = 64) -> Float[Tensor, "batch seq_minus_1"]:
+    """Cross-entropy of every next-token prediction (entry `[b, p]` predicts `tokens[b, p+1]`)."""
     from helpers.ablation import token_losses
 
-    device = _device_of(model)
+    device = device_of(model)
     return torch.cat([token_losses(model, tokens[start: start + batch_size].to(device), hooks).cpu()
                       for start in range(0, len(tokens), batch_size)])
 
 
-def position_chunks(positions: Tensor, batch_size: int) -> Iterator[tuple[Tensor, int]]:
+def position_chunks(positions: Int[Tensor, "batch"], batch_size: int) -> Iterator[tuple[Int[Tensor, "rows"], int]]:
     """Split prompts into chunks of similar length: yields `(row_indices, width)` in order of increasing position,
     `width = max position in the chunk + 1` (the columns the chunk needs; right padding beyond it is dropped)."""
     order = torch.argsort(positions.cpu(), stable=True)
@@ -417,30 +429,65 @@ def position_chunks(positions: Tensor, batch_size: int) -> Iterator[tuple[Tensor
 
 
 @torch.no_grad()
-def logprobs_at(model, tokens: Tensor, positions: Tensor, hooks_for: Callable[[Tensor, Tensor], list] | None = None,
-                *, batch_size: int = 64) -> Tensor:
-    """Log-probabilities of the whole vocabulary at one position per prompt: `[batch, d_vocab]`.
+def logits_at(model, tokens: Int[Tensor, "batch seq"], positions: Int[Tensor, "batch"],
+              hooks_for: HooksFor | None = None, *, batch_size: int = 64) -> Float[Tensor, "batch d_vocab"]:
+    """Logits of the whole vocabulary at one position per prompt.
 
-    tokens `[batch, seq]` right-padded, positions `[batch]`. Prompts run in chunks of similar length.
-    `hooks_for(rows, positions_of_rows) -> [(hook_name, hook)]` builds the hooks of each chunk from its row indices
-    and positions (hooks such as `splice_hook(sae, positions=...)` need them); None runs the clean model.
+    tokens right-padded, positions the index of each prompt's predicting position. Prompts run in chunks of
+    similar length. `hooks_for(rows, positions_of_rows) -> [(hook_name, hook)]` builds the hooks of each chunk from
+    its row indices and positions (hooks such as `splice_hook(sae, positions=...)` need them); None runs the clean
+    model.
     """
     out = torch.empty(0)
     for rows, width in position_chunks(positions, batch_size):
-        chunk = tokens[rows, :width].to(_device_of(model))
+        chunk = tokens[rows, :width].to(device_of(model))
         pos = positions[rows]
         hooks = hooks_for(rows, pos) if hooks_for is not None else []
         logits = model.run_with_hooks(chunk, fwd_hooks=hooks)
-        values = logits[torch.arange(len(rows), device=logits.device), pos.to(logits.device)].float().log_softmax(-1)
+        values = logits[torch.arange(len(rows), device=logits.device), pos.to(logits.device)].float()
         if out.numel() == 0:
             out = torch.empty(len(tokens), values.shape[-1])
         out[rows] = values.cpu()
     return out
 
 
-def answer_losses(logprobs: Tensor, answers: Tensor) -> Tensor:
-    """`-log p(answer)`: logprobs `[batch, d_vocab]`, answers `[batch]` -> `[batch]`."""
+def logprobs_at(model, tokens: Int[Tensor, "batch seq"], positions: Int[Tensor, "batch"],
+                hooks_for: HooksFor | None = None, *, batch_size: int = 64) -> Float[Tensor, "batch d_vocab"]:
+    """Log-probabilities of the whole vocabulary at one position per prompt (see `logits_at`)."""
+    return logits_at(model, tokens, positions, hooks_for, batch_size=batch_size).log_softmax(-1)
+
+
+def at_positions(hook_name: str, make_hook: Callable[[Int[Tensor, "batch"]], Hook]) -> HooksFor:
+    """`hooks_for` that puts `make_hook(positions_of_rows)` on `hook_name`, e.g.
+    `at_positions(name, lambda pos: feature_ablation_hook(sae, [f], pos))`: an intervention at each prompt's
+    predicting position only."""
+    return lambda rows, positions: [(hook_name, make_hook(positions))]
+
+
+def answer_losses(logprobs: Float[Tensor, "batch d_vocab"], answers: Int[Tensor, "batch"]) -> Float[Tensor, "batch"]:
+    """`-log p(answer)` per prompt."""
     return -logprobs.gather(-1, answers[:, None].to(logprobs.device))[:, 0]
+
+
+def answer_measures(logits: Float[Tensor, "batch d_vocab"], answers: Int[Tensor, "batch"]
+                    ) -> dict[str, Float[Tensor, "batch"]]:
+    """The answer's `logprob`, `logit` and `rank` (the number of tokens with a strictly larger logit; 0 = top-1)
+    per prompt, the seed's three measures of what an ablation does to `."`."""
+    answer_logits = logits.gather(-1, answers[:, None].to(logits.device))
+    return {"logprob": logits.log_softmax(-1).gather(-1, answers[:, None].to(logits.device))[:, 0],
+            "logit": answer_logits[:, 0], "rank": (logits > answer_logits).sum(-1).float()}
+
+
+def measure_changes(clean: dict[str, Float[Tensor, "batch"]], intervened: dict[str, Float[Tensor, "batch"]]
+                    ) -> dict[str, tuple[float, float]]:
+    """`{measure: (mean, half-width of the 95% interval)}` of `clean - intervened` over prompts (the seed's sign:
+    a positive logprob or logit difference means the intervention lowered it; a negative rank difference means
+    the answer fell in rank), with the interval from the prompts actually used (the seed's used n=200 always)."""
+    out = {}
+    for name, before in clean.items():
+        change = before - intervened[name]
+        out[name] = (change.mean().item(), 1.96 * change.std().item() / len(change) ** 0.5)
+    return out
 
 
 def loss_recovered(clean: float, spliced: float, ablated: float) -> float:
@@ -450,14 +497,14 @@ def loss_recovered(clean: float, spliced: float, ablated: float) -> float:
 
 
 @torch.no_grad()
-def feature_activations(model, sae, tokens: Tensor, *, hook_name: str | None = None,
-                        positions: Tensor | None = None, hooks_for: Callable[[Tensor, Tensor], list] | None = None,
-                        batch_size: int = 64) -> Tensor:
+def feature_activations(model, sae, tokens: Int[Tensor, "batch seq"], *, hook_name: str | None = None,
+                        positions: Int[Tensor, "batch"] | None = None, hooks_for: HooksFor | None = None,
+                        batch_size: int = 64) -> Float[Tensor, "batch seq d_sae"] | Float[Tensor, "batch d_sae"]:
     """SAE feature activations: `[batch, seq, d_sae]`, or `[batch, d_sae]` at one position per prompt
     (`positions [batch]`; then `hooks_for(rows, positions_of_rows)` may add hooks, as in `logprobs_at`)."""
     hook_name = hook_name or sae.cfg.metadata.hook_name
     keep = lambda name: name == hook_name  # noqa: E731
-    device = _device_of(model)
+    device = device_of(model)
     if positions is None:
         out = []
         for start in range(0, len(tokens), batch_size):
@@ -496,22 +543,23 @@ class SAEMetrics:
     loss_spliced: float
     loss_zero: float
     loss_recovered: float
-    feature_frequency: Tensor | None = None
+    feature_frequency: Float[Tensor, "d_sae"] | None = None
 
     def as_dict(self) -> dict[str, float]:
         return {k: v for k, v in asdict(self).items() if k != "feature_frequency"}
 
 
 @torch.no_grad()
-def sae_metrics(model, sae, tokens: Tensor, *, hook_name: str | None = None, batch_size: int = 64) -> SAEMetrics:
+def sae_metrics(model, sae, tokens: Int[Tensor, "n seq"], *, hook_name: str | None = None,
+                batch_size: int = 64) -> SAEMetrics:
     """L0, dead fraction, MSE, explained variance and whole-sequence loss recovered of `sae` on `tokens [n, seq]`."""
     hook_name = hook_name or sae.cfg.metadata.hook_name
     d_sae = sae.cfg.d_sae
     fired = torch.zeros(d_sae)
-    n_tokens, l0_sum, sse, total, count = 0, 0.0, 0.0, torch.zeros(0), 0
+    n_tokens, l0_sum, sse = 0, 0.0, 0.0
     sums, sq_sums = None, None
     for start in range(0, len(tokens), batch_size):
-        chunk = tokens[start: start + batch_size].to(_device_of(model))
+        chunk = tokens[start: start + batch_size].to(device_of(model))
         _, cache = model.run_with_cache(chunk, names_filter=lambda name: name == hook_name)
         x = cache[hook_name][:, 1:].reshape(-1, sae.cfg.d_in).to(sae.W_dec.dtype)
         acts = sae.encode(x)
@@ -538,87 +586,6 @@ def sae_metrics(model, sae, tokens: Tensor, *, hook_name: str | None = None, bat
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Feature analysis
-# ----------------------------------------------------------------------------------------------------------------
-def output_weights(model, layer: int) -> Tensor:
-    """`W_out[layer]` `[d_mlp, d_model]`: what an `mlp.hook_post` activation writes to the residual stream."""
-    return model.W_out[layer]
-
-
-def feature_logit_weights(model, sae, layer: int, ln_scale: Tensor | float | None = None) -> Tensor:
-    """Weight-based direct logit effect of every feature of an `mlp.hook_post` SAE: `W_dec @ W_out[layer] @ W_U`
-    `[d_sae, d_vocab]`, divided by the final-LayerNorm scale when given (a typical `ln_final.hook_scale`, so that
-    magnitudes are in logits; the seed ignored it)."""
-    W_dec = sae.W_dec.to(model.W_U.dtype)
-    writes = W_dec @ output_weights(model, layer).to(W_dec.device)  # [d_sae, d_model]
-    writes = writes - writes.mean(-1, keepdim=True)
-    logits = writes @ model.W_U
-    if ln_scale is not None:
-        logits = logits / torch.as_tensor(ln_scale, dtype=logits.dtype, device=logits.device)
-    return logits
-
-
-def top_examples(acts: Tensor, feature: int, k: int = 10) -> list[tuple[int, int, float]]:
-    """The `k` largest activations of `feature` in `acts [batch, seq, d_sae]`: `[(row, position, value)]`."""
-    values = acts[..., feature]
-    flat = values.flatten()
-    top = torch.topk(flat, min(k, flat.numel()))
-    out = []
-    for value, index in zip(top.values.tolist(), top.indices.tolist()):
-        if value <= 0:
-            break
-        out.append((index // values.shape[1], index % values.shape[1], value))
-    return out
-
-
-def token_statistics(tokens: Tensor, acts: Tensor, features: Sequence[int], *,
-                     threshold: float = 0.0) -> dict[int, dict]:
-    """Which tokens a feature fires on: for each feature, the number of active positions (activation > `threshold`),
-    the most frequent token there and its share. tokens `[batch, seq]`, acts `[batch, seq, d_sae]`."""
-    out = {}
-    for feature in features:
-        active = acts[..., feature] > threshold
-        hits = tokens[active.to(tokens.device)]
-        if len(hits) == 0:
-            out[feature] = {"active": 0, "top_token": None, "top_share": float("nan")}
-            continue
-        counts = torch.bincount(hits)
-        top = int(counts.argmax())
-        out[feature] = {"active": int(len(hits)), "top_token": top, "top_share": float(counts[top] / len(hits))}
-    return out
-
-
-def coactivation(acts: Tensor) -> Tensor:
-    """Pearson correlations between the columns of `acts [n, k]` -> `[k, k]` (NaN for a constant column)."""
-    return torch.corrcoef(acts.T.float())
-
-
-@torch.no_grad()
-def virtual_cosines(model, sae_a, layer_a: int, sae_b, layer_b: int) -> Tensor:
-    """Cosine between what each feature of an `mlp.hook_post` SAE at `layer_a` writes to the residual stream
-    (`W_dec_a @ W_out[layer_a]`) and what each feature of the SAE at `layer_b` reads from it through the MLP
-    (`W_in[layer_b] @ W_enc_b`): `[d_sae_a, d_sae_b]`, rows = layer_a features, columns = layer_b features. The whole
-    cross matrix is meaningful (no `tril`); LayerNorm scale and the GELU are ignored."""
-    writes = F.normalize(sae_a.W_dec.float() @ output_weights(model, layer_a).float(), dim=-1)
-    reads = F.normalize(model.W_in[layer_b].float() @ sae_b.W_enc.float(), dim=0)
-    return writes @ reads
-
-
-def top_pairs(matrix: Tensor, k: int) -> list[tuple[int, int, float]]:
-    """The `k` largest entries of a 2-D matrix as `(row, column, value)` (column count from the matrix itself)."""
-    top = torch.topk(matrix.flatten(), min(k, matrix.numel()))
-    n_cols = matrix.shape[1]
-    return [(i // n_cols, i % n_cols, v) for v, i in zip(top.values.tolist(), top.indices.tolist())]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-def _device_of(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
-
-
 def _weights(model) -> dict[str, Tensor]:
     """The model's parameters, for fingerprinting (buffers such as masks left out)."""
     return {name: param for name, param in model.named_parameters()}

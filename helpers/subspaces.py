@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from jaxtyping import Float
 from sklearn.decomposition import PCA
 from torch import Tensor
 
@@ -20,28 +21,30 @@ class PCAResult:
         explained_variance_ratio: `[n_components]`.
     """
 
-    scores: Tensor
-    components: Tensor
-    mean: Tensor
-    explained_variance_ratio: Tensor
+    scores: Float[Tensor, "n_rows n_components"]
+    components: Float[Tensor, "n_components d"]
+    mean: Float[Tensor, " d"]
+    explained_variance_ratio: Float[Tensor, " n_components"]
 
 
-def pca(rows: Tensor, n_components: int | None = None) -> PCAResult:
-    """PCA of `rows [n, d]` with scikit-learn (full SVD, deterministic signs)."""
-    model = PCA(n_components=n_components, svd_solver="full").fit(rows.detach().cpu().double().numpy())
+def pca(rows: Float[Tensor, "n d"], n_components: int | None = None) -> PCAResult:
+    """PCA of `rows` with scikit-learn (full SVD, deterministic signs); the results on the device of `rows`."""
+    as_numpy = rows.detach().cpu().double().numpy()
+    model = PCA(n_components=n_components, svd_solver="full").fit(as_numpy)
     dtype = rows.dtype if rows.is_floating_point() else torch.float32
-    as_tensor = lambda array: torch.from_numpy(np.ascontiguousarray(array)).to(dtype)  # noqa: E731
-    return PCAResult(as_tensor(model.transform(rows.detach().cpu().double().numpy())), as_tensor(model.components_),
+    as_tensor = lambda array: torch.from_numpy(np.ascontiguousarray(array)).to(rows.device, dtype)  # noqa: E731
+    return PCAResult(as_tensor(model.transform(as_numpy)), as_tensor(model.components_),
                      as_tensor(model.mean_), as_tensor(model.explained_variance_ratio_))
 
 
-def project_onto_affine(vectors: Tensor, mean: Tensor, directions: Tensor) -> Tensor:
-    """Project `vectors [..., d]` onto `mean + span(directions)`; `directions [k, d]` must be orthonormal."""
+def project_onto_affine(vectors: Float[Tensor, "... d"], mean: Float[Tensor, " d"],
+                        directions: Float[Tensor, "k d"]) -> Float[Tensor, "... d"]:
+    """Project `vectors` onto `mean + span(directions)`; the `directions` must be orthonormal."""
     centred = vectors - mean
     return mean + (centred @ directions.T) @ directions
 
 
-def affine_projection_hook(mean: Tensor, directions: Tensor, positions: list[int]):
+def affine_projection_hook(mean: Float[Tensor, " d"], directions: Float[Tensor, "k d"], positions: list[int]):
     """A forward hook that replaces activations `[batch, pos, d]` at `positions` by their projection onto
     `mean + span(directions)` (e.g. keep only PC1 of the embedding)."""
 

@@ -84,3 +84,25 @@ def syllogism_batch(tiny_checkpoint):
     tokens = model.to_tokens(SYLLOGISM_PROMPTS)
     answers = torch.tensor([[5, 9], [9, 5], [5, 9], [9, 5]])
     return model, tokens, answers
+
+
+def build_tiny_arithmetic(folder: Path, embed_scale: float = 1.0):
+    """`(model, tokenizer)`: a tiny random Llama (2 layers, 4 query heads over 2 key/value heads, d_mlp 64) on the
+    arithmetic toy's tokenizer (numbers 0..999 single tokens), saved to `folder` and loaded through `load_model`.
+    `embed_scale` multiplies the token embeddings (an untrained init is ~0.02 per dimension)."""
+    from helpers.models import load_model
+    from helpers.toys.arithmetic import build_model, build_tokenizer
+    from helpers.zoo import save_hf_checkpoint
+
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(embed_scale)
+    return load_model(save_hf_checkpoint(model, tokenizer, folder), device="cpu"), tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_arithmetic(tmp_path_factory):
+    """`(model, tokenizer)` of `build_tiny_arithmetic`, built once per session."""
+    return build_tiny_arithmetic(tmp_path_factory.mktemp("tiny_arithmetic") / "m")

@@ -132,3 +132,16 @@ def test_head_penalty_is_a_group_lasso_over_heads():
     batch = (torch.tensor([[0, 5, 1003, 7, 1007]]), torch.tensor([9]))           # 2+4= -> 6
     plain = float(recipe.make_loss(0.0)(model, batch))
     assert float(recipe.make_loss(0.1)(model, batch)) == pytest.approx(plain + 0.1 * after, rel=1e-5)
+
+
+def test_discovery_and_evaluation_prompts_are_disjoint_and_seeded():
+    prompts = task.all_prompts("+", max_op=20)
+    discovery, evaluation = task.split_discovery_evaluation(prompts, 30, 40, split_seed=1, eval_seed=2)
+    assert len(discovery) == 30 and len(evaluation) == 40
+    assert not set(discovery.texts) & set(evaluation.texts)
+    again, _ = task.split_discovery_evaluation(prompts, 30, 40, split_seed=1, eval_seed=2)
+    assert again.texts == discovery.texts
+    other, _ = task.split_discovery_evaluation(prompts, 30, 40, split_seed=3, eval_seed=2)
+    assert other.texts != discovery.texts
+    with pytest.raises(ValueError, match="n_discovery"):
+        task.split_discovery_evaluation(prompts, 300, 200, 0, 0)

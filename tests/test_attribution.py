@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import attribution
-from helpers.components import Component
+from helpers.components import Component, final_resid_hook_name
 from helpers.models import build_native_model, load_model
 from helpers.zoo import grokking_transformer_config
 from tests.conftest import ARCHITECTURES, SYLLOGISM_PROMPTS
@@ -77,7 +77,7 @@ def assert_dla_matches_model(model, answers, logits, cache) -> None:
 def rebuilt_logit_diff(model, answers, cache, centre: bool) -> torch.Tensor:
     """The logit difference `[batch]` rebuilt by hand from the final residual stream: `w * x / scale` (centred
     first with `centre`) read along `W_U[:, correct] - W_U[:, wrong]`, plus the constant offset."""
-    final = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][:, -1]
+    final = cache[final_resid_hook_name(model)][:, -1]
     if centre:
         final = final - final.mean(-1, keepdim=True)
     normalised = final / cache["ln_final.hook_scale"][:, -1] * model.ln_final.w
@@ -128,9 +128,15 @@ def test_layer_and_full_attribution_labels(case):
     layers = attribution.layer_attribution(model, cache, answers)
     full = attribution.full_attribution(model, cache, answers)
     n_embed = 2 if "hook_pos_embed" in cache.keys() else 1
-    assert layers.labels[0] == "embed" and layers.labels[-1] == "unembed_bias"
+    assert layers.labels[0] == "EMBED" and layers.labels[-1] == "UNEMBED_BIAS"
+    assert layers.components[0] == Component.embed() and layers.components[-1] == Component.unembed_bias()
+    assert (n_embed == 2) == (Component.pos_embed() in full.components)
     assert len(layers.labels) == n_embed + 2 * model.cfg.n_layers + 1
     assert len(full.labels) == n_embed + model.cfg.n_layers * (model.cfg.n_heads + 2) + 1
+    assert [Component.from_label(label) for label in full.labels] == full.components
+    assert full["MLP0"] == full[Component.mlp(0)] == full.as_dict()["MLP0"]
+    lens = attribution.logit_lens(model, cache, answers)
+    assert lens.labels[0] == "RESID_PRE0" and lens.labels[-1] == f"RESID_POST{model.cfg.n_layers - 1}"
 
 
 def test_heads_plus_bias_equal_attention_layer(case):
@@ -141,8 +147,8 @@ def test_heads_plus_bias_equal_attention_layer(case):
     assert heads.shape == (model.cfg.n_layers, model.cfg.n_heads)
     for layer in range(model.cfg.n_layers):
         assert full[f"L{layer}H1"] == pytest.approx(heads[layer, 1].item(), abs=1e-6)
-        from_heads = sum(full[f"L{layer}H{h}"] for h in range(model.cfg.n_heads)) + full[f"L{layer}_attn_bias"]
-        assert from_heads == pytest.approx(layers[f"L{layer}_attn"], abs=1e-5)
+        from_heads = sum(full[f"L{layer}H{h}"] for h in range(model.cfg.n_heads)) + full[f"ATTN_BIAS{layer}"]
+        assert from_heads == pytest.approx(layers[f"ATTN{layer}"], abs=1e-5)
 
 
 def test_token_and_next_token_dla_sum_to_the_models_logits(case):
@@ -168,25 +174,14 @@ def test_top_components():
     assert attribution.top_components(values, 1, largest=False)[0][0] == (1, 0)
 
 
-def test_component_names():
-    assert Component.head(3, 2).hook_name() == "blocks.3.attn.hook_z"
-    assert Component.head(3, 2).hook_name("k") == "blocks.3.attn.hook_k"
-    assert Component.neuron(3, 669).hook_name() == "blocks.3.mlp.hook_post"
-    assert Component.mlp(1).hook_name() == "blocks.1.hook_mlp_out"
-    assert Component("resid", 2).hook_name() == "blocks.2.hook_resid_pre"
-    for label in ["L3H2", "L3N669@-1", "MLP1", "ATTN0@4", "EMBED"]:
-        assert Component.from_label(label).label == label
-    assert Component.head(1, 2, 5).index_tuple("pattern") == (2, 5)
-
-
 def test_direction_writes_sum_to_the_final_residual_projection(case):
     model, tokens, _, _, cache = case
     direction = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0))
-    values, labels = attribution.direction_writes(model, cache, direction)
-    final = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"] @ direction
-    assert values.shape == (len(labels), *tokens.shape)
+    values, components = attribution.direction_writes(model, cache, direction)
+    final = cache[final_resid_hook_name(model)] @ direction
+    assert values.shape == (len(components), *tokens.shape)
     assert torch.allclose(values.sum(0), final, atol=1e-4)
-    assert f"L0H{model.cfg.n_heads - 1}" in labels and "L0_mlp" in labels
+    assert Component.head(0, model.cfg.n_heads - 1) in components and Component.mlp(0) in components
     # the attention bias is a constant: the same at every position of every prompt
-    bias = values[labels.index("L0_attn_bias")]
+    bias = values[components.index(Component.attn_bias(0))]
     assert torch.allclose(bias, bias[0, 0].expand_as(bias), atol=1e-5)

@@ -137,19 +137,13 @@ def test_chance_correction():
 
 # ---- model-based helpers on a tiny random Llama ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from helpers.models import load_model
-    from helpers.toys.arithmetic import build_model, build_tokenizer
-    from helpers.zoo import save_hf_checkpoint
-
-    tokenizer = build_tokenizer()
-    model = build_model(tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2)
-    folder = save_hf_checkpoint(model, tokenizer, tmp_path_factory.mktemp("tiny_arith") / "m")
-    return load_model(folder, device="cpu"), tokenizer
+def tiny(tiny_arithmetic):
+    return tiny_arithmetic
 
 
 def test_maps_and_neuron_hooks(tiny):
+    from helpers.ablation import neuron_mask_hooks
+
     model, tokenizer = tiny
     prompts = task.all_prompts("+", max_op=12)
     tokens = task.prompt_tokens(tokenizer, prompts)
@@ -163,7 +157,7 @@ def test_maps_and_neuron_hooks(tiny):
     assert torch.allclose(kv[1], k[1] * logits[answers], atol=1e-5)
     masks = {1: torch.zeros(len(tokens), model.cfg.d_mlp, dtype=torch.bool)}
     masks[1][:, 5] = True
-    hooks = H.neuron_mask_hooks(masks)
+    hooks = neuron_mask_hooks(masks)
     with model.hooks(fwd_hooks=hooks):
         _, ablated = model.run_with_cache(tokens)
     assert float(ablated["blocks.1.mlp.hook_post"][:, :, 5].abs().max()) == 0.0
@@ -199,8 +193,13 @@ def test_knockouts_are_well_formed(tiny):
                                       prompts.results[:40], top, limits=[0, 1, 3], seed=0)
     assert guided.ablated.shape == (3,) and float(guided.mean_ablated[0]) == 0.0
     assert float(guided.ablated[0]) == pytest.approx(guided.baseline)
-    assert torch.all(guided.mean_control <= guided.mean_ablated + 1e-6)
+    assert torch.equal(guided.mean_control, guided.mean_ablated)  # the control ablates as many neurons
     assert float(guided.mean_ablated[2]) <= 6
+    # the control draws from unassociated top neurons first and tops up from the rest of the layer when they run out
+    exhausted = H.prompt_guided_knockout(model, scores, 0.6, tokens[:40], answers[:40], prompts.pairs[:40],
+                                         prompts.results[:40], neurons, limits=[6], seed=0)
+    assert float(exhausted.mean_ablated[0]) > 0
+    assert torch.equal(exhausted.mean_control, exhausted.mean_ablated)
     profile = H.prompt_profile(model, scores, 0.6, tokens[:40], answers[:40], prompts.pairs[:40],
                                prompts.results[:40])
     assert profile.n_associated.shape == (40,)
@@ -224,7 +223,7 @@ def test_faithfulness_is_one_for_the_full_model_and_zero_for_the_empty_circuit(t
 
 
 def test_indirect_effect_on_hand_made_distributions():
-    from helpers.patching import indirect_effect, indirect_effect_metric
+    from helpers.arithmetic_circuit import indirect_effect, indirect_effect_metric
 
     pre = torch.tensor([[0.7, 0.2, 0.1], [0.5, 0.25, 0.25]])
     r, r_prime = torch.tensor([0, 0]), torch.tensor([1, 2])
@@ -241,7 +240,7 @@ def test_indirect_effect_on_hand_made_distributions():
 def test_log_scale_indirect_effect_metric_averages_signed_logs():
     import math
 
-    from helpers.patching import indirect_effect_metric, signed_log
+    from helpers.arithmetic_circuit import indirect_effect_metric, signed_log
 
     assert torch.allclose(signed_log(torch.tensor([-3.0, 0.0, 1.5])),
                           torch.tensor([-math.log(4.0), 0.0, math.log(2.5)]))
@@ -249,3 +248,51 @@ def test_log_scale_indirect_effect_metric_averages_signed_logs():
     post = torch.tensor([[0.35, 0.6, 0.05], [0.25, 0.25, 0.5]])       # IE 1.5 and 1.0 (see above)
     metric = indirect_effect_metric(pre.log(), torch.tensor([0, 0]), torch.tensor([1, 2]), log_scale=True)
     assert float(metric(post.log())) == pytest.approx((math.log(2.5) + math.log(2.0)) / 2)
+
+
+def test_paper_statistic_is_uncorrected_precision(addition):
+    prompts, scheme = addition
+    planted = _planted(prompts)["op1_range_10_40"][None]
+    ours = H.classify(planted, planted, scheme, [(0, 0)])
+    paper = H.classify(planted, planted, scheme, [(0, 0)], chance_correct=False)
+    j = scheme.index["op1_range_10_40"]
+    assert float(paper.scores[0, j]) == pytest.approx(1.0) and float(ours.scores[0, j]) == pytest.approx(1.0)
+    # a heuristic concerning most pairs scores its coverage on an unrelated map under the paper's statistic, ~0 on ours
+    noise = torch.rand(1, len(prompts), generator=torch.Generator().manual_seed(2))
+    broad = max(range(len(scheme.names)), key=lambda i: float(scheme.sizes[i]))
+    coverage = float(scheme.sizes[broad]) / len(prompts)
+    assert coverage > 0.6
+    paper = H.classify(noise, noise, scheme, [(0, 0)], chance_correct=False)
+    ours = H.classify(noise, noise, scheme, [(0, 0)])
+    assert float(paper.scores[0, broad]) == pytest.approx(coverage, abs=0.05)
+    assert abs(float(ours.scores[0, broad])) < 0.1
+    assert paper.classified_fraction(0.6) == 1.0 and ours.classified_fraction(0.6) == 0.0
+    assert torch.allclose(H.precision_at_size(torch.tensor([[5.0]]), torch.tensor([10]), 40), torch.tensor([[0.5]]))
+    # converting our scores gives the paper's without rescoring (multi-value heuristics of division included)
+    maps = torch.cat([planted, noise, -planted])
+    converted = H.uncorrected(H.classify(maps, maps, scheme, [(0, i) for i in range(3)]), scheme)
+    direct = H.classify(maps, maps, scheme, [(0, i) for i in range(3)], chance_correct=False)
+    assert torch.allclose(converted.scores, direct.scores, atol=1e-5)
+    division = task.all_prompts("/", max_op=60)
+    div_scheme = H.build_scheme(division.pairs, division.results, "/")
+    kv = torch.isin(division.results, torch.tensor([2, 5])).float()[None]
+    ours = H.classify(kv, kv, div_scheme, [(0, 0)])
+    theirs = H.classify(kv, kv, div_scheme, [(0, 0)], chance_correct=False)
+    assert ours.extra and H.uncorrected(ours, div_scheme).extra[0] == pytest.approx(theirs.extra[0], abs=1e-5)
+
+
+def test_value_logits_and_their_agreement_with_the_heuristic(tiny):
+    model, tokenizer = tiny
+    numbers = task.number_token_ids(tokenizer, 99)
+    logits = H.value_logits(model, [(1, 5), (0, 2)], numbers)
+    assert logits.shape == (2, 100)
+    assert torch.allclose(logits[0], (model.W_out[1, 5] @ model.W_U)[numbers], atol=1e-5)
+    assert H.value_logits(model, [(1, 5)]).shape == (1, model.cfg.d_vocab)
+    # planted lens: neuron 0 promotes exactly 40..49 (its heuristic result_range_40_50), neuron 1 promotes 0..9
+    lens = torch.zeros(3, 100)
+    lens[0, 40:50] = 1.0
+    lens[1, :10] = 1.0
+    scores = _scores_for([(1, 0), (1, 1), (1, 2)], [[("result_range_40_50", 0.9)], [("result_range_40_50", 0.8)],
+                                                     [("op1_range_0_10", 0.9)]])
+    agreement = H.value_lens_agreement(scores, 0.6, lens, top=10)
+    assert agreement == {(1, 0): 1.0, (1, 1): 0.0}  # the indirect-only neuron (1, 2) has no direct heuristic

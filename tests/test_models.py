@@ -195,3 +195,25 @@ def test_reference_model_is_chosen_by_shape_not_by_name(tiny_checkpoint):
 def test_zoo_models_are_recognised_by_name_and_folder(tiny_checkpoint):
     assert models.is_zoo_model("toy-bilingual") and models.is_zoo_model(zoo.checkpoint_dir("toy-bilingual"))
     assert not models.is_zoo_model(tiny_checkpoint("gpt_neox")) and not models.is_zoo_model("EleutherAI/pythia-70m")
+
+
+def test_loading_shows_no_weight_progress_bar_and_restores_the_bar_settings(tiny_checkpoint, capfd):
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()
+    capfd.readouterr()
+    load_model(tiny_checkpoint("gpt2"), device="cpu")
+    captured = capfd.readouterr()
+    assert "Loading weights" not in captured.err + captured.out  # the bar a saved notebook shows frozen at 0%
+    assert hf_logging.is_progress_bar_enabled() and not hub_utils.are_progress_bars_disabled()
+    with models.weight_loading_bars_silenced():
+        assert not hf_logging.is_progress_bar_enabled()
+        assert not hub_utils.are_progress_bars_disabled()  # downloads keep their progress bar
+
+
+def test_weight_loading_bar_would_show_without_the_silencer(tiny_checkpoint, capfd):
+    capfd.readouterr()
+    AutoModelForCausalLM.from_pretrained(tiny_checkpoint("gpt2"))
+    captured = capfd.readouterr()
+    assert "Loading weights" in captured.err  # the planted case: transformers prints it by default

@@ -8,6 +8,7 @@ import torch
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
 from helpers import neurons
+from helpers.components import Component, hook_name
 
 
 def _sklearn_best_f1(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -127,7 +128,7 @@ def test_scan_neurons_matches_cache(tiny):
         _, cache = model.run_with_cache(tokens)
     token_labels = labels[:, None].expand_as(mask)[mask]
     for row, layer in enumerate([0, 1]):
-        acts = cache[f"blocks.{layer}.mlp.hook_post"][mask]
+        acts = cache[hook_name("neuron", layer)][mask]
         assert torch.allclose(result.mean_pos[row], acts[token_labels == 1].mean(0), atol=1e-5)
         for neuron in (0, 5, 17):
             expected = roc_auc_score(token_labels.numpy(), acts[:, neuron].numpy())
@@ -167,14 +168,15 @@ def test_direct_patching_with_itself_changes_nothing_and_full_patch_matches(tiny
     from helpers.attribution import direct_patch_losses
 
     model, tokens = tiny
-    patched, labels, clean, hooked = direct_patch_losses(model, tokens, [])
-    assert labels[0] == "embed" and labels[-1] == f"L{model.cfg.n_layers - 1}_mlp"
+    patched, components, clean, hooked = direct_patch_losses(model, tokens, [])
+    assert components[0] == Component.embed() and components[-1] == Component.mlp(model.cfg.n_layers - 1)
     assert torch.allclose(patched, clean.expand_as(patched), atol=1e-5)
     assert torch.allclose(hooked, clean, atol=1e-6)
     # an intervention in the last MLP has only a direct effect: patching that MLP reproduces the hooked run
     last = model.cfg.n_layers - 1
-    patched, labels, clean, hooked = direct_patch_losses(model, tokens, neuron_value_hooks({(last, 4): 3.0}),
-                                                         components=[f"L{last}_mlp", "L0_mlp"])
+    patched, components, clean, hooked = direct_patch_losses(model, tokens, neuron_value_hooks({(last, 4): 3.0}),
+                                                             components=[Component.mlp(last), "MLP0"])
+    assert components == [Component.mlp(last), Component.mlp(0)]
     assert torch.allclose(patched[0], hooked, atol=1e-4)
     assert torch.allclose(patched[1], clean, atol=1e-5)
     assert not torch.allclose(hooked, clean, atol=1e-4)
@@ -186,8 +188,8 @@ def test_next_token_dla_sums_to_correct_logit(tiny):
     model, tokens = tiny
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens)
-        values, labels = next_token_dla(model, cache, tokens)
-    assert labels[-1] == "unembed_bias" and values.shape == (len(labels), *tokens[:, 1:].shape)
+        values, components = next_token_dla(model, cache, tokens)
+    assert components[-1] == Component.unembed_bias() and values.shape == (len(components), *tokens[:, 1:].shape)
     correct = logits[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
     assert torch.allclose(values.sum(0), correct, atol=1e-4)
 

@@ -8,6 +8,7 @@ sweeps change nothing there; the reference for GPT-Neo's patterns is the Hugging
 attention weights replaced where it applies them (its `attn_dropout`, the identity in eval mode)."""
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from contextlib import contextmanager
 
@@ -170,6 +171,67 @@ def test_heads_every_by_position_pads_kv_heads_like_transformer_lens(setup, refe
     parts = [reference(site, True) for site in ("z", "q", "k", "v")]
     expected = torch.stack([torch.nn.functional.pad(p, (0, model.cfg.n_heads - p.shape[-1])) for p in parts])
     _assert_equal(got, expected)
+
+
+# ---- the fast engine ----------------------------------------------------------------------------------------------
+def test_every_architecture_takes_the_fast_path(setup, tl_block_every, monkeypatch):
+    """The sweeps above compare the fast engine with TransformerLens: no variant of a resid or head sweep runs from
+    the embedding (GPT-Neo's patterns do, through hook_z)."""
+    _, model, _, corrupted, cache, metric = setup
+    assert patching.fast_path(model)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a variant ran from the embedding")
+
+    monkeypatch.setattr(patching, "_run_from_embedding", refuse)
+    _assert_equal(patching.act_patch_resid_pre(model, corrupted, cache, metric), tl_block_every[0])
+    patching.act_patch_heads(model, corrupted, cache, metric, "v", by_position=True)
+
+
+def test_without_the_fast_path_it_warns_once_and_gives_the_same(setup, tl_block_every, monkeypatch):
+    arch, model, _, corrupted, cache, metric = setup
+    monkeypatch.setattr(patching, "_fast_path_problem", lambda model: "planted for the test")
+    monkeypatch.delitem(patching._FAST_PATH, model)
+    with pytest.warns(UserWarning, match="planted for the test"):
+        got = patching.act_patch_block_every(model, corrupted, cache, metric)
+    _assert_equal(got, tl_block_every)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        patching.act_patch_resid_pre(model, corrupted, cache, metric)
+    monkeypatch.delitem(patching._FAST_PATH, model)  # probed again for the tests after this one
+
+
+def test_a_metric_is_given_only_the_positions_it_reads(setup):
+    """A `PositionalMetric` gets `[batch, len(positions), vocab]`, equal to what a plain metric reads at those
+    positions from the full logits; a plain metric gets every position."""
+    _, model, _, corrupted, cache, _ = setup
+    shapes = []
+
+    def read(logits):
+        shapes.append(tuple(logits.shape[1:]))
+        return logits[:, 0, 3].mean() - logits[:, 1, 7].mean()
+
+    positional = patching.PositionalMetric([1, -1], read)
+    plain = lambda logits: logits[:, 1, 3].mean() - logits[:, -1, 7].mean()  # noqa: E731
+    got = patching.act_patch_heads(model, corrupted, cache, positional, "z", by_position=True)
+    assert set(shapes) == {(2, model.cfg.d_vocab)}
+    expected = tl_patching.get_act_patch_attn_head_out_by_pos(model, corrupted, cache, plain).float()
+    _assert_equal(got, expected)
+
+
+def test_path_patching_fast_equals_from_the_embedding(setup, monkeypatch):
+    """Every sender head, senders at positions 1 and 2, receivers at two layers: the passes that start at the
+    senders' layer and position give what full runs give."""
+    _, model, clean, corrupted, _, metric = setup
+    receivers = [Component.head(1, 0), Component.head(0, 1), Component.head(1, 2, position=2)]
+    fast = {site: patching.path_patch(model, clean, corrupted, metric, receivers, site, sender_positions=[2, 1])
+            for site in ("k", "v")}
+    monkeypatch.setitem(patching._FAST_PATH, model, False)
+    for site, value in fast.items():
+        slow = patching.path_patch(model, clean, corrupted, metric, receivers, site, sender_positions=[2, 1])
+        assert torch.allclose(value, slow, atol=ATOL), site
+        assert (value[0] - 1).abs().max() > 1e-6, site  # layer-0 senders reach layer-1 keys and values (a little)
+        assert torch.allclose(value[1], torch.ones_like(value[1]), atol=ATOL), site  # nothing after layer 1
 
 
 # ---- attention patterns -------------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import sae as S
+pytest.importorskip("sae_lens")  # the SAE notebook's stack; absent in the transformer-lens 4 environment
+
+from helpers import sae as S  # noqa: E402
 
 HOOK = "blocks.1.mlp.hook_post"
 
@@ -160,20 +162,33 @@ def test_metrics_and_loss_recovered(trained, model, tokens):
     assert clean.shape == (len(tokens),) and not torch.allclose(clean, zero)
 
 
-def test_weight_analyses_shapes(trained, model):
+def test_measures_at_one_position(trained, model, tokens):
+    """`logits_at` under a hook at each prompt's position, the answer's logprob / logit / rank, and the seed's
+    original-minus-ablated changes with intervals from the prompts actually used."""
     saes, _, _ = trained
-    sae0, sae1 = saes["blocks.0.mlp.hook_post"], saes[HOOK]
-    weights = S.feature_logit_weights(model, sae1, 1)
-    assert weights.shape == (sae1.cfg.d_sae, model.cfg.d_vocab)
-    cos = S.virtual_cosines(model, sae0, 0, sae1, 1)
-    assert cos.shape == (sae0.cfg.d_sae, sae1.cfg.d_sae) and cos.abs().max() <= 1 + 1e-5
-    # top_pairs indexes with the matrix's own column count (the seed used the first SAE's size)
-    rect = torch.zeros(3, 5)
-    rect[2, 4] = 1.0
-    rect[1, 0] = 0.5
-    assert [(r, c) for r, c, _ in S.top_pairs(rect, 2)] == [(2, 4), (1, 0)]
-    corr = S.coactivation(torch.randn(50, 3))
-    assert corr.shape == (3, 3) and torch.allclose(corr.diagonal(), torch.ones(3))
+    sae = saes[HOOK]
+    positions = torch.arange(len(tokens)) % (tokens.shape[1] - 2) + 1
+    answers = tokens[torch.arange(len(tokens)), positions + 1]
+    clean_logits = S.logits_at(model, tokens, positions, batch_size=5)
+    full = model(tokens)[torch.arange(len(tokens)), positions]
+    assert torch.allclose(clean_logits, full, atol=1e-4)
+    assert torch.allclose(S.logprobs_at(model, tokens, positions), clean_logits.log_softmax(-1), atol=1e-5)
+    clean = S.answer_measures(clean_logits, answers)
+    expected_rank = torch.tensor([(row > row[a]).sum().item() for row, a in zip(clean_logits, answers)]).float()
+    assert torch.equal(clean["rank"], expected_rank)
+    assert torch.allclose(clean["logit"], clean_logits[torch.arange(len(tokens)), answers])
+    assert torch.allclose(-clean["logprob"], S.answer_losses(clean_logits.log_softmax(-1), answers))
+    zero = S.answer_measures(S.logits_at(model, tokens, positions, S.at_positions(
+        HOOK, lambda pos: S.replace_hook(0.0, pos))), answers)
+    assert not torch.allclose(zero["logit"], clean["logit"])
+    changes = S.measure_changes(clean, zero)
+    difference = clean["logit"] - zero["logit"]
+    assert changes["logit"][0] == pytest.approx(difference.mean().item(), abs=1e-5)
+    assert changes["logit"][1] == pytest.approx(1.96 * difference.std().item() / len(tokens) ** 0.5, abs=1e-5)
+    assert S.measure_changes(clean, clean)["rank"] == (0.0, 0.0)
+    kept = S.logits_at(model, tokens, positions, S.at_positions(HOOK, lambda pos: S.splice_hook(
+        sae, positions=pos, error_term=True)))
+    assert torch.allclose(kept, clean_logits, atol=1e-4)
 
 
 def test_token_attribution_at_sums_to_the_answer_logit(model, tokens):
@@ -185,5 +200,5 @@ def test_token_attribution_at_sums_to_the_answer_logit(model, tokens):
     attribution = token_attribution_at(model, cache, answers, positions)
     expected = logits[torch.arange(len(tokens)), positions, answers]
     assert attribution.per_prompt.shape == (len(attribution.labels), len(tokens))
-    assert "L1H0" in attribution.labels and "L1_mlp" in attribution.labels
+    assert "L1H0" in attribution.labels and "MLP1" in attribution.labels
     assert torch.allclose(attribution.per_prompt.sum(0), expected, atol=1e-3)

@@ -72,3 +72,40 @@ def test_toy_heldout_accuracy(toy):
     assert rate == pytest.approx(((diffs > 0) & (task.logit_diffs(toy, data.corrupted_tokens, data.answers) < 0))
                                  .float().mean().item())
     assert len(kept) == round(rate * len(data))
+
+
+def test_sample_pairs_keeps_both_orders_of_each_pair(toy):
+    pool = task.build_dataset(toy.tokenizer, task.make_syllogisms(n=400, seed=0))
+    odd_one_out = pool.subset([i for i in range(len(pool)) if i != 1])  # prompt 0 has lost its flip
+    data = task.sample_pairs(odd_one_out, 40, seed=2)
+    assert len(data) == 40 and odd_one_out.items[0] not in data.items
+    assert len({item.text for item in data.items}) == 40
+    for k in range(0, 40, 2):
+        assert data.items[k + 1] == data.items[k].flipped
+        assert torch.equal(data.corrupted_tokens[k], data.clean_tokens[k + 1])
+        assert torch.equal(data.answers[k + 1], data.answers[k].flip(0))
+    # every answer token is the correct answer exactly as often as it is the distractor
+    assert torch.equal(data.answers[:, 0].sort().values, data.answers[:, 1].sort().values)
+    assert [x.text for x in task.sample_pairs(odd_one_out, 40, seed=2).items] == [x.text for x in data.items]
+    assert [x.text for x in task.sample_pairs(odd_one_out, 40, seed=3).items] != [x.text for x in data.items]
+    with pytest.raises(ValueError, match="odd"):
+        task.sample_pairs(pool, 7)
+    with pytest.raises(ValueError, match="flip pairs"):
+        task.sample_pairs(pool.subset(range(0, len(pool), 2)), 2)  # one order of every pair: no pair left
+
+
+def test_sampled_pairs_make_the_corrupted_logit_diff_minus_the_clean_one(toy):
+    from helpers.attribution import logit_diff
+
+    model = toy
+    pool = task.build_dataset(model.tokenizer, task.make_syllogisms(n=200, seed=0))
+    data = task.sample_pairs(pool, 16, seed=0)
+    with torch.no_grad():
+        clean = logit_diff(model(data.clean_tokens), data.answers).item()
+        corrupted = logit_diff(model(data.corrupted_tokens), data.answers).item()
+    assert clean != 0 and corrupted == pytest.approx(-clean, abs=1e-4)
+    shuffled = pool.subset(torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))[:16])
+    with torch.no_grad():
+        unpaired = [logit_diff(model(t), shuffled.answers).item()
+                    for t in (shuffled.clean_tokens, shuffled.corrupted_tokens)]
+    assert unpaired[1] != pytest.approx(-unpaired[0], abs=1e-4)  # what a random subset of single prompts loses

@@ -10,7 +10,7 @@ import torch
 
 from helpers import cache, training
 from helpers.models import build_native_model
-from helpers.tasks.modular import last_position_loss, make_data
+from helpers.tasks.modular import accuracy, batch_loss, grokking_phases, last_position_loss, make_data, train_test_metrics
 from helpers.training import TrainConfig, list_checkpoints, train
 from helpers.zoo import grokking_transformer_config
 
@@ -137,3 +137,28 @@ def test_cosine_schedule_warms_up_and_decays():
 def test_impossible_configs_are_rejected(bad):
     with pytest.raises(ValueError):
         TrainConfig(**bad)
+
+
+def test_grokking_phases_are_read_off_the_curves():
+    epochs = torch.arange(1, 11)
+    test_loss = torch.tensor([4.0, 5.0, 6.0, 7.0, 3.0, 1.5, 0.8, 0.2, 0.005, 0.001])
+    train_acc = torch.tensor([0.2, 0.9, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    test_acc = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.1, 0.5, 0.9, 0.995, 1.0, 1.0])
+    phases = grokking_phases(epochs, test_loss, train_acc, test_acc)
+    assert phases == {"train accuracy 100%": 3, "test loss peak": 4, "test loss < 1": 7, "test accuracy 99%": 8,
+                      "test loss < 0.01": 9}
+    memorised = grokking_phases(epochs, test_loss + 2, train_acc, test_acc * 0.9)
+    assert memorised["test accuracy 99%"] is None and memorised["test loss < 1"] is None
+
+
+def test_grokking_metrics_and_batch_loss_match_the_loss_on_each_split():
+    model = fresh_model()
+    result = train(model, data(), batch_loss, TrainConfig(steps=3, lr=1e-2, eval_every=3),
+                   eval_fn=train_test_metrics(DATA), progress=False)
+    with torch.no_grad():
+        logits = model(DATA.tokens)
+    test = DATA.test_indices
+    assert result.metric("test_loss")[-1] == pytest.approx(last_position_loss(logits[test], DATA.labels[test]).item())
+    assert result.metric("train_acc")[-1] == pytest.approx(accuracy(logits[DATA.train_indices],
+                                                                    DATA.labels[DATA.train_indices]))
+    assert batch_loss(model, data()).item() == pytest.approx(loss_fn(model, data()).item())

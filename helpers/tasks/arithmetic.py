@@ -74,11 +74,6 @@ def operand2_range(op: str, x: int, min_op: int, max_op: int, max_single_token: 
     raise ValueError(f"unknown operator {op!r}; use one of {OPERATORS}")
 
 
-def is_valid(op: str, x: int, y: int, max_single_token: int = 999) -> bool:
-    result = apply(op, x, y)
-    return result is not None and 0 <= result <= max_single_token
-
-
 def prompt_text(x: int, op: str, y: int) -> str:
     return f"{x}{op}{y}="
 
@@ -179,6 +174,17 @@ def mean_ablation_prompts(max_op: int, n_per_operator: int | None, seed: int,
         grid = grid_prompts(op, 0, max_op)
         sets.append(grid if n_per_operator is None else grid.sample(n_per_operator, seed + i))
     return sets
+
+
+def split_discovery_evaluation(prompts: PromptSet, n_discovery: int, n_eval: int, split_seed: int, eval_seed: int
+                               ) -> tuple[PromptSet, PromptSet]:
+    """`n_discovery` prompts drawn with `split_seed` and, from the rest, `n_eval` evaluation prompts drawn with
+    `eval_seed`: disjoint sets (the paper's discovery and evaluation prompts)."""
+    if len(prompts) < n_discovery + n_eval:
+        raise ValueError(f"{prompts.op}: {len(prompts)} prompts, fewer than n_discovery + n_eval = "
+                         f"{n_discovery + n_eval}")
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(split_seed))
+    return prompts.subset(order[:n_discovery]), prompts.subset(order[n_discovery:]).sample(n_eval, eval_seed)
 
 
 def split_train_test(prompts: PromptSet, test_fraction: float, seed: int) -> tuple[PromptSet, PromptSet]:

@@ -296,11 +296,6 @@ def generate_corpus(n_documents: int, *, german_fraction: float = 0.5, seed: int
                               code_switch) for _ in range(n_documents)]
 
 
-def split_languages(documents: Sequence[Document]) -> tuple[list[str], list[str]]:
-    """(german texts, english texts)."""
-    return ([d.text for d in documents if d.language == "de"], [d.text for d in documents if d.language == "en"])
-
-
 def evaluation_texts(n_per_language: int, *, seed: int = 12345, min_chars: int = 300,
                      max_chars: int = 700, code_switch: float = 0.0) -> tuple[list[str], list[str]]:
     """Held-out `(german, english)` texts, `n_per_language` each, from a seed the toy's training never uses."""

@@ -232,10 +232,28 @@ def filter_by_logit_diff(model, data: SyllogismData, threshold: float = 2.0,
     return data.subset(keep), len(keep) / max(1, len(data))
 
 
+def flip_pairs(data: SyllogismData) -> list[tuple[int, int]]:
+    """Row pairs `(i, j)`, `i < j`, where prompt `j` is prompt `i` with A and B swapped; a prompt whose flip is not in
+    `data` belongs to no pair."""
+    row_of = {item: row for row, item in enumerate(data.items)}
+    return [(i, row_of[item.flipped]) for i, item in enumerate(data.items) if row_of.get(item.flipped, -1) > i]
+
+
 def sample_pairs(data: SyllogismData, n: int, seed: int = 0) -> SyllogismData:
-    """A seeded sample of `n` prompts, in random order."""
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
-    return data.subset(order)
+    """A seeded sample of `n / 2` flip pairs, both orders of each kept together: rows `2k` and `2k + 1` are one
+    prompt and its flip.
+
+    So the corrupted batch is the clean batch with the rows of each pair swapped: the mean corrupted logit difference
+    is exactly minus the clean one, and every answer token is the correct answer as often as it is the distractor
+    (a random subset of single prompts loses both). Raises ValueError for an odd `n` or too few pairs.
+    """
+    if n % 2:
+        raise ValueError(f"n={n} is odd: both orders of each pair are kept together, so n must be even")
+    pairs = flip_pairs(data)
+    if len(pairs) < n // 2:
+        raise ValueError(f"only {len(pairs)} flip pairs in {len(data)} prompts, fewer than n/2 = {n // 2}")
+    chosen = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))[: n // 2]
+    return data.subset([row for k in chosen.tolist() for row in pairs[k]])
 
 
 def replace_marker(data: SyllogismData, tokenizer, slot: str = "not", replacement: str = " but") -> Tensor:

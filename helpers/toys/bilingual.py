@@ -5,13 +5,14 @@ tokenizer trained on the same corpus. Each training row is one document (BOS + t
 masked out of the loss), so the model must read the language from the document itself.
 
 What makes a context *neuron* appear (rather than the language living only in attention heads, as it did in every
-wider variant tried, see notebook 04): a narrow residual stream (d_model 16) and few MLP neurons (32 per layer), so
+wider variant tried, see `docs/toy_bilingual.md`): a narrow residual stream (d_model 16) and few MLP neurons (32 per layer), so
 the language has to be squeezed through the MLPs; German as a small minority (5% of documents); one language per
 document (no code-switched phrases), so the document's language is a clean context to track; a small vocabulary
 (512), so that English words are split into pieces too and both languages share sub-word pieces whose continuation
 depends on the language (` e|le|g|ant`, ` fin|den` / ` fin|ds`), which is what contextual n-gram neurons are for;
 and six layers, so that the neurons after the context neuron's layer can read it. The seed matters: most seeds give
-a weaker or less selective neuron (notebook 04 lists them).
+a weaker or less selective neuron. `docs/toy_bilingual.md` is the lab log of the ~60 trainings that found this
+recipe: each variant, its best neuron's F1 against the runner-up, its ablation and n-gram results.
 
 Retrain with `python -m helpers.zoo train toy-bilingual`.
 """

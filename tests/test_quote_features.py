@@ -1,0 +1,87 @@
+"""The quotation study's pipeline on the toy story model: closing prompts per closing token, DLA at the closing
+position, the seed's five conditions and the per-closing comparison, checked against direct computations."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("sae_lens")
+
+from helpers import quote_features as Q  # noqa: E402
+from helpers import sae as S  # noqa: E402
+from helpers.attribution import token_attribution_at  # noqa: E402
+from helpers.components import hook_name  # noqa: E402
+from helpers.tasks.stories import generate_stories  # noqa: E402
+
+torch.set_grad_enabled(False)
+HOOK = hook_name("neuron", 1)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    from helpers.models import load_model
+
+    model = load_model("toy-stories", device="cpu")
+    stories = generate_stories(40, seed=11)
+    sets = Q.closing_prompt_sets(stories, model.tokenizer, ('."', '!"', '?"'), max_prompts=12)
+    sae = S.new_sae(model.cfg.d_mlp, 2 * model.cfg.d_mlp, hook_name=HOOK, seed=3)
+    return model, sets, sae
+
+
+def test_closing_prompt_sets_per_token(toy):
+    model, sets, _ = toy
+    assert set(sets) == {'."', '!"', '?"'}
+    only = Q.closing_prompt_sets(['Tom said, "Look at the kite."'], model.tokenizer, ('."', '?"'), max_prompts=3)
+    assert list(only) == ['."'] and len(only['."']) == 1  # a closing that never occurs is left out
+    for closing, prompts in sets.items():
+        assert 0 < len(prompts) <= 12
+        assert (prompts.answers == model.tokenizer.convert_tokens_to_ids(closing)).all()
+
+
+def test_closing_dla_in_chunks_sums_to_the_logit(toy):
+    model, sets, _ = toy
+    prompts = sets['."']
+    dla = Q.closing_dla(model, prompts, batch_size=5)
+    logits = S.logits_at(model, prompts.tokens, prompts.last_pos)
+    expected = logits[torch.arange(len(prompts)), prompts.answers]
+    assert torch.allclose(dla.per_prompt.sum(0), expected, atol=1e-3)
+    _, cache = model.run_with_cache(prompts.tokens)
+    whole = token_attribution_at(model, cache, prompts.answers, prompts.last_pos)
+    assert dla.labels == whole.labels and torch.allclose(dla.per_prompt, whole.per_prompt, atol=1e-4)
+    post, scales = Q.closing_activations(model, prompts, HOOK, batch_size=5)
+    rows = torch.arange(len(prompts))
+    assert torch.allclose(post, cache[HOOK][rows, prompts.last_pos], atol=1e-5)
+    assert torch.allclose(scales, cache["ln_final.hook_scale"][rows, prompts.last_pos, 0], atol=1e-6)
+
+
+def test_conditions_and_closing_comparison(toy):
+    model, sets, sae = toy
+    prompts = sets['."']
+    clean = S.answer_measures(S.logits_at(model, prompts.tokens, prompts.last_pos), prompts.answers)
+    silent = [0, 1]  # make two features that never fire: ablating them changes nothing
+    sae.b_enc.data[silent] = -1e6
+    measures = Q.condition_measures(model, sae, HOOK, prompts, clean, silent, torch.zeros(model.cfg.d_mlp), "MLP1")
+    assert list(measures) == ["original", "MLP1 zero-ablated", "MLP1 mean-ablated", "top-2 features ablated",
+                              "SAE spliced"]
+    assert torch.allclose(measures["top-2 features ablated"]["logprob"], clean["logprob"], atol=1e-4)
+    # a zero mean is zero ablation
+    assert torch.allclose(measures["MLP1 mean-ablated"]["logit"], measures["MLP1 zero-ablated"]["logit"], atol=1e-5)
+    zero_loss = Q.quote_losses(model, prompts, S.at_positions(HOOK, lambda pos: S.replace_hook(0.0, pos)))
+    assert torch.allclose(-measures["MLP1 zero-ablated"]["logprob"], zero_loss, atol=1e-5)
+    table = Q.closing_token_comparison(model, sae, HOOK, sets, [2, 3])
+    assert list(table.index) == ['."', '!"', '?"']
+    spliced = Q.quote_losses(model, prompts, S.at_positions(HOOK, lambda pos: S.splice_hook(sae, positions=pos)))
+    expected = S.loss_recovered(-clean["logprob"].mean().item(), spliced.mean().item(), zero_loss.mean().item())
+    assert table.loc['."', "loss recovered by the SAE"] == pytest.approx(expected, rel=1e-4)
+    assert table.loc['."', "prompts"] == len(prompts)
+    increases = Q.ablation_losses(model, sae, HOOK, prompts, silent)
+    assert all(torch.allclose(loss, -clean["logprob"], atol=1e-4) for loss in increases.values())
+
+
+def test_seed_table():
+    found = {"closing-quote prompts": 10, "new figure": 1.5}
+    paper = Q.seed_figures("roneneldan/TinyStories-2Layers-33M")
+    table = Q.seed_table(found, paper)
+    assert list(table.index) == list(found) and table.loc["closing-quote prompts"].tolist() == [10, 4554]
+    assert table.loc["new figure"].tolist() == [1.5, "-"]
+    assert list(Q.seed_table(found, Q.seed_figures(None)).columns) == ["this run"]
