@@ -309,15 +309,18 @@ class Faithfulness:
         ratio_of_means: `(mean m_circuit - mean m_empty) / (mean m_full - mean m_empty)`: 1 for the full model, 0
             for the empty circuit; stable when some prompt's full and empty values are close.
         mean_of_ratios: the mean over prompts of `(m_circuit - m_empty) / (m_full - m_empty)` (Nikankin et al.
-            Eq. 2): the paper's figure; one prompt with `m_full ~ m_empty` can move it arbitrarily, and one with
-            `m_full == m_empty` (e.g. the answer still the top logit with everything ablated, NL = 1 in both runs)
-            makes it NaN, as Eq. 2 is undefined there.
+            Eq. 2): the paper's figure; one prompt with `m_full ~ m_empty` can move it arbitrarily. Prompts with
+            `m_full == m_empty` (e.g. the answer still the top logit with everything ablated, NL = 1 in both runs),
+            where Eq. 2 is undefined, are left out of the mean and counted in `undefined_prompts` (NaN if every
+            prompt is).
         circuit: `[batch]` the per-prompt metric of the circuit's run.
+        undefined_prompts: how many prompts Eq. 2 could not use.
     """
 
     ratio_of_means: float
     mean_of_ratios: float
     circuit: Float[Tensor, "batch"]
+    undefined_prompts: int = 0
 
 
 class CircuitEvaluator:
@@ -380,8 +383,10 @@ class CircuitEvaluator:
         full, empty = float(self.full.mean()), float(self.empty.mean())
         denominator = full - empty
         ratio = (float(kept.mean()) - empty) / denominator if denominator != 0 else float("nan")
-        per_prompt = (kept - self.empty) / (self.full - self.empty)
-        return Faithfulness(ratio, float(per_prompt.mean()), kept)
+        defined = self.full != self.empty
+        per_prompt = (kept - self.empty)[defined] / (self.full - self.empty)[defined]
+        mean_of_ratios = float(per_prompt.mean()) if defined.any() else float("nan")
+        return Faithfulness(ratio, mean_of_ratios, kept, int((~defined).sum()))
 
     def __call__(self, circuit: Iterable[Component], kept_neurons: dict[int, Sequence[int]] | None = None) -> float:
         """The ratio-of-means faithfulness of `circuit`."""

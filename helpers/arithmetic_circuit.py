@@ -24,9 +24,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from helpers.ablation import CircuitEvaluator
+from helpers.attribution import logit_diff
+from helpers.eap import PromptSet
 from helpers.components import Component, all_mlps, hook_name
 from helpers.neurons import fit_probe
-from helpers.patching import attribution_patch_neurons, run_patched_variants
+from helpers.patching import attribution_patch_neurons, normalised_logit_diff, run_patched_variants
 
 Metric = Callable[[Tensor], Tensor]
 PROMPT_POSITIONS = (1, 2, 3, 4)  # op1, operator, op2, '=' (0 is BOS)
@@ -39,6 +41,7 @@ SEED_OFFSETS = {
     "probe prompts": 300,       # prompts of the linear probes
     "incorrect sample": 400,    # incorrect prompts of the failure-mode analysis
     "knockout": 0,              # prompts and random control of the knockouts
+    "eap partners": 500,        # each evaluation prompt's counterfactual partner for the EAP-IG held-out test
 }
 
 
@@ -48,6 +51,18 @@ def derived_seed(seed: int, purpose: str, index: int = 0) -> int:
     if purpose not in SEED_OFFSETS:
         raise ValueError(f"unknown purpose {purpose!r}; known: {sorted(SEED_OFFSETS)}")
     return seed + SEED_OFFSETS[purpose] + index
+
+
+def counterfactual_prompt_set(model, clean_tokens: Int[Tensor, "batch pos"], clean_answers: Int[Tensor, " batch"],
+                              corrupt_tokens: Int[Tensor, "batch pos"], corrupt_answers: Int[Tensor, " batch"]
+                              ) -> PromptSet:
+    """Prompts and their counterfactual partners as an edge-patching task: the metric is the logit difference of
+    each prompt's answer over its partner's answer at the last position, normalised to 1 on the clean prompts and 0
+    on the partners."""
+    answers = torch.stack([clean_answers, corrupt_answers], dim=1)                       # [batch, (clean, partner)]
+    with torch.no_grad():
+        values = [logit_diff(model(tokens), answers).item() for tokens in (clean_tokens, corrupt_tokens)]
+    return PromptSet(clean_tokens, corrupt_tokens, normalised_logit_diff(answers, *values))
 
 
 # ---- the indirect effect (Stolfo et al.; Nikankin et al. Eq. 1) ------------------------------------------------------

@@ -217,3 +217,14 @@ def test_neuron_mask_hooks_per_prompt_with_mean_fill_and_from_position(setup):
     assert torch.equal(post[0, :2], clean_post[0, :2]) and torch.equal(post[1:], clean_post[1:])
     same_for_all = _cache_with(model, tokens, ablation.neuron_mask_hooks({1: masks[1][0]}))
     assert torch.all(same_for_all["blocks.1.mlp.hook_post"][:, :, 3] == 0)
+
+
+def test_eq2_leaves_out_prompts_where_it_is_undefined(planted):
+    """A prompt whose full and empty runs agree has no Eq. 2 ratio: it is counted, not averaged as NaN."""
+    model, tokens, answers, reference = planted
+    evaluate = ablation.CircuitEvaluator(model, tokens, ablation.normalized_logits(answers), reference_tokens=reference)
+    evaluate.empty[0] = evaluate.full[0]                      # plant one undefined prompt
+    result = evaluate.faithfulness([Component.head(*LIVE_HEADS[0]), Component.mlp(1)])
+    per_prompt = ((result.circuit - evaluate.empty) / (evaluate.full - evaluate.empty))[1:]
+    assert result.undefined_prompts == 1
+    assert result.mean_of_ratios == pytest.approx(float(per_prompt.mean()), abs=1e-6)

@@ -31,8 +31,8 @@ def prompts(tiny):
 
 def test_derived_seeds_keep_the_notebooks_offsets():
     assert [AC.derived_seed(42, p, 1) for p in ("discovery split", "evaluation sample", "counterfactuals",
-                                                "probe prompts", "incorrect sample", "knockout")] == \
-        [43, 143, 243, 343, 443, 43]
+                                                "probe prompts", "incorrect sample", "knockout", "eap partners")] == \
+        [43, 143, 243, 343, 443, 43, 543]
     with pytest.raises(ValueError, match="unknown purpose"):
         AC.derived_seed(0, "typo")
 
@@ -116,3 +116,12 @@ def test_neuron_attribution_check_and_token_responses(tiny, prompts):
     responses = AC.token_responses(model, numbers, 0, [3, 7])
     _, cache = model.run_with_cache(torch.stack([torch.full_like(numbers, tokenizer.bos_token_id), numbers], 1))
     assert torch.allclose(responses, cache["blocks.0.mlp.hook_post"][:, 1, [3, 7]].T, atol=1e-6)
+
+
+def test_counterfactual_prompt_set_scores_clean_as_one_and_partners_as_zero(tiny, prompts):
+    model, _ = tiny
+    clean, corrupt, clean_answers, corrupt_answers = prompts
+    task_set = AC.counterfactual_prompt_set(model, clean, clean_answers, corrupt, corrupt_answers)
+    assert torch.equal(task_set.clean, clean) and torch.equal(task_set.corrupted, corrupt)
+    assert float(task_set.metric(model(clean))) == pytest.approx(1.0, abs=1e-5)
+    assert float(task_set.metric(model(corrupt))) == pytest.approx(0.0, abs=1e-5)

@@ -91,23 +91,16 @@ def test_dla_sums_to_the_models_logit_diff(case):
 
 
 @pytest.mark.parametrize("processed", [True, False])
-def test_layernorm_path_centres(cases, processed):
-    model, _, answers, logits, cache = cases("gpt2", processed)
-    assert model.cfg.normalization_type == "LN"
+@pytest.mark.parametrize("architecture, norm, centres", [("gpt2", "LN", True), ("llama", "RMS", False)])
+def test_final_norm_is_centred_only_for_layernorm(cases, architecture, norm, centres, processed):
+    """LayerNorm removes the residual stream's mean and RMSNorm does not, so DLA centres for one only."""
+    model, _, answers, logits, cache = cases(architecture, processed)
+    assert model.cfg.normalization_type == norm
     target = attribution.logit_diff(logits, answers, per_prompt=True)
-    assert_matches_model(rebuilt_logit_diff(model, answers, cache, centre=True), target)
-    if not processed:  # without center_writing_weights the residual stream has a mean, which LayerNorm removes
-        assert (rebuilt_logit_diff(model, answers, cache, centre=False) - target).abs().max() > 1e-2
-    assert_dla_matches_model(model, answers, logits, cache)
-
-
-@pytest.mark.parametrize("processed", [True, False])
-def test_rmsnorm_path_does_not_centre(cases, processed):
-    model, _, answers, logits, cache = cases("llama", processed)
-    assert model.cfg.normalization_type == "RMS"
-    target = attribution.logit_diff(logits, answers, per_prompt=True)
-    assert_matches_model(rebuilt_logit_diff(model, answers, cache, centre=False), target)
-    assert (rebuilt_logit_diff(model, answers, cache, centre=True) - target).abs().max() > 1e-2
+    assert_matches_model(rebuilt_logit_diff(model, answers, cache, centre=centres), target)
+    # the other choice is wrong, except LayerNorm on processed weights (centred writing weights: the mean is 0)
+    if not (centres and processed):
+        assert (rebuilt_logit_diff(model, answers, cache, centre=not centres) - target).abs().max() > 1e-2
     assert_dla_matches_model(model, answers, logits, cache)
 
 

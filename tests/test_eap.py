@@ -180,3 +180,23 @@ def test_size_grid_and_smallest_faithful():
     assert eap.size_grid(3, 12) == [0, 1, 2, 3]
     curve = eap.CircuitCurve([0, 5, 10], [0, 5, 9], [0.0, 0.7, 0.95], 1.0, 0.0)
     assert eap.smallest_faithful(curve, 0.9) == 2 and eap.smallest_faithful(curve, 0.99) is None
+
+
+def test_compare_with_manual_evaluates_both_circuits_on_held_out_prompts(setups):
+    model, graph, clean, corrupted = setups("gpt2")
+    discovery = eap.PromptSet(clean, corrupted, logit_diff)
+    held_out = eap.PromptSet(corrupted, clean, lambda logits: -logit_diff(logits))   # the flipped task
+    manual = {"L0H1", "MLP0", "L1H2", "MLP1"}
+    result = eap.compare_with_manual(model, graph, discovery, held_out, manual, ig_steps=2, target=0.5,
+                                     sizes=[0, 8, 32, graph.n_edges])
+    torch.testing.assert_close(result.scores, eap.edge_scores(model, clean, corrupted, logit_diff, graph=graph,
+                                                              ig_steps=2))
+    assert result.curve.faithfulness[0] == pytest.approx(0.0, abs=1e-3)
+    assert result.curve.faithfulness[-1] == pytest.approx(1.0, abs=1e-3)
+    assert torch.equal(result.manual, eap.circuit_from_nodes(graph, manual))
+    expected = eap.circuit_faithfulness(model, corrupted, clean, held_out.metric, graph, [result.manual])[0]
+    assert result.manual_faithfulness == pytest.approx(expected, abs=1e-5)
+    found = eap.circuit_nodes(graph, result.circuit) - {"INPUT", "LOGITS"}
+    assert result.jaccard == pytest.approx(len(found & manual) / len(found | manual))
+    reached = [f for f in result.curve.faithfulness if f >= 0.5]
+    assert result.reaches_target == bool(reached)

@@ -14,7 +14,12 @@ from helpers.attribution import token_attribution_at  # noqa: E402
 from helpers.components import Component, hook_name  # noqa: E402
 from tests.conftest import ARCHITECTURES  # noqa: E402
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    """Every test here runs without autograd, and leaves the global mode as it found it."""
+    with torch.no_grad():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -109,3 +109,14 @@ def test_sampled_pairs_make_the_corrupted_logit_diff_minus_the_clean_one(toy):
         unpaired = [logit_diff(model(t), shuffled.answers).item()
                     for t in (shuffled.clean_tokens, shuffled.corrupted_tokens)]
     assert unpaired[1] != pytest.approx(-unpaired[0], abs=1e-4)  # what a random subset of single prompts loses
+
+
+def test_held_out_pairs_are_disjoint_from_the_analysed_ones(toy):
+    pool = task.build_dataset(toy.tokenizer, task.make_syllogisms(n=400, seed=0))
+    used = task.sample_pairs(pool, 40, seed=0)
+    held_out = task.held_out_pairs(pool, used, 40, seed=0)
+    assert len(held_out) == 40 and not set(held_out.items) & set(used.items)
+    assert all(held_out.items[k + 1] == held_out.items[k].flipped for k in range(0, 40, 2))
+    rest = len(task.flip_pairs(pool)) - 20                  # fewer left than asked: all of them
+    assert len(task.held_out_pairs(pool, used, 10 * len(pool), seed=0)) == 2 * rest
+    assert task.held_out_pairs(used, used, 40) is None

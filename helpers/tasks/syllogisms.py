@@ -256,6 +256,15 @@ def sample_pairs(data: SyllogismData, n: int, seed: int = 0) -> SyllogismData:
     return data.subset([row for k in chosen.tolist() for row in pairs[k]])
 
 
+def held_out_pairs(data: SyllogismData, used: SyllogismData, n: int, seed: int = 0) -> SyllogismData | None:
+    """Up to `n` prompts of `data` (both orders of each pair, as `sample_pairs`) that are not in `used`: prompts to
+    evaluate on that the analysis never saw. None when `data` has no pair left."""
+    seen = set(used.items)
+    rest = data.subset([row for row, item in enumerate(data.items) if item not in seen])
+    n_pairs = min(n // 2, len(flip_pairs(rest)))
+    return sample_pairs(rest, 2 * n_pairs, seed) if n_pairs else None
+
+
 def replace_marker(data: SyllogismData, tokenizer, slot: str = "not", replacement: str = " but") -> Tensor:
     """Clean prompts with the token at `data.positions[slot]` replaced by `replacement` (one token), e.g.
     "All birds are A, not B." -> "All birds are A, but B.": the words stay where they are, only the marker of which
