@@ -450,8 +450,7 @@ def faithfulness_curve(model, clean_tokens: Tensor, corrupted_tokens: Tensor, me
         logits = edge_patched_logits(model, clean_tokens, corrupted_tokens, graph, patched,
                                      corrupted_senders=corrupted)
         values += [float(metric(chunk)) for chunk in logits]
-    with torch.no_grad():
-        clean_value, corrupted_value = float(metric(model(clean_tokens))), float(metric(model(corrupted_tokens)))
+    clean_value, corrupted_value = _end_points(model, clean_tokens, corrupted_tokens, metric)
     span = clean_value - corrupted_value
     return CircuitCurve(list(sizes), [int(c.sum()) for c in circuits],
                         [(value - corrupted_value) / span for value in values], clean_value, corrupted_value)
@@ -527,9 +526,14 @@ def circuit_faithfulness(model, clean_tokens: Tensor, corrupted_tokens: Tensor, 
     """Faithfulness of each circuit (edges outside it patched from the corrupted run), normalised so the clean run
     is 1 and the corrupted run 0, in one batched forward pass."""
     logits = edge_patched_logits(model, clean_tokens, corrupted_tokens, graph, ~torch.stack(list(circuits)))
-    with torch.no_grad():
-        clean_value, corrupted_value = float(metric(model(clean_tokens))), float(metric(model(corrupted_tokens)))
+    clean_value, corrupted_value = _end_points(model, clean_tokens, corrupted_tokens, metric)
     return [(float(metric(chunk)) - corrupted_value) / (clean_value - corrupted_value) for chunk in logits]
+
+
+def _end_points(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Metric) -> tuple[float, float]:
+    """The metric on the clean and on the corrupted run: faithfulness 1 and 0."""
+    with torch.no_grad():
+        return float(metric(model(clean_tokens))), float(metric(model(corrupted_tokens)))
 
 
 def circuit_drawing(graph: Graph, circuit: Bool[Tensor, "n_senders n_receivers"],
