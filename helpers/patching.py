@@ -223,20 +223,29 @@ def _write_hooks(model, sources: dict[str, Tensor], by_hook: dict[str, list[tupl
 
 # ---- metrics that read a few positions ----------------------------------------------------------------------------
 class PositionalMetric:
-    """A metric that reads the logits at a few positions only, and says which: the engine then computes the logits at
-    those positions only (the unembedding of every position is most of a real model's arithmetic).
+    """A metric that reads the logits at a few positions only, and perhaps a few tokens' logits only, and says which:
+    the engine then computes just those (the unembedding is most of a real model's arithmetic).
 
-    `positions`: the positions read (negative counts from the end); `read(logits [batch, len(positions), vocab])`
-    computes the metric from the logits at those positions, in that order. Called like any metric,
-    `metric(logits [batch, pos, vocab])` reads those positions itself; `[batch, vocab]` is taken as the logits at
-    the one position read. A plain callable metric is given every position, so any metric stays correct.
+    `positions`: the positions read (negative counts from the end). `tokens`: the vocabulary ids read (None: the
+    whole vocabulary). `read(logits [batch, len(positions), len(tokens) or vocab])` computes the metric from the
+    logits at those positions and of those tokens, in that order. Called like any metric,
+    `metric(logits [batch, pos, vocab])` selects them itself; `[batch, vocab]` is taken as the logits at the one
+    position read. A plain callable metric is given every logit, so any metric stays correct.
     """
 
-    def __init__(self, positions: Sequence[int], read: Callable[[Tensor], Tensor]):
+    def __init__(self, positions: Sequence[int], read: Callable[[Tensor], Tensor],
+                 tokens: Sequence[int] | Tensor | None = None):
         self.positions, self.read = tuple(int(p) for p in positions), read
+        self.tokens = None if tokens is None else [int(t) for t in (tokens.tolist() if isinstance(tokens, Tensor)
+                                                                    else tokens)]
+
+    def select(self, logits: Tensor) -> Tensor:
+        """The logits this metric reads, `[batch, len(positions), len(tokens) or vocab]`, from `[batch, pos, vocab]`."""
+        chosen = logits[:, list(self.positions)] if logits.ndim == 3 else logits[:, None]
+        return chosen if self.tokens is None else chosen[..., self.tokens]
 
     def __call__(self, logits: Tensor) -> Tensor:
-        return self.read(logits[:, list(self.positions)] if logits.ndim == 3 else logits[:, None])
+        return self.read(self.select(logits))
 
 
 def _read_positions(metric: Metric, n_pos: int) -> list[int]:
@@ -246,8 +255,13 @@ def _read_positions(metric: Metric, n_pos: int) -> list[int]:
     return list(range(n_pos))
 
 
+def _read_tokens(metric: Metric) -> list[int] | None:
+    """The vocabulary ids `metric` reads (None: all)."""
+    return metric.tokens if isinstance(metric, PositionalMetric) else None
+
+
 def _score(metric: Metric, logits: Tensor) -> float:
-    """`metric` on the logits at its read positions (`[batch, len(read), vocab]`)."""
+    """`metric` on the logits it reads (`[batch, len(read), len(tokens) or vocab]`)."""
     return float(metric.read(logits) if isinstance(metric, PositionalMetric) else metric(logits))
 
 
@@ -386,18 +400,26 @@ def _hooks_on(model, hooks: list[tuple[str, Callable]]):
             point.remove_hooks("fwd", level=_ENGINE_HOOK_LEVEL)
 
 
-def _unembed(model, hidden: Tensor) -> Tensor:
-    return model.unembed(model.ln_final(hidden))
+def _unembed(model, hidden: Tensor, tokens: list[int] | None = None) -> Tensor:
+    """Logits of `hidden [..., d_model]` (the last block's output): every token's, or only `tokens`' (in that order),
+    from the unembedding's rows of those tokens."""
+    if tokens is None:
+        return model.unembed(model.ln_final(hidden))
+    unembed = model.unembed.original_component
+    bias = unembed.bias[tokens] if getattr(unembed, "bias", None) is not None else None
+    return torch.nn.functional.linear(model.ln_final(hidden), unembed.weight[tokens], bias)
 
 
 class _Trace:
     """An unpatched run of `tokens [batch, pos]` through the blocks, kept to start patched runs from: each block's
     arguments (`calls`) and input (`inputs[layer]`, `[batch, pos, d_model]`), each attention layer's keys and values
-    (`keys_values`, `[batch, n_kv, pos, d_head]`) and the logits at the `read` positions (`[batch, len(read), vocab]`).
-    Raises `_NoFastPath` when running the blocks this way does not give the model's own logits."""
+    (`keys_values`, `[batch, n_kv, pos, d_head]`) and the logits at the `read` positions of the `vocab` tokens read
+    (`[batch, len(read), len(vocab) or d_vocab]`). Raises `_NoFastPath` when running the blocks this way does not
+    give the model's own logits. Where the unembedding's rows of the tokens read do not give the model's logits of
+    those tokens, every token's logits are computed (and then selected)."""
 
-    def __init__(self, model, tokens: Tensor, read: list[int]):
-        self.model, self.tokens, self.read = model, tokens, read
+    def __init__(self, model, tokens: Tensor, read: list[int], vocab: list[int] | None = None):
+        self.model, self.tokens, self.read, self.vocab = model, tokens, read, vocab
         self.calls, reference = _block_calls(model, tokens)
         if len(self.calls) != model.cfg.n_layers:
             raise _NoFastPath("the model does not call each block once")
@@ -405,9 +427,17 @@ class _Trace:
         embedded = next(iter(self.calls[0].values()))
         hidden, cache = _run_blocks(model, self.calls, embedded, 0, 0, 1, {}, self.inputs)
         self.keys_values = cache.seen
-        self.logits = _unembed(model, hidden[:, read])
-        if not _close(self.logits, reference[:, read]):
+        full = _unembed(model, hidden[:, read])
+        if not _close(full, reference[:, read]):
             raise _NoFastPath("running the blocks directly does not give the model's logits")
+        self.rows_of_vocab = vocab is not None and _close(_unembed(model, hidden[:, read], vocab), full[..., vocab])
+        self.logits = full if vocab is None else full[..., vocab]
+
+    def _unembed(self, hidden: Tensor) -> Tensor:
+        """The logits the metric reads: of the `vocab` tokens (from their rows, or selected from all), or all."""
+        if self.vocab is None or self.rows_of_vocab:
+            return _unembed(self.model, hidden, self.vocab)
+        return _unembed(self.model, hidden)[..., self.vocab]
 
     def run(self, first_layer: int, start: int, repeats: int, hooks, last_layer: int | None = None) -> Tensor:
         """Blocks `first_layer` on, positions `start:` of `repeats` copies of the batch, under `hooks`: the residual
@@ -420,12 +450,12 @@ class _Trace:
                                last_layer=last_layer)[0]
 
     def logits_at_read(self, hidden: Tensor, start: int, repeats: int) -> Tensor:
-        """`[repeats * batch, len(read), vocab]`: the read positions before `start` from this run (a patch from
-        `start` on cannot change them), the others unembedded from `hidden` (positions `start:`)."""
+        """`[repeats * batch, len(read), len(vocab) or d_vocab]`: the read positions before `start` from this run (a
+        patch from `start` on cannot change them), the others unembedded from `hidden` (positions `start:`)."""
         logits = self.logits.repeat(repeats, 1, 1)
         late = [i for i, p in enumerate(self.read) if p >= start]
         if late:
-            logits[:, late] = _unembed(self.model, hidden[:, [self.read[i] - start for i in late]])
+            logits[:, late] = self._unembed(hidden[:, [self.read[i] - start for i in late]])
         return logits
 
 
@@ -548,7 +578,7 @@ def _run_from_starts(model, tokens: Tensor, sources: dict[str, Tensor], variants
     """The fast engine (see `run_patched_variants`): one unpatched trace, then each pass runs the variants that share
     a start (layer, position) from there, with the trace's keys and values for the earlier positions."""
     batch, n_pos, n_layers = tokens.shape[0], tokens.shape[1], model.cfg.n_layers
-    trace = _Trace(model, tokens, _read_positions(metric, n_pos))
+    trace = _Trace(model, tokens, _read_positions(metric, n_pos), _read_tokens(metric))
 
     def per_pass(start: int) -> int:
         return max(1, (max_rows or _rows_per_pass(model, n_pos, start, len(trace.read))) // batch)
@@ -746,9 +776,9 @@ class _Runner:
     """Patched runs of `repeats` copies of `tokens [batch, pos]` under hooks, from a start (layer, position) where
     `fast_path(model)` (an unpatched `_Trace` to start from), else from the embedding (every start is then (0, 0))."""
 
-    def __init__(self, model, tokens: Tensor, read: list[int]):
-        self.model, self.tokens, self.read = model, tokens, read
-        self.trace = _Trace(model, tokens, read) if fast_path(model) else None
+    def __init__(self, model, tokens: Tensor, read: list[int], vocab: list[int] | None = None):
+        self.model, self.tokens, self.read, self.vocab = model, tokens, read, vocab
+        self.trace = _Trace(model, tokens, read, vocab) if fast_path(model) else None
 
     def start(self, layer: int, position: int) -> tuple[int, int]:
         return (layer, position) if self.trace is not None else (0, 0)
@@ -767,12 +797,13 @@ class _Runner:
             self.model.run_with_hooks(self.tokens.repeat(repeats, 1), fwd_hooks=hooks, stop_at_layer=last_layer + 1)
 
     def logits(self, layer: int, start: int, repeats: int, hooks) -> Tensor:
-        """`[repeats * batch, len(read), vocab]` of a run from (`layer`, `start`) under `hooks`."""
+        """`[repeats * batch, len(read), len(vocab) or d_vocab]` of a run from (`layer`, `start`) under `hooks`."""
         if self.trace is not None:
             if layer >= self.model.cfg.n_layers:
                 return _repeat_rows(self.trace.logits, repeats)
             return self.trace.logits_at_read(self.trace.run(layer, start, repeats, hooks), start, repeats)
-        return self.model.run_with_hooks(self.tokens.repeat(repeats, 1), fwd_hooks=hooks)[:, self.read]
+        logits = self.model.run_with_hooks(self.tokens.repeat(repeats, 1), fwd_hooks=hooks)[:, self.read]
+        return logits if self.vocab is None else logits[..., self.vocab]
 
 
 def _sender_sets(model, senders) -> tuple[list, tuple | None]:
@@ -898,7 +929,7 @@ def path_patch(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Me
     sender_sets, grid_shape = _sender_sets(model, senders)
     caches = _path_caches(model, clean_tokens, corrupted_tokens, clean_cache, corrupted_cache)
     batch, n_pos = clean_tokens.shape
-    runner = _Runner(model, clean_tokens, _read_positions(metric, n_pos))
+    runner = _Runner(model, clean_tokens, _read_positions(metric, n_pos), _read_tokens(metric))
     positions = sorted({p % n_pos for p in _positions(clean_tokens, sender_positions)})
     receiver_sites = [_component_site(model, r, receiver_site) for r in receivers]
     starts = [runner.start(min(s.layer for s in group), positions[0]) if group else
@@ -1008,16 +1039,18 @@ def normalised_logit_diff(answer_tokens: Tensor, clean_value: float, corrupted_v
     """`metric(logits)` = (mean logit difference - corrupted) / (clean - corrupted): 1 = clean, 0 = corrupted.
 
     Works on any batch that is a whole number of copies of `answer_tokens [batch, 2]` (as in batched sweeps). It reads
-    position `pos` only (a `PositionalMetric`), so sweeps unembed that position only."""
+    position `pos` and the answer tokens' logits only (a `PositionalMetric`), so sweeps unembed just those."""
     denominator = clean_value - corrupted_value
     if math.isclose(denominator, 0.0, abs_tol=1e-12):
         raise ValueError("clean and corrupted logit differences are equal; the metric is undefined")
+    tokens = answer_tokens[:, :2].unique()                                   # the only logits it reads
+    columns = torch.searchsorted(tokens, answer_tokens[:, :2].contiguous())  # [batch, 2]: their places in `tokens`
 
-    def read(logits: Tensor) -> Tensor:  # [batch, 1, vocab]: the logits at pos
+    def read(logits: Tensor) -> Tensor:  # [batch, 1, len(tokens)]: the answer tokens' logits at pos
         last = logits[:, 0]
-        answers = answer_tokens.to(last.device).repeat(len(last) // len(answer_tokens), 1)
+        answers = columns.to(last.device).repeat(len(last) // len(columns), 1)
         diff = last.gather(1, answers[:, :1]) - last.gather(1, answers[:, 1:2])
         return (diff.mean() - corrupted_value) / denominator
 
-    return PositionalMetric([pos], read)
+    return PositionalMetric([pos], read, tokens=tokens)
 

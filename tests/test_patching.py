@@ -419,3 +419,16 @@ def test_attribution_by_position_sums_to_all_positions(setup):
         by_pos = patching.attribution_patch_heads(model, clean, corrupted, metric, site, by_position=True)
         total = patching.attribution_patch_heads(model, clean, corrupted, metric, site)
         assert torch.allclose(by_pos.sum(1), total, atol=1e-6)
+
+
+def test_a_metric_that_declares_its_tokens_reads_only_their_logits():
+    logits = torch.randn(3, 5, 11)
+
+    def read(chosen):
+        assert chosen.shape == (3, 2, 2)
+        return chosen[..., 0].sum() - chosen[..., 1].sum()
+
+    metric = patching.PositionalMetric([-1, 1], read, tokens=torch.tensor([7, 2]))
+    expected = logits[:, [4, 1]][..., 7].sum() - logits[:, [4, 1]][..., 2].sum()
+    assert torch.allclose(metric(logits), expected)
+    assert metric.select(logits).shape == (3, 2, 2)
