@@ -329,3 +329,186 @@ def findings_table(rows: Sequence[tuple[str, str, str]]) -> str:
     rows = [("", "paper (Pythia-70m)", "this run"), *rows]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     return "\n".join(" | ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+# ---- over training -------------------------------------------------------------------------------------------------
+DETECTOR_F1_BAR = 0.95
+"""The context neuron's F1 that counts as a detector (the final model's acceptance bar)."""
+GERMAN_LOSS_BAR = 5.0
+"""Percent rise of the German loss with the context neuron pinned to its English mean that counts as depended on."""
+ENGLISH_LOSS_BAR = 0.5
+"""... while English moves by at most this many percent (German-specific)."""
+UNIGRAM_BOOST_BAR = 0.1
+"""Logits by which the context neuron's mean direct boost of German unigrams must exceed that of English ones (the
+final model's bar asks only for more; at initialisation both are within 0.01 of zero)."""
+DEPENDENCE_BAR = 0.5
+"""Share of the n-gram neuron's activation that goes when the context neuron is ablated (`NgramTest.passes`: off at
+most half of on)."""
+
+
+@dataclass(frozen=True)
+class TrackedCircuit:
+    """What a walk over training follows: the final model's context neuron; its contextual n-gram neuron (None when
+    the final model has none) with the German documents `ngram_tokens` and the completion positions `(row, pos)` in
+    them where the final model's test found it; and each language's top unigrams (token ids) for the direct effect.
+    """
+
+    context: tuple[int, int]
+    ngram: tuple[int, int] | None
+    ngram_tokens: Int[Tensor, "doc pos"] | None
+    ngram_positions: tuple[tuple[int, int], ...]
+    german_unigrams: tuple[int, ...]
+    english_unigrams: tuple[int, ...]
+
+    @classmethod
+    def of_final_model(cls, context: tuple[int, int], ngram_test, german: Documents, german_unigrams: Sequence[int],
+                       english_unigrams: Sequence[int]) -> TrackedCircuit:
+        """Track `context` and the n-gram neuron of `ngram_test` (an `ngrams.NgramTest` on `german`, or None)."""
+        unigrams = (tuple(int(i) for i in german_unigrams), tuple(int(i) for i in english_unigrams))
+        if ngram_test is None:
+            return cls(tuple(context), None, None, (), *unigrams)
+        index = {row: i for i, row in enumerate(ngram_test.docs)}
+        return cls(tuple(context), (ngram_test.layer, ngram_test.neuron), german.tokens[ngram_test.docs].cpu(),
+                   tuple((index[row], pos) for row, pos in ngram_test.positions), *unigrams)
+
+
+def checkpoint_measurement(model, german: Documents, english: Documents, tracked: TrackedCircuit, *,
+                           bins: int = 1024) -> dict[str, float | str]:
+    """The study's headline figures on one training checkpoint, for the final model's neurons in `tracked`.
+
+    Returns `best` (the label of this checkpoint's best German/English neuron) and `best_f1`, `runner_up_f1`;
+    `context_f1`; `german_change` / `english_change` (percent loss change with the context neuron pinned to this
+    checkpoint's English mean); `boost_de` / `boost_en` (its mean direct logit effect on each language's unigrams);
+    and, when an n-gram neuron is tracked, its mean activation at the completions with the context neuron as it is
+    (`ngram_on`) and ablated (`ngram_off`) and `dependence = 1 - off / on` (0 when it is not on).
+    """
+    scan = neurons.scan_neurons(model, labelled_batches(german, english), bins=bins)
+    (best_layer, best_neuron, best_f1), (_, _, runner_up_f1) = scan.ranking(2)
+    layer, neuron = tracked.context
+    row = scan.layers.index(layer)
+    de_mean, en_mean = float(scan.mean_pos[row, neuron]), float(scan.mean_neg[row, neuron])
+    hooks = pin_hooks(pin_means(model, english, [tracked.context]), [tracked.context])
+    clean = (mean_loss(model, german), mean_loss(model, english))
+    change = loss_changes(model, german, english, hooks, clean)
+    effect = neurons.neuron_unembed_effect(model, layer, neuron, de_mean, en_mean).cpu()
+    measured = {
+        "best": Component.neuron(best_layer, best_neuron).label, "best_f1": best_f1, "runner_up_f1": runner_up_f1,
+        "context_f1": float(scan.f1[row, neuron]), "german_change": change.german, "english_change": change.english,
+        "boost_de": float(effect[list(tracked.german_unigrams)].mean()),
+        "boost_en": float(effect[list(tracked.english_unigrams)].mean()),
+    }
+    if tracked.ngram is not None:
+        from helpers import ngrams
+
+        tokens = tracked.ngram_tokens.to(device_of(model))
+        rows = list(range(len(tokens)))
+        on, off = (ngrams.mean_at(ngrams.neuron_activation(model, tokens, *tracked.ngram, german.batch_size, pin),
+                                  rows, tracked.ngram_positions)
+                   for pin in ((), hooks))
+        measured.update(ngram_on=on, ngram_off=off, dependence=1 - off / on if on > 0 else 0.0)
+    return measured
+
+
+@dataclass
+class Timeline:
+    """When each phenomenon of the study formed over a walk (`TrainingWalk`): the first step from which its bar
+    holds to the end of training (None: it does not hold at the end), and whether the n-gram circuit's dependence on
+    the context neuron grew gradually."""
+
+    detector: int | None          # the context neuron's F1 >= DETECTOR_F1_BAR
+    best_is_context: int | None   # the scan's best neuron is the final context neuron
+    german_specific: int | None   # German loss >= GERMAN_LOSS_BAR and English within ENGLISH_LOSS_BAR
+    unigram_boost: int | None     # direct boost larger on German unigrams than English ones, by UNIGRAM_BOOST_BAR
+    dependence: int | None        # the n-gram neuron's dependence >= DEPENDENCE_BAR
+    largest_jump_share: float     # the largest rise of the dependence between checkpoints, share of its whole rise
+
+    @property
+    def detector_first(self) -> bool | None:
+        """Did the detector form before the n-gram neuron depended on it? None when either never did."""
+        if self.detector is None or self.dependence is None:
+            return None
+        return self.detector < self.dependence
+
+    @property
+    def gradual(self) -> bool | None:
+        """The dependence rose over several checkpoints: no single interval holds half of its rise."""
+        return None if self.largest_jump_share != self.largest_jump_share else self.largest_jump_share < 0.5
+
+    def finding(self) -> str:
+        """One line for the findings table: the detector's step, the dependence's step, gradual or not."""
+        return (f"detector from step {self.detector}, dependence from step {self.dependence}; "
+                f"gradual: {_yes_no(self.gradual)}")
+
+    def summary_lines(self, context_label: str, ngram_label: str | None) -> list[str]:
+        """What the walk found, in words: the step from which each bar holds, and the paper's two claims."""
+        def at(step: int | None) -> str:
+            return "not by the end" if step is None else f"step {step}"
+
+        ngram = ngram_label or "no n-gram neuron"
+        return [
+            f"{context_label} is a detector (F1 >= {DETECTOR_F1_BAR}) from {at(self.detector)}; the scan's best "
+            f"neuron from {at(self.best_is_context)}",
+            f"pinning it raises German loss >= {GERMAN_LOSS_BAR:.0f}% (English within {ENGLISH_LOSS_BAR}%) from "
+            f"{at(self.german_specific)}; its direct boost favours German unigrams (by {UNIGRAM_BOOST_BAR}) from "
+            f"{at(self.unigram_boost)}",
+            f"{ngram} depends on it (>= {DEPENDENCE_BAR}) from {at(self.dependence)}",
+            f"detector before the dependence: {_yes_no(self.detector_first)}; the dependence grew gradually: "
+            f"{_yes_no(self.gradual)} (largest rise between two checkpoints: {self.largest_jump_share:.0%} of it)",
+        ]
+
+
+def _yes_no(value: bool | None) -> str:
+    return "undecided" if value is None else ("yes" if value else "no")
+
+
+def training_timeline(steps: Sequence[int], measurements: Sequence[dict], context_label: str) -> Timeline:
+    """Read the bars off `checkpoint_measurement`s taken at `steps`."""
+    from helpers.training_walk import first_lasting_crossing, largest_jump_share
+
+    def crossing(values: Sequence[float], bar: float) -> int | None:
+        return first_lasting_crossing(steps, values, bar)
+
+    def flags(condition) -> list[float]:
+        return [1.0 if condition(m) else 0.0 for m in measurements]
+
+    dependence = [m.get("dependence", 0.0) for m in measurements]
+    has_ngram = all("dependence" in m for m in measurements)
+    return Timeline(
+        detector=crossing([m["context_f1"] for m in measurements], DETECTOR_F1_BAR),
+        best_is_context=crossing(flags(lambda m: m["best"] == context_label), 1.0),
+        german_specific=crossing(flags(lambda m: m["german_change"] >= GERMAN_LOSS_BAR
+                                       and abs(m["english_change"]) <= ENGLISH_LOSS_BAR), 1.0),
+        unigram_boost=crossing([m["boost_de"] - m["boost_en"] for m in measurements], UNIGRAM_BOOST_BAR),
+        dependence=crossing(dependence, DEPENDENCE_BAR) if has_ngram else None,
+        largest_jump_share=largest_jump_share(dependence) if has_ngram else float("nan"),
+    )
+
+
+def walk_study(model_name: str, revisions: Sequence[str], german: Documents, english: Documents,
+               tracked: TrackedCircuit, *, device="cpu", cache_dir=None, progress: bool = True):
+    """`checkpoint_measurement` on each of `revisions` of `model_name` (a `training_walk.TrainingWalk`), cached per
+    checkpoint under the documents and the tracked neurons."""
+    from dataclasses import asdict
+
+    from helpers.models import load_model
+    from helpers.training_walk import walk_training
+
+    return walk_training(
+        model_name, revisions, lambda model, revision: checkpoint_measurement(model, german, english, tracked),
+        key={"german": german.tokens, "english": english.tokens, "scored": (german.scored, english.scored),
+             "tracked": asdict(tracked)},
+        load=lambda name, revision: load_model(name, device=device, revision=revision), cache_dir=cache_dir,
+        progress=progress)
+
+
+def walk_table(walk) -> str:
+    """One row per checkpoint of a `walk_study`: the best neuron, the tracked neurons' figures."""
+    lines = ["step     best neuron (F1)  context F1  German / English loss, pinned  boost De / En   n-gram on / off"
+             " (dependence)"]
+    for step, m in zip(walk.steps, walk.measurements):
+        ngram = (f"{m['ngram_on']:+.2f} / {m['ngram_off']:+.2f} ({m['dependence']:.2f})" if "dependence" in m
+                 else "-")
+        lines.append(f"{step:<8d} {m['best']:>8s} ({m['best_f1']:.2f})   {m['context_f1']:.2f}        "
+                     f"{m['german_change']:+8.1f}% / {m['english_change']:+6.2f}%     "
+                     f"{m['boost_de']:+.2f} / {m['boost_en']:+.2f}   {ngram}")
+    return "\n".join(lines)

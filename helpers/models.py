@@ -181,9 +181,12 @@ def load_model(
             When processing changes the next-token log-probs of a few probe tokens (transformer-lens 3.9 does so for
             a GPT-NeoX with d_mlp == d_model), a warning is issued and the model is loaded unprocessed instead.
         device_map: a Hugging Face device map (`"auto"`, or a dict) to spread a large model over several GPUs.
-        revision: a hub revision (branch, tag or commit).
+        revision: a hub revision (branch, tag or commit; Pythia's training checkpoints are `step0` ... `step143000`),
+            or for a zoo model one of the training checkpoints it ships (`zoo.revisions(name)`).
     """
     source, is_local = resolve_source(name)
+    if revision is not None and zoo.is_zoo_name(str(name)):
+        source, revision = str(zoo.revision_dir(str(name), revision)), None
     torch_dtype = resolve_dtype(dtype)
     if is_local:
         check_local_checkpoint(Path(source))

@@ -224,6 +224,18 @@ SYLLOGISM_CIRCUIT = NotebookParameters(
     ),
 )
 
+def _is_step_revision(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith("step") and value[4:].isdigit()
+
+
+def _revisions_shipped(model_name: Any, revisions: Any) -> bool:
+    from helpers import zoo
+
+    if not revisions or not zoo.is_zoo_name(str(model_name)):
+        return True
+    return set(revisions) <= set(zoo.revisions(str(model_name)))
+
+
 GERMAN_CONTEXT_NEURON = NotebookParameters(
     rules=dict(
         seed=integer(0), n_docs=integer(1), max_tokens=integer(2), skip_positions=integer(0), batch_size=integer(1),
@@ -231,7 +243,9 @@ GERMAN_CONTEXT_NEURON = NotebookParameters(
         english_source=existing_file_or(optional=True, hub_ids=True),
         doc_chars=sequence(integer(1), min_items=2), code_switch=number(0, 1), n_backups=integer(1),
         n_candidates=integer(1), n_unigrams=integer(1), max_rows=integer(1),
-        german_examples=sequence(text()), english_examples=sequence(text()), **_common()),
+        german_examples=sequence(text()), english_examples=sequence(text()),
+        training_revisions=sequence(Rule(_is_step_revision, "'step<N>'"), min_items=0, unique=True, optional=True),
+        walk_docs=integer(1), **_common()),
     relations=(
         Relation("max_tokens > skip_positions + 1 (some scored positions)", ("max_tokens", "skip_positions"),
                  lambda max_tokens, skip: max_tokens > skip + 1),
@@ -239,6 +253,8 @@ GERMAN_CONTEXT_NEURON = NotebookParameters(
                  lambda chars: len(chars) == 2 and chars[0] <= chars[1]),
         Relation("german_source and english_source both given or both None", ("german_source", "english_source"),
                  lambda de, en: (de is None) == (en is None)),
+        Relation("training_revisions of a zoo model are among the checkpoints it ships (zoo.revisions)",
+                 ("model_name", "training_revisions"), _revisions_shipped),
     ),
 )
 

@@ -40,6 +40,8 @@ class TrainConfig:
         frozen: substrings of parameter names that are not trained (e.g. "bias").
         eval_every: call `eval_fn` every this many steps (and after the last step).
         checkpoint_every: write `step_{N}.pt` into the checkpoint folder every this many steps.
+        snapshot_steps: steps after which `train`'s `snapshot_fn` is called (0: before the first step), e.g. to save
+            the model's training checkpoints; they do not change the training.
     """
 
     steps: int
@@ -54,6 +56,7 @@ class TrainConfig:
     frozen: tuple[str, ...] = ()
     eval_every: int = 100
     checkpoint_every: int | None = None
+    snapshot_steps: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -66,6 +69,8 @@ class TrainConfig:
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.eval_every < 1 or (self.checkpoint_every is not None and self.checkpoint_every < 1):
             raise ValueError("eval_every and checkpoint_every must be >= 1")
+        if any(not 0 <= step <= self.steps for step in self.snapshot_steps):
+            raise ValueError(f"snapshot_steps must lie in [0, steps={self.steps}], got {self.snapshot_steps}")
 
 
 @dataclass
@@ -80,6 +85,16 @@ class TrainResult:
     def metric(self, name: str) -> list[float]:
         """The history of one eval metric, aligned with `eval_steps`."""
         return [metrics[name] for metrics in self.eval_metrics]
+
+
+def log_spaced_steps(total: int, n: int, first: int = 10) -> tuple[int, ...]:
+    """Step 0 and about `n - 1` steps spaced evenly in log from `first` to `total`, each rounded to two significant
+    figures, as Pythia's checkpoints are log-spaced early in training (`step0`, `step1`, ..., `step512`, `step1000`)."""
+    if not 1 <= first <= total or n < 2:
+        raise ValueError(f"need 1 <= first <= total and n >= 2, got first={first}, total={total}, n={n}")
+    spaced = torch.logspace(math.log10(first), math.log10(total), n - 1, dtype=torch.float64).tolist()
+    rounded = {min(total, int(float(f"{step:.2g}"))) for step in spaced} | {total}
+    return (0, *sorted(rounded))
 
 
 def trainable_parameters(model: nn.Module, frozen: Sequence[str] = ()) -> list[nn.Parameter]:
@@ -157,6 +172,7 @@ def train(
     checkpoint_dir: str | Path | None = None,
     resume: bool = True,
     progress: bool = True,
+    snapshot_fn: Callable[[int, nn.Module], None] | None = None,
 ) -> TrainResult:
     """Train `model` in place on `data` and return the loss history.
 
@@ -169,6 +185,8 @@ def train(
         checkpoint_dir: where `step_N.pt` files go (model, optimiser state and history). With `resume`, training
             continues from the newest one found there. Stale temp files of killed checkpoint writes are removed
             (`cache.remove_stale_temp_files`).
+        snapshot_fn: `(step, model) -> None`, called with the model (in eval mode) at each of `config.snapshot_steps`
+            the run passes through.
     """
     tensors: Batch = (data,) if isinstance(data, Tensor) else tuple(data)
     n_examples = len(tensors[0])
@@ -200,8 +218,15 @@ def train(
         result.eval_steps.append(step)
         result.eval_metrics.append(metrics)
 
+    def snapshot(step: int) -> None:
+        if snapshot_fn is not None and step in config.snapshot_steps:
+            model.eval()
+            snapshot_fn(step, model)
+
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, disable=not progress,
                desc="training", mininterval=1.0)
+    if start_step == 0:
+        snapshot(0)
     for step in bar:
         model.train()
         for group in optimizer.param_groups:
@@ -221,6 +246,7 @@ def train(
             if result.eval_metrics:
                 bar.set_postfix({"train": f"{result.train_losses[-1]:.3g}",
                                  **{k: f"{v:.3g}" for k, v in result.eval_metrics[-1].items()}}, refresh=False)
+        snapshot(done)
         if folder is not None and config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.steps):
             result.checkpoint_steps.append(done)
             payload = {"step": done, "model": model.state_dict(), "optimizer": optimizer.state_dict(),

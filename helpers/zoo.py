@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+import torch
+
 from helpers.paths import MODELS_DIR
 
 STALE_AFTER_S = 3600.0
@@ -75,6 +77,29 @@ def names() -> list[str]:
 
 def is_zoo_name(name: str) -> bool:
     return name in ZOO
+
+
+def revisions(name: str) -> list[str]:
+    """The training checkpoints zoo model `name` ships, by step (`["step0", "step30", ...]`); the final model is the
+    last, `step{N}` of its recipe's N steps. Empty for a toy saved without them."""
+    folder = checkpoint_dir(name) / REVISIONS
+    if not folder.is_dir():
+        return []
+    steps = sorted(int(path.name[4:]) for path in folder.iterdir()
+                   if path.name.startswith("step") and path.name[4:].isdigit())
+    final = json.loads((checkpoint_dir(name) / "zoo.json").read_text())["recipe"]["steps"]
+    return [f"step{step}" for step in steps] + [f"step{final}"]
+
+
+def revision_dir(name: str, revision: str) -> Path:
+    """The folder of zoo model `name` at training checkpoint `revision` (one of `revisions(name)`)."""
+    available = revisions(name)
+    if revision not in available:
+        shipped = ", ".join(available) if available else "none"
+        raise ValueError(f"revision {revision!r} is not a training checkpoint of {name!r}; it ships: {shipped}")
+    if revision == available[-1]:
+        return checkpoint_dir(name)
+    return checkpoint_dir(name) / REVISIONS / revision
 
 
 def checkpoint_dir(name: str) -> Path:
@@ -148,14 +173,27 @@ def write_checkpoint_atomically(save: Callable[[Path], None], folder: Path) -> P
     return folder
 
 
-def save_hf_checkpoint(model, tokenizer, folder: Path, metadata: dict | None = None) -> Path:
-    """Save a Hugging Face model + tokenizer (safetensors) atomically, with an optional `zoo.json` of metadata."""
+REVISIONS = "revisions"
+"""Subfolder of a zoo checkpoint that holds its training checkpoints, one Hugging Face folder `step{N}` each."""
+
+
+def save_hf_checkpoint(model, tokenizer, folder: Path, metadata: dict | None = None,
+                       training_checkpoints: dict[int, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Save a Hugging Face model + tokenizer (safetensors) atomically, with an optional `zoo.json` of metadata.
+
+    `training_checkpoints` maps a training step to the model's state dict at that step; each is saved beside the
+    final model as `revisions/step{N}/` (the same config and tokenizer), which `load_model(name, revision="step{N}")`
+    loads.
+    """
 
     def save(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if metadata is not None:
             (tmp / "zoo.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        for step, state in sorted((training_checkpoints or {}).items()):
+            model.save_pretrained(tmp / REVISIONS / f"step{step}", state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(tmp / REVISIONS / f"step{step}")
 
     return write_checkpoint_atomically(save, folder)
 

@@ -32,8 +32,8 @@ def test_the_wheel_ships_every_toy_checkpoint(tmp_path):
     (wheel,) = tmp_path.glob("*.whl")
     shipped = set(zipfile.ZipFile(wheel).namelist())
     for name in zoo.names():
-        for file in sorted((MODELS_DIR / name).iterdir()):
-            assert f"helpers/checkpoints/{name}/{file.name}" in shipped
+        for file in sorted(path for path in (MODELS_DIR / name).rglob("*") if path.is_file()):
+            assert f"helpers/checkpoints/{name}/{file.relative_to(MODELS_DIR / name).as_posix()}" in shipped
         assert f"helpers/checkpoints/{name}/model.safetensors" in shipped
 
 

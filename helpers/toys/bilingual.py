@@ -51,6 +51,7 @@ class Recipe:
     weight_decay: float = 0.0
     warmup_steps: int = 100
     threads: int = 1
+    training_checkpoints: int = 20
 
 
 def build_tokenizer(recipe: Recipe, documents: list[bilingual.Document]):
@@ -81,8 +82,9 @@ def lm_loss(model, batch) -> torch.Tensor:
 
 
 def train(out_dir: Path, recipe: Recipe = Recipe(), checkpoint_dir: Path | None = None, progress: bool = True) -> dict:
-    """Train the toy and save it to `out_dir`; returns the metadata written to `zoo.json`."""
-    from helpers.training import TrainConfig
+    """Train the toy and save it to `out_dir`, with `recipe.training_checkpoints` log-spaced checkpoints of its training
+    (step 0 to the final model) under `out_dir/revisions/`; returns the metadata written to `zoo.json`."""
+    from helpers.training import TrainConfig, log_spaced_steps
     from helpers.training import train as train_loop
     from helpers.zoo import save_hf_checkpoint
 
@@ -106,9 +108,15 @@ def train(out_dir: Path, recipe: Recipe = Recipe(), checkpoint_dir: Path | None 
     config = TrainConfig(steps=recipe.steps, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.95),
                          batch_size=recipe.batch_size, seed=recipe.seed, warmup_steps=recipe.warmup_steps,
                          lr_schedule="cosine", grad_clip=1.0, eval_every=max(1, recipe.steps // 20),
-                         checkpoint_every=max(1, recipe.steps // 10) if checkpoint_dir else None)
+                         checkpoint_every=max(1, recipe.steps // 10) if checkpoint_dir else None,
+                         snapshot_steps=log_spaced_steps(recipe.steps, recipe.training_checkpoints, first=20)[:-1])
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+
+    def keep_snapshot(step: int, m) -> None:
+        snapshots[step] = {name: tensor.detach().clone() for name, tensor in m.state_dict().items()}
+
     result = train_loop(model, (tokens, mask), lm_loss, config, eval_fn=eval_fn, checkpoint_dir=checkpoint_dir,
-                        progress=progress)
+                        progress=progress, snapshot_fn=keep_snapshot)
     metadata = {
         "recipe": asdict(recipe),
         "final_train_loss": round(sum(result.train_losses[-50:]) / len(result.train_losses[-50:]), 4),
@@ -116,5 +124,5 @@ def train(out_dir: Path, recipe: Recipe = Recipe(), checkpoint_dir: Path | None 
         "cpu_seconds": round(time.process_time() - start, 1),
         "retrain": "python -m helpers.zoo train toy-bilingual",
     }
-    save_hf_checkpoint(model, tokenizer, Path(out_dir), metadata)
+    save_hf_checkpoint(model, tokenizer, Path(out_dir), metadata, training_checkpoints=snapshots)
     return metadata
