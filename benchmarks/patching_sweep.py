@@ -8,6 +8,8 @@ jobs slows both alike, best of `--repeats`:
 - heads all positions:       `act_patch_heads(..., "z")` vs `get_act_patch_attn_head_out_all_pos`.
 For each: both times (CPU seconds on the CPU, wall seconds on a GPU), the ratio, the largest difference between the
 two results, and the floor of a loop: N plain forward passes of the batch (N = the sweep's number of patches).
+Then attribution patching of every head by position (`attribution_patch_heads`), whose metric declares the one
+position and the two tokens it reads, against the same call given that metric as a plain function (every logit).
 
     python benchmarks/patching_sweep.py                                   # toy-syllogism and Pythia-70m-sized
     python benchmarks/patching_sweep.py --models pythia-410m --device cuda --n-prompts 104
@@ -99,7 +101,29 @@ def benchmark(name: str, device: str, n_prompts: int, repeats: int, seed: int, s
         rows.append(dict(model=name, sweep=sweep, patches=n_patches, ours=best["ours"], theirs=best["theirs"],
                          floor=n_patches * forward, diff=diff))
         _print_row(rows[-1])
+    _attribution_row(model, data, metric, device, repeats)
     return rows
+
+
+def _attribution_row(model, data, metric, device: str, repeats: int) -> None:
+    """Attribution patching with the metric's declared reads against the same metric as a plain function."""
+    from helpers import patching
+
+    def plain(logits):
+        return metric(logits)
+
+    calls = {which: (lambda m=m: patching.attribution_patch_heads(model, data.clean_tokens, data.corrupted_tokens, m,
+                                                                  by_position=True))
+             for which, m in (("declared", metric), ("plain", plain))}
+    best = {which: float("inf") for which in calls}
+    results = {}
+    for _ in range(repeats):
+        for which, call in calls.items():
+            results[which], seconds = _timed(call, device)
+            best[which] = min(best[which], seconds)
+    diff = (results["declared"] - results["plain"]).abs().max().item()
+    print(f"  attribution heads by pos   declared reads {best['declared']:8.2f} s   every logit {best['plain']:8.2f} s"
+          f"   {best['plain'] / best['declared']:5.1f}x   max |diff| {diff:.1e}", flush=True)
 
 
 def _print_row(row: dict) -> None:

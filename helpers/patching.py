@@ -550,10 +550,11 @@ BLOCK_CALL_FLOPS = 5e7  # what one block call costs beyond its arithmetic (the b
 
 
 def _passes(model, starts: list[tuple[int, int]], batch: int, n_pos: int, per_pass) -> list[tuple[int, int, list]]:
-    """`(first_layer, start_position, variant numbers)` of each pass: variants sharing a start position, in layer
-    order, up to `per_pass(start_position)` per pass. A variant joins a pass that starts at an earlier layer when
-    recomputing the layers between costs less arithmetic than the block calls of a pass of its own would cost
-    (`BLOCK_CALL_FLOPS`; this batches a small model's sweeps, whose passes are mostly the bridge's overhead)."""
+    """`(first_layer, start_position, variant numbers)` of each pass: variants in (position, layer) order, up to
+    `per_pass(start_position)` per pass. The variants sharing a start join the pass (one starting at an earlier or
+    equal layer and position, the cheapest such) when recomputing the layers and positions between costs less arithmetic
+    than the block calls of a pass of their own would cost (`BLOCK_CALL_FLOPS`; this batches a small model's sweeps,
+    whose passes are mostly the bridge's overhead)."""
     cfg = model.cfg
     flops_per_token_layer = 2 * (4 * cfg.d_model ** 2 + 2 * cfg.d_model * (cfg.d_mlp or 4 * cfg.d_model))
     by_start: dict[tuple[int, int], list[int]] = defaultdict(list)
@@ -563,13 +564,17 @@ def _passes(model, starts: list[tuple[int, int]], batch: int, n_pos: int, per_pa
     for (layer, position), members in sorted(by_start.items(), key=lambda item: (item[0][1], item[0][0])):
         for i in range(0, len(members), per_pass(position)):
             group = members[i:i + per_pass(position)]
-            if passes and passes[-1][1] == position and len(passes[-1][2]) + len(group) <= per_pass(position):
-                first, _, joined = passes[-1]
-                extra = (layer - first) * len(group) * batch * (n_pos - position) * flops_per_token_layer
-                if extra < (cfg.n_layers - layer) * BLOCK_CALL_FLOPS:
-                    joined.extend(group)
-                    continue
-            passes.append((layer, position, list(group)))
+            own = (cfg.n_layers - layer) * (n_pos - position)
+            extras = [(((cfg.n_layers - first) * (n_pos - first_position) - own) * len(group) * batch
+                       * flops_per_token_layer, k)
+                      for k, (first, first_position, joined) in enumerate(passes)
+                      if layer < cfg.n_layers and first <= layer
+                      and len(joined) + len(group) <= per_pass(first_position)]
+            extra, k = min(extras, default=(float("inf"), -1))
+            if extra < (cfg.n_layers - layer) * BLOCK_CALL_FLOPS:
+                passes[k][2].extend(group)
+            else:
+                passes.append((layer, position, list(group)))
     return passes
 
 
@@ -953,6 +958,17 @@ def _pattern_grad(grad_z: Tensor | None, v: Tensor) -> Tensor | None:
     return torch.einsum("bqhd,bkhd->bhqk", grad_z, v.repeat_interleave(grad_z.shape[2] // v.shape[2], dim=2))
 
 
+def _read_metric(model, metric: Metric, logits: Tensor, final_resid: Tensor) -> Tensor:
+    """`metric(logits)`, computed for a `PositionalMetric` from the final residual stream at the positions (and of the
+    tokens) it reads, so the backward pass skips the rest of the unembedding; the full value where the two differ."""
+    value = metric(logits)
+    if not isinstance(metric, PositionalMetric):
+        return value
+    read = _read_positions(metric, final_resid.shape[1])
+    narrow = metric.read(_unembed(model, final_resid[:, read], _read_tokens(metric)))
+    return narrow if _close(narrow.detach(), value.detach()) else value
+
+
 def attribution_patch(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Metric,
                       hook_names: Sequence[str]) -> dict[str, Tensor]:
     """First-order estimate of patching each activation element from the clean into the corrupted run.
@@ -982,9 +998,13 @@ def attribution_patch(model, clean_tokens: Tensor, corrupted_tokens: Tensor, met
 
         return hook
 
+    final = hook_name("resid_post", model.cfg.n_layers - 1)
+    hooks = [(name, keep(name)) for name in kept]
+    if final not in kept:
+        hooks.append((final, keep(final)))
     with torch.enable_grad():
-        logits = model.run_with_hooks(corrupted_tokens, fwd_hooks=[(name, keep(name)) for name in kept])
-        value = metric(logits)
+        logits = model.run_with_hooks(corrupted_tokens, fwd_hooks=hooks)
+        value = _read_metric(model, metric, logits, acts[final])
         grads = dict(zip(kept, torch.autograd.grad(value, [acts[name] for name in kept], allow_unused=True)))
     for name in rerouted:
         layer = name.removesuffix("pattern")  # "blocks.{L}.attn.hook_"

@@ -1,4 +1,5 @@
-"""Shared fixtures: offline mode, two threads, and tiny real-architecture checkpoints saved to disk."""
+"""Shared fixtures: offline mode, the CPU's two cores (one thread per worker under `pytest -n 2`), and tiny
+real-architecture checkpoints saved to disk."""
 from __future__ import annotations
 
 import os
@@ -11,7 +12,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# two workers of two threads each on two cores would make every thread wait for a core (far slower than one worker)
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 TOKENIZER_TEXTS = [
     "All cats are red, not blue. Kittens are cats. Therefore, kittens are red.",
