@@ -11,6 +11,7 @@ was measured at. The scan's means (over `scored` positions) describe the neuron 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -432,7 +433,7 @@ class Timeline:
     @property
     def gradual(self) -> bool | None:
         """The dependence rose over several checkpoints: no single interval holds half of its rise."""
-        return None if self.largest_jump_share != self.largest_jump_share else self.largest_jump_share < 0.5
+        return None if math.isnan(self.largest_jump_share) else self.largest_jump_share < 0.5
 
     def finding(self) -> str:
         """One line for the findings table: the detector's step, the dependence's step, gradual or not."""

@@ -16,7 +16,6 @@ Pythia's checkpoints: `PYTHIA_REVISIONS` (all 154 the hub has) and `pythia_revis
 from __future__ import annotations
 
 import gc
-import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -82,20 +81,13 @@ class TrainingWalk:
         return [m[name] for m in self.measurements]
 
 
-def _weights_fingerprint(model_name: str, revision: str) -> str | None:
-    """sha256 of a zoo checkpoint's weights (a retrained toy must not read its predecessor's cache); None for the hub,
-    whose revisions are immutable names."""
-    if not zoo.is_zoo_name(model_name):
-        path = Path(model_name)
-        if not path.is_dir():
-            return None
-        files = sorted(path.glob("*.safetensors"))
-    else:
-        files = sorted(zoo.revision_dir(model_name, revision).glob("*.safetensors"))
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.read_bytes())
-    return digest.hexdigest()
+def _weight_files(model_name: str, revision: str) -> list[Path]:
+    """A local checkpoint's weight files, for the cache key (`cache.fingerprint` hashes a file path's bytes, so a
+    retrained toy never reads its predecessor's entries); none for the hub, whose revisions are immutable names."""
+    if zoo.is_zoo_name(model_name):
+        return sorted(zoo.revision_dir(model_name, revision).glob("*.safetensors"))
+    path = Path(model_name)
+    return sorted(path.glob("*.safetensors")) if path.is_dir() else []
 
 
 def walk_training(
@@ -141,7 +133,7 @@ def walk_training(
                 gc.collect()
 
         entry_key = {"model": model_name, "revision": revision,
-                     "weights": _weights_fingerprint(model_name, revision), **key}
+                     "weights": _weight_files(model_name, revision), **key}
         measurements.append(cache.cached("training-walk", entry_key, compute, cache_dir=cache_dir))
     return TrainingWalk(str(model_name), list(revisions), measurements)
 
