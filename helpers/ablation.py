@@ -20,6 +20,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from helpers.components import Component, all_heads, all_mlps
+from helpers.uncertainty import Interval, bootstrap_interval, faithfulness_statistic
 
 Hook = tuple[str, Callable]
 Metric = Callable[[Tensor], Tensor]
@@ -315,12 +316,22 @@ class Faithfulness:
             prompt is).
         circuit: `[batch]` the per-prompt metric of the circuit's run.
         undefined_prompts: how many prompts Eq. 2 could not use.
+        full, empty: `[batch]` the per-prompt metric of the full model and of the empty circuit.
     """
 
     ratio_of_means: float
     mean_of_ratios: float
     circuit: Float[Tensor, "batch"]
     undefined_prompts: int = 0
+    full: Float[Tensor, "batch"] | None = None
+    empty: Float[Tensor, "batch"] | None = None
+
+    def interval(self, confidence: float = 0.95, seed: int = 0) -> Interval:
+        """`ratio_of_means` with its bootstrap interval over the prompts (see `helpers.uncertainty`)."""
+        if self.full is None or self.empty is None:
+            raise ValueError("this Faithfulness holds no per-prompt full and empty values")
+        return bootstrap_interval(faithfulness_statistic, self.circuit, self.full, self.empty,
+                                  confidence=confidence, seed=seed)
 
 
 class CircuitEvaluator:
@@ -386,7 +397,7 @@ class CircuitEvaluator:
         defined = self.full != self.empty
         per_prompt = (kept - self.empty)[defined] / (self.full - self.empty)[defined]
         mean_of_ratios = float(per_prompt.mean()) if defined.any() else float("nan")
-        return Faithfulness(ratio, mean_of_ratios, kept, int((~defined).sum()))
+        return Faithfulness(ratio, mean_of_ratios, kept, int((~defined).sum()), self.full, self.empty)
 
     def __call__(self, circuit: Iterable[Component], kept_neurons: dict[int, Sequence[int]] | None = None) -> float:
         """The ratio-of-means faithfulness of `circuit`."""

@@ -24,6 +24,7 @@ from helpers import ablation, attribution, neurons
 from helpers.ablation import Hook
 from helpers.components import Component, device_of, final_resid_hook_name
 from helpers.tasks.bilingual import tokenize_documents
+from helpers.uncertainty import Interval, bootstrap_interval, f1_statistic, percent_change_statistic
 
 
 @dataclass
@@ -73,15 +74,19 @@ def both_languages(german: Documents, english: Documents) -> Iterator[tuple[Tens
 
 
 # ---- losses --------------------------------------------------------------------------------------------------------
+def document_loss_sums(model, documents: Documents, hooks: Sequence[Hook] = ()) -> Float[Tensor, " doc"]:
+    """Each document's summed next-token loss over its scored targets, float64 on the CPU."""
+    sums = []
+    for tokens, mask in documents.batches():
+        losses = ablation.token_losses(model, tokens, hooks)                       # [b, pos - 1]
+        targets = mask[:, 1:].to(losses.device)
+        sums.append((losses.double() * targets).sum(1).cpu())
+    return torch.cat(sums)
+
+
 def mean_loss(model, documents: Documents, hooks: Sequence[Hook] = ()) -> float:
     """Token-weighted mean next-token loss over the scored targets (the seed averaged per-document means)."""
-    total, count = 0.0, 0
-    for tokens, mask in documents.batches():
-        losses = ablation.token_losses(model, tokens, hooks)
-        targets = mask[:, 1:].to(losses.device)
-        total += float(losses[targets].double().sum())
-        count += int(targets.sum())
-    return total / count
+    return float(document_loss_sums(model, documents, hooks).sum()) / documents.n_scored_targets
 
 
 def percent_change(value: float, clean: float) -> float:
@@ -124,6 +129,42 @@ def loss_changes(model, german: Documents, english: Documents, hooks: Sequence[H
     """Percent loss change on each language under `hooks`, against the clean `(german, english)` losses."""
     return LossChange(percent_change(mean_loss(model, german, hooks), clean[0]),
                       percent_change(mean_loss(model, english, hooks), clean[1]))
+
+
+def loss_change_intervals(model, german: Documents, english: Documents, hooks: Sequence[Hook], *,
+                          confidence: float = 0.95, seed: int = 0) -> tuple[Interval, Interval]:
+    """The percent loss change of each language under `hooks` (as `loss_changes`) with its bootstrap interval
+    over the documents: `(german, english)`."""
+    return tuple(bootstrap_interval(percent_change_statistic, document_loss_sums(model, documents, hooks),
+                                    document_loss_sums(model, documents), confidence=confidence, seed=seed)
+                 for documents in (german, english))
+
+
+def detector_counts(model, german: Documents, english: Documents, neuron: tuple[int, int], threshold: float,
+                    direction: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-document `(true positives, false positives, false negatives)` of a neuron read as a German detector at
+    the scan's rule (`activation >= threshold` for `direction` +1, `<=` for -1) over the scored positions; each
+    `[n_german + n_english]`, German documents first."""
+    layer, index = neuron
+    fired, scored = [], []
+    for tokens, mask in both_languages(german, english):
+        acts = neurons.mlp_activations(model, tokens, [layer], neurons=[index])[layer][..., 0]   # [b, pos]
+        mask = mask.to(acts.device)
+        fired.append(((acts * direction >= threshold * direction) & mask).sum(1).cpu())
+        scored.append(mask.sum(1).cpu())
+    fired, scored = torch.cat(fired), torch.cat(scored)                                          # [doc]
+    is_german = torch.arange(len(fired)) < len(german)
+    zero = torch.zeros_like(fired)
+    return (torch.where(is_german, fired, zero), torch.where(is_german, zero, fired),
+            torch.where(is_german, scored - fired, zero))
+
+
+def f1_interval(model, german: Documents, english: Documents, neuron: tuple[int, int], threshold: float,
+                direction: int, *, confidence: float = 0.95, seed: int = 0) -> Interval:
+    """A neuron's detector F1 at a fixed rule with its bootstrap interval over documents (each language's
+    documents resampled together with the other's, so the German share varies as a resample's would)."""
+    counts = detector_counts(model, german, english, neuron, threshold, direction)
+    return bootstrap_interval(f1_statistic, *counts, confidence=confidence, seed=seed)
 
 
 @dataclass

@@ -240,11 +240,17 @@ def train_bpe_tokenizer(
     )
 
 
-def train(name: str, out_dir: Path | None = None) -> Path:
-    """Rebuild zoo model `name` with its recipe; returns the checkpoint folder."""
+def train(name: str, out_dir: Path | None = None, seed: int | None = None) -> Path:
+    """Rebuild zoo model `name` with its recipe (with training seed `seed`; None: the committed toy's); returns the
+    checkpoint folder."""
     folder = Path(out_dir) if out_dir is not None else checkpoint_dir(name)
     recipe = importlib.import_module(f"helpers.toys.{ZOO[name].recipe}")
-    recipe.train(folder)
+    if seed is None:
+        recipe.train(folder)
+    elif hasattr(recipe, "Recipe"):
+        recipe.train(folder, recipe.Recipe(seed=seed))
+    else:
+        recipe.train(folder, seed=seed)
     return folder
 
 
@@ -255,13 +261,17 @@ def main(argv: list[str] | None = None) -> None:
     train_parser = sub.add_parser("train", help="retrain one toy model")
     train_parser.add_argument("name", choices=names())
     train_parser.add_argument("--out", type=Path, default=None, help="write here instead of data/models/<name>")
+    train_parser.add_argument("--seed", type=int, default=None,
+                              help="training seed (default: the committed toy's); with another seed, pass --out")
     args = parser.parse_args(argv)
+    if args.command == "train" and args.seed is not None and args.out is None:
+        parser.error("--seed trains a variant of the toy: give it a folder with --out (the committed toy stays)")
     if args.command == "list":
         for model in ZOO.values():
             print(f"{model.name:16s} {model.architecture:22s} stands in for {model.stands_in_for}: {model.task}")
         return
     start = time.perf_counter()
-    folder = train(args.name, args.out)
+    folder = train(args.name, args.out, args.seed)
     print(f"trained {args.name} into {folder} in {time.perf_counter() - start:.0f} s")
 
 

@@ -118,3 +118,23 @@ def test_notebook_parameters_parse_as_literals():
     assert parse_assignment("model_name=EleutherAI/pythia-70m") == ("model_name", "EleutherAI/pythia-70m")
     with pytest.raises(argparse.ArgumentTypeError):
         parse_assignment("no-equals")
+
+
+@pytest.mark.parametrize("name", sorted(zoo.ZOO))
+def test_a_training_seed_reaches_the_recipe(name, monkeypatch, tmp_path):
+    import importlib
+
+    recipe = importlib.import_module(f"helpers.toys.{zoo.ZOO[name].recipe}")
+    calls = []
+    monkeypatch.setattr(recipe, "train", lambda *args, **kwargs: calls.append((args, kwargs)))
+    zoo.train(name, tmp_path, seed=7)
+    (folder, *rest), kwargs = calls[0]
+    seed = rest[0].seed if rest else kwargs["seed"]
+    assert folder == tmp_path and seed == 7
+    zoo.train(name, tmp_path)
+    assert calls[1] == ((tmp_path,), {})
+
+
+def test_a_seeded_retrain_needs_its_own_folder():
+    with pytest.raises(SystemExit):
+        zoo.main(["train", "toy-stories", "--seed", "3"])

@@ -53,25 +53,27 @@ def lm_loss(model, batch) -> torch.Tensor:
     return model(input_ids=tokens, labels=tokens).loss
 
 
-def train(out_dir: Path) -> None:
+def train(out_dir: Path, seed: int = SEED) -> None:
+    """Train the toy and save it to `out_dir`; `seed` draws the stories, the tokenizer, the initialisation and the
+    batch order (the committed toy is `SEED`)."""
     torch.set_num_threads(1)
     start = time.process_time()
-    tokenizer = build_tokenizer()
-    train_tokens = pack_tokens(generate_stories(N_TRAIN_STORIES, seed=SEED + 2), tokenizer, SEQ_LEN)
-    eval_tokens = pack_tokens(generate_stories(N_EVAL_STORIES, seed=SEED + 3), tokenizer, SEQ_LEN)
-    model = build_model(len(tokenizer), tokenizer.bos_token_id)
+    tokenizer = build_tokenizer(seed)
+    train_tokens = pack_tokens(generate_stories(N_TRAIN_STORIES, seed=seed + 2), tokenizer, SEQ_LEN)
+    eval_tokens = pack_tokens(generate_stories(N_EVAL_STORIES, seed=seed + 3), tokenizer, SEQ_LEN)
+    model = build_model(len(tokenizer), tokenizer.bos_token_id, seed)
 
     def evaluate(m) -> dict[str, float]:
         return {"eval_loss": float(lm_loss(m, (eval_tokens[:64],)))}
 
     # resumable: step checkpoints go to a temporary folder named after the recipe's settings
-    run_key = fingerprint({"arch": ARCH, "train": TRAIN, "seed": SEED, "stories": N_TRAIN_STORIES})[:12]
+    run_key = fingerprint({"arch": ARCH, "train": TRAIN, "seed": seed, "stories": N_TRAIN_STORIES})[:12]
     steps_dir = Path(tempfile.gettempdir()) / f"toy-stories-{run_key}"
-    result = train_loop(model, train_tokens, lm_loss, TrainConfig(seed=SEED, checkpoint_every=200, **TRAIN),
+    result = train_loop(model, train_tokens, lm_loss, TrainConfig(seed=seed, checkpoint_every=200, **TRAIN),
                         eval_fn=evaluate, checkpoint_dir=steps_dir)
     model.eval()
     metadata = {
-        "recipe": "helpers.toys.stories", "seed": SEED, "vocab_size": len(tokenizer), "arch": ARCH,
+        "recipe": "helpers.toys.stories", "seed": seed, "vocab_size": len(tokenizer), "arch": ARCH,
         "train": {k: list(v) if isinstance(v, tuple) else v for k, v in TRAIN.items()},
         "train_tokens": int(train_tokens.numel()), "seq_len": SEQ_LEN,
         "final_train_loss": round(sum(result.train_losses[-50:]) / 50, 4),

@@ -148,23 +148,25 @@ def heldout_data(tokenizer) -> task.SyllogismData:
     return task.build_dataset(tokenizer, items)
 
 
-def train(out_dir: Path) -> None:
+def train(out_dir: Path, seed: int = SEED) -> None:
+    """Train the toy and save it to `out_dir`; `seed` draws the corpus, the initialisation and the batch order (the
+    tokenizer and the held-out split are fixed; the committed toy is `SEED`)."""
     torch.set_num_threads(1)
     start = time.process_time()
     tokenizer = build_tokenizer()
-    tokens, weights = encode_corpus(tokenizer, make_corpus())
+    tokens, weights = encode_corpus(tokenizer, make_corpus(seed=seed))
     heldout = heldout_data(tokenizer)
-    model = build_model(tokenizer)
+    model = build_model(tokenizer, seed)
 
     def evaluate(m) -> dict[str, float]:
         logits = m(input_ids=heldout.clean_tokens).logits[:, -1]
         correct = heldout.answers[:, 0]
         return {"heldout_top1": float((logits.argmax(-1) == correct).float().mean())}
 
-    result = train_loop(model, (tokens, weights), lm_loss, TrainConfig(seed=SEED, **TRAIN), eval_fn=evaluate)
+    result = train_loop(model, (tokens, weights), lm_loss, TrainConfig(seed=seed, **TRAIN), eval_fn=evaluate)
     model.eval()
     metadata = {
-        "recipe": "helpers.toys.syllogism", "seed": SEED, "n_rows": N_ROWS, "answer_weight": ANSWER_WEIGHT,
+        "recipe": "helpers.toys.syllogism", "seed": seed, "n_rows": N_ROWS, "answer_weight": ANSWER_WEIGHT,
         "not_first_share": NOT_FIRST_SHARE, "held_out_categories": list(HELD_OUT_CATEGORIES),
         "held_out_nouns": list(HELD_OUT_NOUNS), "vocab_size": len(tokenizer), "arch": ARCH,
         "train": {k: list(v) if isinstance(v, tuple) else v for k, v in TRAIN.items()},
