@@ -106,3 +106,9 @@ def recovered_statistic(spliced: np.ndarray, clean: np.ndarray, ablated: np.ndar
     (1: as good as the model, 0: as bad as ablating)."""
     ablated_mean = np.mean(ablated, axis=axis)
     return (ablated_mean - np.mean(spliced, axis=axis)) / (ablated_mean - np.mean(clean, axis=axis))
+
+
+def fraction_lost_statistic(changed: np.ndarray, clean: np.ndarray, axis: int = -1) -> np.ndarray:
+    """`1 - mean changed / mean clean`: the share of a clean metric (e.g. the logit difference) an intervention
+    removes."""
+    return 1 - np.mean(changed, axis=axis) / np.mean(clean, axis=axis)

@@ -9,8 +9,9 @@ import torch
 from helpers import ablation, context_neuron, neurons
 from helpers.components import Component
 from helpers.sae import loss_recovered
-from helpers.uncertainty import (Interval, bootstrap_interval, f1_statistic, faithfulness_statistic, mean_statistic,
-                                 percent_change_statistic, recovered_statistic)
+from helpers.uncertainty import (Interval, bootstrap_interval, f1_statistic, faithfulness_statistic,
+                                 fraction_lost_statistic, mean_statistic, percent_change_statistic,
+                                 recovered_statistic)
 from tests.conftest import ARCHITECTURES
 
 
@@ -58,6 +59,7 @@ def test_statistics_equal_their_direct_definitions():
     assert faithfulness_statistic(a, b, c) == pytest.approx((a.mean() - c.mean()) / (b.mean() - c.mean()))
     assert recovered_statistic(a, b, c) == pytest.approx(loss_recovered(b.mean(), a.mean(), c.mean()))
     assert percent_change_statistic(b, a) == pytest.approx(100 * (b.sum() / a.sum() - 1))
+    assert fraction_lost_statistic(a, b) == pytest.approx(1 - a.mean() / b.mean())
     labels = rng.random(1000) < 0.3
     predicted = rng.random(1000) < 0.4
     from sklearn.metrics import f1_score
