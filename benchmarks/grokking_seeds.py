@@ -16,7 +16,7 @@ import time
 import torch
 
 from helpers.models import build_native_model
-from helpers.tasks.modular import batch_loss, make_data, train_test_metrics
+from helpers.tasks.modular import batch_loss, grokking_phases, make_data, train_test_metrics
 from helpers.training import TrainConfig, train
 from helpers.zoo import grokking_transformer_config
 
@@ -40,14 +40,15 @@ def run(p: int, frac_train: float, lr: float, weight_decay: float, epochs: int, 
     history = train(model, (data.tokens[data.train_indices], data.labels[data.train_indices]), batch_loss, config,
                     eval_fn=train_test_metrics(data), progress=False)
     seconds = time.perf_counter() - start
-    test_acc = history.metric("test_acc")
-    grokked = next((step for step, acc in zip(history.eval_steps, test_acc) if acc >= 0.99), None)
+    test_loss, train_acc, test_acc = (torch.tensor(history.metric(name))
+                                      for name in ("test_loss", "train_acc", "test_acc"))
+    grokked = grokking_phases(torch.tensor(history.eval_steps), test_loss, train_acc, test_acc)["test accuracy 99%"]
     with torch.no_grad():
         predicted = model(data.tokens[data.test_indices])[:, -1].argmax(-1)
     wrong = data.test_indices[predicted != data.labels[data.test_indices]]        # rows a * p + b
     mirror = (wrong % p) * p + wrong // p                                        # the row of (b, a)
     trained_mirror = int(torch.isin(mirror, data.train_indices).sum())
-    return dict(grokked=grokked, final=test_acc[-1], wrong=len(wrong), trained_mirror=trained_mirror,
+    return dict(grokked=grokked, final=float(test_acc[-1]), wrong=len(wrong), trained_mirror=trained_mirror,
                 n_test=len(data.test_indices), seconds=seconds)
 
 
@@ -75,7 +76,8 @@ def main() -> None:
                      data_seed, model_seed)
         grokked += result["grokked"] is not None
         print(f"| {data_seed}, {model_seed} | {result['grokked'] or 'never'} | {result['final']:.1%} | "
-              f"{result['wrong']} of {result['n_test']} | {result['trained_mirror']} | {result['seconds']:.0f} |", flush=True)
+              f"{result['wrong']} of {result['n_test']} | {result['trained_mirror']} | {result['seconds']:.0f} |",
+              flush=True)
     print(f"grokked: {grokked}/{len(args.pairs)}")
 
 
