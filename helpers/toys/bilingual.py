@@ -34,6 +34,8 @@ class Recipe:
     """Every knob of the toy; the defaults are the committed checkpoint's."""
 
     seed: int = 9
+    data_seed: int | None = None     # draws the corpus (hence the tokenizer) and the evaluation texts; None: `seed`,
+                                     # which always draws the initialisation and the batch order
     n_documents: int = 320000
     german_fraction: float = 0.05
     min_chars: int = 200
@@ -90,14 +92,15 @@ def train(out_dir: Path, recipe: Recipe = Recipe(), checkpoint_dir: Path | None 
 
     torch.set_num_threads(recipe.threads)
     start = time.process_time()
+    data_seed = recipe.seed if recipe.data_seed is None else recipe.data_seed
     documents = bilingual.generate_corpus(recipe.n_documents, german_fraction=recipe.german_fraction,
-                                          seed=recipe.seed, min_chars=recipe.min_chars, max_chars=recipe.max_chars,
+                                          seed=data_seed, min_chars=recipe.min_chars, max_chars=recipe.max_chars,
                                           code_switch=recipe.code_switch)
     tokenizer = build_tokenizer(recipe, documents)
     tokens, mask = tokenize_documents(tokenizer, [d.text for d in documents], recipe.n_ctx)
     model = build_model(recipe, len(tokenizer))
 
-    eval_de, eval_en = bilingual.evaluation_texts(64, seed=recipe.seed + 999, min_chars=recipe.min_chars,
+    eval_de, eval_en = bilingual.evaluation_texts(64, seed=data_seed + 999, min_chars=recipe.min_chars,
                                                   max_chars=recipe.max_chars, code_switch=recipe.code_switch)
     eval_batches = {lang: tokenize_documents(tokenizer, texts, recipe.n_ctx) for lang, texts in
                     (("de", eval_de), ("en", eval_en))}
