@@ -108,7 +108,7 @@ def neuron_means(model, batches: Iterable[tuple[Tensor, Tensor]], chosen: Sequen
 
 def pin_means(model, documents: Documents, pinned: Sequence[tuple[int, int]], mask: str = "present"
               ) -> dict[tuple[int, int], float]:
-    """Mean post-GELU activation of each `(layer, neuron)` over `documents` at the `mask` positions ("present":
+    """Mean post-activation value of each `(layer, neuron)` over `documents` at the `mask` positions ("present":
     every position a pin writes, BOS included)."""
     return neuron_means(model, documents.batches(mask), pinned)
 
@@ -297,7 +297,7 @@ def shift_histogram_values(model, german: Documents, english: Documents, chosen:
 def downstream_unembed(model, german: Documents, chosen: Sequence[tuple[int, int]], context_hooks: Sequence[Hook]
                        ) -> dict[tuple[int, int], Float[Tensor, "d_vocab"]]:
     """Downstream neurons' direct effect on the logits when the context neuron is on rather than ablated: each
-    one's post-GELU mean on German text, clean minus with the context neuron ablated, times `W_out @ W_U` (the seed
+    one's post-activation mean on German text, clean minus with the context neuron ablated, times `W_out @ W_U` (the seed
     fed pre-GELU means here)."""
     on = neuron_means(model, german.batches(), chosen)
     off = neuron_means(model, german.batches(), chosen, fwd_hooks=context_hooks)

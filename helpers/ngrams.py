@@ -12,7 +12,7 @@ document is German" and "the previous tokens start this word". The test, as in t
 3. *word choice*: among words that occur in both halves of the documents, the word whose completion tokens lose
    most on the first half (`choose_word`); tested on the second half only, so a word that is bad by chance on the
    documents that chose it does not pass.
-4. *the test* (`NgramTest`): where the candidate predicts that word's completion tokens, its (post-GELU)
+4. *the test* (`NgramTest`): where the candidate predicts that word's completion tokens, its (post-activation)
    activation with the context neuron on and ablated, its mean on English text, and the loss change of the shift.
 
 A candidate that the German context switches *on* completes a word only with context when it is on there, falls by
@@ -158,7 +158,7 @@ def loss_change(model, tokens: Int[Tensor, "doc pos"], hooks: Sequence[Hook], ba
 
 def neuron_activation(model, tokens: Int[Tensor, "doc pos"], layer: int, neuron: int, batch_size: int,
                       hooks: Sequence[Hook] = ()) -> Float[Tensor, "doc pos"]:
-    """One neuron's post-GELU activation at every position, under `hooks`."""
+    """One neuron's post-activation value at every position, under `hooks`."""
     return over_rows(lambda t: mlp_activations(model, t, [layer], neurons=[neuron], fwd_hooks=hooks)[layer][..., 0],
                      tokens, batch_size)
 
@@ -188,7 +188,7 @@ class NgramTest:
     """A candidate at its word's completion tokens on the held-out documents.
 
     `shift` is the candidate's mean on - off pre-activation change. `positions` are `(row, pos)` on the target axis: the neuron acts at `pos` to predict token `pos + 1`. `on` /
-    `off`: its mean post-GELU activation there with the context neuron as it is / ablated; `english`: its mean on
+    `off`: its mean post-activation value there with the context neuron as it is / ablated; `english`: its mean on
     English text; `shift_loss`: the mean loss change of the path-specific shift there.
     """
 

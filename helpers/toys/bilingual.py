@@ -1,18 +1,26 @@
 """Recipe of `toy-bilingual`: a small GPT-NeoX (Pythia's architecture) trained on the project's bilingual corpus.
 
-Rotary positions (25% of each head, as Pythia), parallel attention + MLP, GELU, untied embeddings; a byte-level BPE
-tokenizer trained on the same corpus. Each training row is one document (BOS + tokens, padded with EOS, padding
-masked out of the loss), so the model must read the language from the document itself.
+Rotary positions (25% of each head, as Pythia), parallel attention + MLP, ReLU neurons (Pythia's are GELU; see
+below), untied embeddings; a byte-level BPE tokenizer trained on the same corpus. Each training row is one document
+(BOS + tokens, padded with EOS, padding masked out of the loss), so the model must read the language from the
+document itself.
 
 What makes a context *neuron* appear (rather than the language living only in attention heads, as it did in every
-wider variant tried, see `docs/toy_bilingual.md`): a narrow residual stream (d_model 16) and few MLP neurons (32 per layer), so
-the language has to be squeezed through the MLPs; German as a small minority (5% of documents); one language per
-document (no code-switched phrases), so the document's language is a clean context to track; a small vocabulary
-(512), so that English words are split into pieces too and both languages share sub-word pieces whose continuation
-depends on the language (` e|le|g|ant`, ` fin|den` / ` fin|ds`), which is what contextual n-gram neurons are for;
-and six layers, so that the neurons after the context neuron's layer can read it. The seed matters: most seeds give
-a weaker or less selective neuron. `docs/toy_bilingual.md` is the lab log of the ~60 trainings that found this
-recipe: each variant, its best neuron's F1 against the runner-up, its ablation and n-gram results.
+wider variant tried, see `docs/toy_bilingual.md`): a narrow residual stream (d_model 16) and few MLP neurons (32 per
+layer), so the language has to be squeezed through the MLPs; German as a small minority (5% of documents); one
+language per document (no code-switched phrases), so the document's language is a clean context to track; a small
+vocabulary (512), so that English words are split into pieces too and both languages share sub-word pieces whose
+continuation depends on the language (` e|le|g|ant`, ` fin|den` / ` fin|ds`), which is what contextual n-gram
+neurons are for; and six layers, so that the neurons after the context neuron's layer can read it.
+
+What makes it appear *for every training seed* (`docs/robustness.md`): ReLU and weight decay 0.1. With GELU and no
+weight decay the bars held on 1 of 5 seeds: the best neuron's negative lobe still varied on English text (pinning it
+raised English loss by 0.6-5%), and the language was shared between two neurons of nearly equal F1 (often a German-on
+and an English-on one reading the same head). A ReLU is exactly 0 on English text, so pinning it there changes nothing
+on English. Weight decay then separated two layer-1 German-on neurons that ReLU alone left nearly tied on seed 2
+(F1 0.983 and 0.976; with weight decay 0.991 and 0.973): on ReLU neurons, whose scale is free, it favours one large
+neuron over several small ones doing the same job. Training seeds 1 (committed), 2, 3 and 9 pass all five bars of
+notebook 04, seed 4 all but the margin over the runner-up. `docs/toy_bilingual.md` is the lab log of the ~70 trainings behind this recipe.
 
 Retrain with `python -m helpers.zoo train toy-bilingual`.
 """
@@ -33,7 +41,7 @@ from helpers.tasks.bilingual import tokenize_documents
 class Recipe:
     """Every knob of the toy; the defaults are the committed checkpoint's."""
 
-    seed: int = 9
+    seed: int = 1
     data_seed: int | None = None     # draws the corpus (hence the tokenizer) and the evaluation texts; None: `seed`,
                                      # which always draws the initialisation and the batch order
     n_documents: int = 320000
@@ -47,10 +55,11 @@ class Recipe:
     d_model: int = 16
     n_heads: int = 2
     d_mlp: int = 32
+    activation: str = "relu"         # Pythia's is "gelu"; ReLU makes the finding hold across seeds (see above)
     steps: int = 12000
     batch_size: int = 32
     lr: float = 2e-3
-    weight_decay: float = 0.0
+    weight_decay: float = 0.1
     warmup_steps: int = 100
     threads: int = 1
     training_checkpoints: int = 20
@@ -67,7 +76,7 @@ def build_model(recipe: Recipe, vocab_size: int):
 
     config = GPTNeoXConfig(
         vocab_size=vocab_size, hidden_size=recipe.d_model, num_hidden_layers=recipe.n_layers,
-        num_attention_heads=recipe.n_heads, intermediate_size=recipe.d_mlp, hidden_act="gelu", rotary_pct=0.25,
+        num_attention_heads=recipe.n_heads, intermediate_size=recipe.d_mlp, hidden_act=recipe.activation, rotary_pct=0.25,
         use_parallel_residual=True, max_position_embeddings=recipe.n_ctx, tie_word_embeddings=False,
         bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )
