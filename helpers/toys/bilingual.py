@@ -13,14 +13,15 @@ vocabulary (512), so that English words are split into pieces too and both langu
 continuation depends on the language (` e|le|g|ant`, ` fin|den` / ` fin|ds`), which is what contextual n-gram
 neurons are for; and six layers, so that the neurons after the context neuron's layer can read it.
 
-What makes it appear *for every training seed* (`docs/robustness.md`): ReLU and weight decay 0.1. With GELU and no
-weight decay the bars held on 1 of 5 seeds: the best neuron's negative lobe still varied on English text (pinning it
-raised English loss by 0.6-5%), and the language was shared between two neurons of nearly equal F1 (often a German-on
-and an English-on one reading the same head). A ReLU is exactly 0 on English text, so pinning it there changes nothing
-on English. Weight decay then separated two layer-1 German-on neurons that ReLU alone left nearly tied on seed 2
-(F1 0.983 and 0.976; with weight decay 0.991 and 0.973): on ReLU neurons, whose scale is free, it favours one large
-neuron over several small ones doing the same job. Training seeds 1 (committed), 2, 3 and 9 pass all five bars of
-notebook 04, seed 4 all but the margin over the runner-up. `docs/toy_bilingual.md` is the lab log of the ~70 trainings behind this recipe.
+What makes it appear for most training seeds (`docs/robustness.md`): ReLU and weight decay 0.1. With GELU and no
+weight decay all five bars held on 1 of 5 seeds: the best neuron's negative lobe still varied on English text
+(pinning it raised English loss by 0.6-1.6% on three seeds), and the language was shared between two neurons of
+nearly equal F1 (often a German-on and an English-on one reading the same head). A ReLU is exactly 0 on English
+text, so pinning it there changes nothing on English. Weight decay then separated two layer-1 German-on neurons that
+ReLU alone left nearly tied on seed 2 (F1 0.983 and 0.976; with weight decay 0.991 and 0.973): on ReLU neurons,
+whose scale is free, it favours one large neuron over several small ones doing the same job. Training seeds 1
+(committed), 2, 3 and 9 pass all five bars of notebook 04, seed 4 all but the margin over the runner-up.
+`docs/toy_bilingual.md` is the lab log of the ~70 trainings behind this recipe.
 
 Retrain with `python -m helpers.zoo train toy-bilingual`.
 """
@@ -76,8 +77,8 @@ def build_model(recipe: Recipe, vocab_size: int):
 
     config = GPTNeoXConfig(
         vocab_size=vocab_size, hidden_size=recipe.d_model, num_hidden_layers=recipe.n_layers,
-        num_attention_heads=recipe.n_heads, intermediate_size=recipe.d_mlp, hidden_act=recipe.activation, rotary_pct=0.25,
-        use_parallel_residual=True, max_position_embeddings=recipe.n_ctx, tie_word_embeddings=False,
+        num_attention_heads=recipe.n_heads, intermediate_size=recipe.d_mlp, hidden_act=recipe.activation,
+        rotary_pct=0.25, use_parallel_residual=True, max_position_embeddings=recipe.n_ctx, tie_word_embeddings=False,
         bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )
     torch.manual_seed(recipe.seed)
