@@ -104,3 +104,11 @@ def test_tokenize_documents_adds_bos_eos_and_masks_padding():
     assert not mask[1, -1] and tokens[1, -1] == tokenizer.eos_token_id
     short, short_mask = bilingual.tokenize_documents(tokenizer, ["Anna plant das Projekt heute."], 4)
     assert short.shape == (1, 4) and short_mask.all()
+
+
+def test_the_toy_recipe_rejects_an_unknown_activation_before_any_training():
+    from helpers.toys.bilingual import Recipe
+
+    assert Recipe().activation == "relu" and Recipe(activation="gelu").activation == "gelu"
+    with pytest.raises(ValueError, match="activation"):
+        Recipe(activation="rleu")

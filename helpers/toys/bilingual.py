@@ -65,6 +65,13 @@ class Recipe:
     threads: int = 1
     training_checkpoints: int = 20
 
+    def __post_init__(self) -> None:
+        from transformers.activations import ACT2FN
+
+        if self.activation not in ACT2FN:   # checked here: the model is built only after the corpus and tokenizer
+            raise ValueError(f"activation must be one of GPT-NeoX's ({', '.join(sorted(ACT2FN))}), "
+                             f"got {self.activation!r}")
+
 
 def build_tokenizer(recipe: Recipe, documents: list[bilingual.Document]):
     from helpers.zoo import train_bpe_tokenizer
