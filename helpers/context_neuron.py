@@ -234,11 +234,13 @@ def dla_difference(model, documents: Documents, hooks: Sequence[Hook]
     """Mean over scored targets of each writer's direct logit attribution to the correct next token, clean minus
     under `hooks`: `(difference [n_components], components)`."""
     sums = {}
+    needed = attribution.dla_hook_names(model)
     for tokens, mask in documents.batches():
         for which, run_hooks in (("clean", ()), ("hooked", hooks)):
             with model.hooks(fwd_hooks=list(run_hooks)):
-                _, cache = model.run_with_cache(tokens)
+                _, cache = model.run_with_cache(tokens, names_filter=needed)
             values, components = attribution.next_token_dla(model, cache, tokens)
+            del cache
             summed = values[:, mask[:, 1:].to(values.device)].double().sum(-1).cpu()
             sums[which] = summed if which not in sums else sums[which] + summed
     return (sums["clean"] - sums["hooked"]) / documents.n_scored_targets, components

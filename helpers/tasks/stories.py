@@ -205,17 +205,23 @@ OPENING_QUOTE = ' "'
 FORCED_TOKENS = CLOSING_QUOTES + (OPENING_QUOTE,)
 
 
-def pack_tokens(texts: Sequence[str], tokenizer, seq_len: int, bos_token_id: int | None = None) -> Tensor:
-    """Tokenise `texts`, join them with BOS/EOS separators and cut into rows `[n_rows, seq_len]` that each start
-    with BOS (the seed's `batch_prompts` recipe). The tail that does not fill a row is dropped."""
+def pack_tokens(texts: Sequence[str], tokenizer, seq_len: int, bos_token_id: int | None = None,
+                prepend_bos: bool = True) -> Tensor:
+    """Tokenise `texts`, join them with BOS separators and cut into rows `[n_rows, seq_len]` that each start with
+    BOS (the original notebook's `batch_prompts` recipe). With `prepend_bos=False` (a model trained without BOS) the
+    texts are joined with EOS and the rows start wherever the cut falls. The tail that does not fill a row is
+    dropped."""
     bos = tokenizer.bos_token_id if bos_token_id is None else bos_token_id
+    separator = bos if prepend_bos else tokenizer.eos_token_id
     stream: list[int] = []
     for text in texts:
-        stream.append(bos)
+        stream.append(separator)
         stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-    width = seq_len - 1
+    width = seq_len - 1 if prepend_bos else seq_len
     n_rows = len(stream) // width
     body = torch.tensor(stream[: n_rows * width], dtype=torch.long).view(n_rows, width)
+    if not prepend_bos:
+        return body
     return torch.cat([torch.full((n_rows, 1), bos, dtype=torch.long), body], dim=1)
 
 
@@ -244,13 +250,13 @@ class QuotePrompts:
 
 def closing_quote_prompts(texts: Sequence[str], tokenizer, *, closings: Sequence[str] = ('."',),
                           openers: Sequence[str] | None = ("said",), max_prompts: int | None = None,
-                          max_len: int = 256, one_per_text: bool = False) -> QuotePrompts:
+                          max_len: int = 256, one_per_text: bool = False, prepend_bos: bool = True) -> QuotePrompts:
     """Cut prompts that end right before a closing quote.
 
     A quote opens at ` "` (or `"` at a text's start) and closes at the first closing-quote token after it. A prompt
     is kept when the quote's closing token is one of `closings` and (if `openers` is given) the word before the
-    `, "` that opened it is one of `openers` (the seed used `said, "`). Each prompt is BOS + tokens up to (not
-    including) the closing token; prompts longer than `max_len` are skipped.
+    `, "` that opened it is one of `openers` (the original notebook used `said, "`). Each prompt is BOS (when
+    `prepend_bos`) + tokens up to (not including) the closing token; prompts longer than `max_len` are skipped.
     """
     ids = {tok: tokenizer.convert_tokens_to_ids(tokenizer.tokenize(tok)) for tok in FORCED_TOKENS}
     for tok, found in ids.items():
@@ -268,6 +274,7 @@ def closing_quote_prompts(texts: Sequence[str], tokenizer, *, closings: Sequence
             if len(found) == 1:
                 opener_ids.add(found[0])
     bos = tokenizer.bos_token_id
+    prefix = [bos] if prepend_bos else []
     rows, last, answers, prompt_texts, source = [], [], [], [], []
     for index, text in enumerate(texts):
         seq = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -279,8 +286,8 @@ def closing_quote_prompts(texts: Sequence[str], tokenizer, *, closings: Sequence
                 opened_ok = opener_ids is None or (
                     open_at >= 2 and seq[open_at - 1] == comma_id and seq[open_at - 2] in opener_ids)
                 if tok in wanted and opened_ok and pos + 1 <= max_len:
-                    rows.append([bos] + seq[:pos])
-                    last.append(pos)  # BOS shifts by one, the prompt's last token is seq[pos-1]
+                    rows.append(prefix + seq[:pos])
+                    last.append(pos - 1 + len(prefix))  # the prompt's last token is seq[pos-1]
                     answers.append(tok)
                     prompt_texts.append(tokenizer.decode(seq[:pos]))
                     source.append(index)
@@ -296,7 +303,7 @@ def closing_quote_prompts(texts: Sequence[str], tokenizer, *, closings: Sequence
     if not rows:
         raise ValueError("no closing-quote prompts found")
     width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else bos
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (bos if bos is not None else 0)
     tokens = torch.full((len(rows), width), pad, dtype=torch.long)
     for i, row in enumerate(rows):
         tokens[i, : len(row)] = torch.tensor(row)
