@@ -220,6 +220,8 @@ SYLLOGISM_CIRCUIT = NotebookParameters(
         eap_target=number(0, 1, low_open=True), run_benchmark=flag(), benchmark_prompts=integer(2), **_common()),
     relations=(
         Relation("n_prompts even (both orders of each pair are kept together)", ("n_prompts",), lambda n: n % 2 == 0),
+        Relation("ld_threshold >= 0 (a negative threshold admits prompts whose answer the model gets wrong)",
+                 ("ld_threshold",), lambda threshold: threshold >= 0),
         Relation("n_prompts <= pool_size", ("n_prompts", "pool_size"), lambda n, pool: n <= pool),
         Relation("benchmark_prompts <= n_prompts when run_benchmark", ("run_benchmark", "benchmark_prompts", "n_prompts"),
                  lambda run, b, n: not run or b <= n),

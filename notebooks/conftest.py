@@ -6,18 +6,18 @@ difference (a name, a PASS that became FAIL, a number out of tolerance) still fa
 """
 from __future__ import annotations
 
-from nbval.plugin import NbCellItem
+from nbval.plugin import IPyNbCell
 
 from helpers.checked_outputs import align_outputs
 
 
-def _compare_within_tolerance(item: NbCellItem):
+def _compare_within_tolerance(item: IPyNbCell):
     def compare(test, reference, skip_compare=None):
-        return NbCellItem.compare_outputs(item, align_outputs(test, reference), reference, skip_compare)
+        return IPyNbCell.compare_outputs(item, align_outputs(test, reference), reference, skip_compare)
     return compare
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if isinstance(item, NbCellItem):
+        if isinstance(item, IPyNbCell):
             item.compare_outputs = _compare_within_tolerance(item)

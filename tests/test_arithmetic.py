@@ -145,3 +145,17 @@ def test_discovery_and_evaluation_prompts_are_disjoint_and_seeded():
     assert other.texts != discovery.texts
     with pytest.raises(ValueError, match="n_discovery"):
         task.split_discovery_evaluation(prompts, 300, 200, 0, 0)
+
+
+def test_a_tokenizer_that_splits_numbers_into_digits_is_refused_naming_the_property():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: index for index, token in enumerate(["<s>", *"0123456789", "+", "-", "=", "*", "/"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<s>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")   # every character its own token
+    digits = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>")
+    with pytest.raises(ValueError, match=r"keeps numbers whole only up to 9 \('10' -> \['1', '0'\]: it splits "
+                                         r"numbers into digits\).*max_single_token=9 and max_op=10"):
+        task.check_single_token_numbers(digits, 999)
+    task.check_single_token_numbers(digits, 9)

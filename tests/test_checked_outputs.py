@@ -59,3 +59,23 @@ def test_align_outputs_touches_streams_of_the_same_name_only():
 def test_a_number_ending_a_sentence_is_still_a_number():
     assert texts_agree("the loss is 0.77.", "the loss is 0.78.")
     assert not texts_agree("the loss is 0.77.", "the loss is 0.87.")
+
+
+@pytest.mark.parametrize("stored, passes", [("loss 0.254\n", True), ("loss 0.300\n", False)])
+def test_nbval_with_the_notebooks_conftest_passes_float_noise_and_fails_a_changed_figure(tmp_path, stored, passes):
+    import shutil
+    import subprocess
+    import sys
+
+    from helpers.paths import NOTEBOOKS_DIR
+
+    shutil.copy(NOTEBOOKS_DIR / "conftest.py", tmp_path / "conftest.py")
+    cell = nbformat.v4.new_code_cell("# NBVAL_CHECK_OUTPUT\nprint('loss 0.255')", execution_count=1,
+                                     outputs=[nbformat.v4.new_output("stream", name="stdout", text=stored)])
+    notebook = nbformat.v4.new_notebook(cells=[cell], metadata={"kernelspec": {
+        "name": "python3", "display_name": "Python 3", "language": "python"}})
+    nbformat.write(notebook, tmp_path / "checked.ipynb")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
+                             "checked.ipynb"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert (result.returncode == 0) is passes, result.stdout[-2000:]
+    assert ("1 passed" in result.stdout) is passes

@@ -39,6 +39,8 @@ BAD = [  # (notebook, parameter, value, words the message must contain)
     ("03_syllogism_circuit", "knockout_method", "bogus", "one of 'zero', 'mean'"),
     ("03_syllogism_circuit", "n_prompts", 0, "an integer >= 2"),
     ("03_syllogism_circuit", "n_prompts", 7, "n_prompts even"),
+    ("03_syllogism_circuit", "ld_threshold", -1.0, "admits prompts whose answer the model gets wrong"),
+    ("04_german_context_neuron", "german_source", "debian-reference-fr", "debian-reference-de"),
     ("02_arithmetic_heuristics", "max_op", 0, "an integer >= 2"),
     ("02_arithmetic_heuristics", "n_discovery", 0, "an integer >= 1"),
     ("02_arithmetic_heuristics", "operators", ["+", "%"], "one of '+', '-', '*', '/'"),

@@ -216,6 +216,26 @@ def number_token_ids(tokenizer, max_single_token: int = 999) -> Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def check_single_token_numbers(tokenizer, max_single_token: int) -> None:
+    """Refuse, naming the tokenizer property, a tokenizer that does not keep every number of [0, max_single_token]
+    whole: the prompt layout (BOS, operand, operator, operand, `=`) and the answer read one token per number.
+
+    Most small open models' tokenizers split numbers into digits (SmolLM2: `"12"` -> `"1"`, `"2"`); Llama-3's keeps
+    0..999 whole. Such a tokenizer can still run the notebook on the numbers it keeps whole (its single digits)."""
+    largest = max_single_token_number(tokenizer)
+    if largest >= max_single_token:
+        return
+    example = str(largest + 1)
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer(example, add_special_tokens=False)["input_ids"])
+    fits = (f"to run on the numbers it keeps whole set max_single_token={largest} and max_op={largest + 1}"
+            if largest >= 1 else "no number range is left to run on")
+    raise ValueError(
+        f"max_single_token={max_single_token}: this notebook reads each operand and the answer as one token, but this "
+        f"tokenizer keeps numbers whole only up to {largest} ({example!r} -> {pieces}: it splits numbers into "
+        f"{'digits' if len(pieces) == len(example) else 'pieces'}). Use a model whose tokenizer keeps 0..999 whole "
+        f"(Llama-3), or {fits}.")
+
+
 def max_single_token_number(tokenizer, limit: int = 100_000) -> int:
     """The largest n such that every number in [0, n] is a single token (Llama-3: 999)."""
     vocab = tokenizer.get_vocab()

@@ -29,8 +29,13 @@ def gguf_file():
 
 @pytest.fixture(scope="module")
 def smollm2(gguf_file):
-    torch.set_grad_enabled(False)
-    return load_model(gguf_file, device="cpu")
+    return load_model("smollm2-135m-instruct", device="cpu")   # the name resolves to the fetched GGUF file
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    with torch.no_grad():
+        yield
 
 
 def next_token(model, text: str) -> str:
