@@ -359,9 +359,11 @@ def english_mean_hooks(model, english: Documents, writer: Component) -> list[Hoo
 # ---- examples and the closing table --------------------------------------------------------------------------------
 def example_loss_changes(model, tokenizer, sentences: Sequence[str], hooks: Sequence[Hook], n_ctx: int
                          ) -> list[tuple[list[int], Float[Tensor, "n_minus_1"]]]:
-    """Hand-written sentences (BOS + tokens, no EOS): each one's token ids after BOS and the loss change under
-    `hooks` of predicting each of them (`change[j]` belongs to `ids[j]`)."""
-    tokens, present = tokenize_documents(tokenizer, sentences, n_ctx, append_eos=False)
+    """Hand-written sentences (BOS where the model takes one, then the tokens; no EOS): each one's predicted token ids
+    (all after the first position) and the loss change under `hooks` of predicting each (`change[j]` belongs to
+    `ids[j]`)."""
+    tokens, present = tokenize_documents(tokenizer, sentences, n_ctx, append_eos=False,
+                                         prepend_bos=model.cfg.default_prepend_bos)
     tokens = tokens.to(device_of(model))
     change = (ablation.token_losses(model, tokens, hooks) - ablation.token_losses(model, tokens)).cpu()
     return [(tokens[i, 1:int(present[i].sum())].tolist(), change[i, :int(present[i].sum()) - 1])

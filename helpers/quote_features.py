@@ -179,15 +179,15 @@ def input_feature_drops(model, saes: dict, hooks: dict, earlier: int, later: int
         saes[earlier], [f], pos)))).mean().item() for f in inputs}
 
 
-def closing_prompt_sets(stories: Sequence[str], tokenizer, closings: Sequence[str], max_prompts: int
-                        ) -> dict[str, QuotePrompts]:
+def closing_prompt_sets(stories: Sequence[str], tokenizer, closings: Sequence[str], max_prompts: int,
+                        prepend_bos: bool = True) -> dict[str, QuotePrompts]:
     """`{closing token: prompts}` for quotes closed by each of `closings` after any opener (the question quotes
     `?"` follow "asked", not "said"), at most `max_prompts` each; a closing with no prompt is left out."""
     sets = {}
     for closing in closings:
         try:
             sets[closing] = closing_quote_prompts(stories, tokenizer, closings=(closing,), openers=None,
-                                                  max_prompts=max_prompts)
+                                                  max_prompts=max_prompts, prepend_bos=prepend_bos)
         except ValueError:  # no quote closes with it in these stories
             continue
     return sets
