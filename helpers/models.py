@@ -129,11 +129,10 @@ def hub_offline() -> bool:
 def resolve_source(name: str | Path) -> tuple[str, bool]:
     """Map a model name to what the bridge boots from: `(path_or_hub_id, is_local)`.
 
-    Zoo names map to their folder under `data/models/`; the name of a trained model that ships in a registry
-    package (`helpers.realdata.TRAINED_MODELS`: `smollm2-135m-instruct`) to its GGUF file, fetched on first use; a
-    `.gguf` file to its dequantized folder (built once,
-    `gguf_checkpoint`); an existing folder with a `config.json` is used as is; anything else is a hub id. Raises
-    before any loading when a local model is missing.
+    Zoo names map to their folder under `data/models/`; a `.gguf` file to its dequantized folder (built once,
+    `gguf_checkpoint`), and so does the name of a trained model that ships in a registry package
+    (`helpers.realdata.TRAINED_MODELS`: `smollm2-135m-instruct`, fetched on first use); an existing folder with a
+    `config.json` is used as is; anything else is a hub id. Raises before any loading when a local model is missing.
     """
     name = str(name)
     if name in realdata.TRAINED_MODELS:
@@ -182,9 +181,8 @@ def load_model(
 
     Args:
         name: a zoo name (`toy-bilingual`, ...), a registry-packaged trained model (`smollm2-135m-instruct`), a local
-            Hugging Face checkpoint folder, a `.gguf` file (llama.cpp's
-            format; dequantized to float32 once and cached, see `gguf_checkpoint`), or a hub id
-            (`EleutherAI/pythia-70m`).
+            Hugging Face checkpoint folder, a `.gguf` file (llama.cpp's format; dequantized to float32 once and
+            cached, see `gguf_checkpoint`), or a hub id (`EleutherAI/pythia-70m`).
         device: `"auto"` (cuda, then mps, then cpu) or an explicit device. Ignored when `device_map` is given.
         dtype: torch dtype or its name; float32 by default.
         fold_ln, center_writing_weights, center_unembed: the seeds' HookedTransformer processing, each on by default.
@@ -272,7 +270,8 @@ GGUF_LOGIT_TOLERANCE = 1e-3
 
 
 def gguf_checkpoint(path: Path) -> Path:
-    """The float32 Hugging Face folder of the GGUF file `path`, built once under `data/cache/gguf/<sha256>/`.
+    """The float32 Hugging Face folder of the GGUF file `path`, built once under `data/cache/gguf/` in a folder named
+    by the file's sha256 (its first 16 hex digits).
 
     transformers dequantizes the file (it needs the `gguf` package) and refuses to save a model it loaded from GGUF,
     so the same architecture is rebuilt as a plain model from the file's config and weights and saved with the file's

@@ -214,14 +214,15 @@ ARITHMETIC_HEURISTICS = NotebookParameters(
 
 SYLLOGISM_CIRCUIT = NotebookParameters(
     rules=dict(
-        seed=integer(0), pool_size=integer(2), n_prompts=integer(2), ld_threshold=number(),
+        seed=integer(0), pool_size=integer(2), n_prompts=integer(2), ld_threshold=number(optional=True),
         knockout_method=choice("zero", "mean"), max_movers=integer(1), knockout_target=number(0, 1, low_open=True),
         marker_replacement=text(), path_threshold=number(0), eap_ig_steps=integer(1),
         eap_target=number(0, 1, low_open=True), run_benchmark=flag(), benchmark_prompts=integer(2), **_common()),
     relations=(
         Relation("n_prompts even (both orders of each pair are kept together)", ("n_prompts",), lambda n: n % 2 == 0),
-        Relation("ld_threshold >= 0 (a negative threshold admits prompts whose answer the model gets wrong)",
-                 ("ld_threshold",), lambda threshold: threshold >= 0),
+        Relation("ld_threshold >= 0 (a negative threshold admits prompts whose answer the model gets wrong; None "
+                 "turns the filter off, only to exercise the notebook on an untrained model)",
+                 ("ld_threshold",), lambda threshold: threshold is None or threshold >= 0),
         Relation("n_prompts <= pool_size", ("n_prompts", "pool_size"), lambda n, pool: n <= pool),
         Relation("benchmark_prompts <= n_prompts when run_benchmark", ("run_benchmark", "benchmark_prompts", "n_prompts"),
                  lambda run, b, n: not run or b <= n),

@@ -72,6 +72,8 @@ def test_toy_heldout_accuracy(toy):
     assert rate == pytest.approx(((diffs > 0) & (task.logit_diffs(toy, data.corrupted_tokens, data.answers) < 0))
                                  .float().mean().item())
     assert len(kept) == round(rate * len(data))
+    unfiltered, rate = task.filter_by_logit_diff(toy, data, threshold=None)
+    assert rate == 1.0 and len(unfiltered) == len(data)
 
 
 def test_sample_pairs_keeps_both_orders_of_each_pair(toy):

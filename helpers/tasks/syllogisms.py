@@ -222,10 +222,14 @@ def accuracy(model, data: SyllogismData, batch_size: int = 64) -> dict[str, floa
     return {"top1": torch.cat(top1).mean().item(), "pairwise": torch.cat(pairwise).mean().item()}
 
 
-def filter_by_logit_diff(model, data: SyllogismData, threshold: float = 2.0,
+def filter_by_logit_diff(model, data: SyllogismData, threshold: float | None = 2.0,
                          batch_size: int = 64) -> tuple[SyllogismData, float]:
     """Keep prompts whose clean logit difference exceeds `threshold` and whose flip's is below `-threshold` (the
-    seed's filter, batched). Returns the kept data and the pass rate (the filter favours easy items; report it)."""
+    original notebook's filter, batched). Returns the kept data and the pass rate (the filter favours easy items;
+    report it). `threshold=None` keeps every prompt, right or wrong: only to exercise the code on an untrained model,
+    whose answers share one sign whatever the order of A and B."""
+    if threshold is None:
+        return data, 1.0
     clean = logit_diffs(model, data.clean_tokens, data.answers, batch_size)
     corrupted = logit_diffs(model, data.corrupted_tokens, data.answers, batch_size)
     keep = torch.nonzero((clean > threshold) & (corrupted < -threshold)).flatten()

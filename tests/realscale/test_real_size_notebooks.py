@@ -28,7 +28,7 @@ CASES = {
         probe_prompts=60, n_attribution_check=3, n_knockout_prompts=12, max_knockout_heuristics=4,
         prompt_knockout_limits=[0, 1, 2], qk_max_op=12, batch_size=64)),
     "03_syllogism_circuit": ("pythia-70m", dict(
-        pool_size=200, n_prompts=4, ld_threshold=0.0, max_movers=3)),
+        pool_size=200, n_prompts=4, ld_threshold=None, max_movers=3)),
     "04_german_context_neuron": ("pythia-70m", dict(
         n_docs=12, max_tokens=48, batch_size=12, n_candidates=3, n_unigrams=20, max_rows=6)),
     "05_sae_quote_features": ("tinystories-2layers-33m", dict(
