@@ -11,7 +11,8 @@ STAMP := $(VENV)/.installed
 # the second environment: the newest transformer-lens 4.x, no sae-lens (see .ci/tl4_env.py)
 TL4_VENV ?= .venv-tl4
 
-.PHONY: setup run test unit realscale trained fixtures nbtest nbtest-threads tl4 key-figures benchmark clean
+.PHONY: setup run test unit realscale trained fixtures nbtest nbtest-threads run-trained nbtest-trained tl4 key-figures \
+	benchmark clean
 
 setup: $(STAMP)
 
@@ -47,7 +48,7 @@ trained: setup fixtures
 	$(PY) -m pytest -q tests/trained
 
 nbtest: setup
-	$(PY) -m pytest -q --nbval-lax --nbval-sanitize-with notebooks/sanitize.cfg notebooks
+	$(PY) -m pytest -q --nbval-lax --nbval-sanitize-with notebooks/sanitize.cfg notebooks/*.ipynb
 	$(PY) -m helpers.run_notebooks --only 01_grokking --set task=addition --out runs/ci-addition
 
 # the checked outputs under other reduction orders: nbval at 1 and 3 torch threads, each on an empty cache, against
@@ -56,7 +57,7 @@ nbtest: setup
 # `make nbtest-threads THREAD_COUNTS=1 THREAD_NOTEBOOKS=notebooks/05_sae_quote_features.ipynb` is the quick check.
 # Passive waiting keeps 3 threads on 2 cores from spinning against each other (it changes no result).
 THREAD_COUNTS ?= 1 3
-THREAD_NOTEBOOKS ?= notebooks
+THREAD_NOTEBOOKS ?= notebooks/*.ipynb
 nbtest-threads: setup
 	for threads in $(THREAD_COUNTS); do \
 	  cache=$$(mktemp -d) && \
@@ -64,6 +65,19 @@ nbtest-threads: setup
 	    $(PY) -m pytest -q --nbval-lax --nbval-sanitize-with notebooks/sanitize.cfg $(THREAD_NOTEBOOKS); status=$$?; \
 	  rm -rf $$cache; test $$status -eq 0 || exit $$status; \
 	done
+
+# the notebooks on SmolLM2-135M-Instruct and real text (notebooks/trained/, committed executed; their parameters in
+# TRAINED_RUNS), with each cell's time and peak memory in runs/trained/report.jsonl. Minutes per notebook on a 2-core
+# CPU, so neither is part of `make test`: nbval would re-run them.
+TRAINED_RUNS := 04_german_context_neuron
+TRAINED_SET_04_german_context_neuron := --set model_name=smollm2-135m-instruct --set german_source=debian-reference-de \
+	--set english_source=debian-reference-en --set n_docs=60 --set max_tokens=96 --set batch_size=20 \
+	--set output_dir=../figs/trained/04_german_context_neuron
+run-trained: setup fixtures
+	$(foreach stem,$(TRAINED_RUNS),$(PY) -m helpers.run_notebooks --only $(stem) $(TRAINED_SET_$(stem)) \
+	  --out notebooks/trained --report runs/trained/report.jsonl &&) true
+nbtest-trained: setup fixtures
+	$(PY) -m pytest -q --nbval-lax --nbval-sanitize-with notebooks/sanitize.cfg notebooks/trained
 
 # the core (everything but the SAE notebook's tests, which skip) on transformer-lens 4.x without sae-lens
 tl4: setup

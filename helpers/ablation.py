@@ -20,6 +20,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from helpers.components import Component, all_heads, all_mlps
+from helpers.patching import replayed_logits
 from helpers.uncertainty import Interval, bootstrap_interval, faithfulness_statistic
 
 Hook = tuple[str, Callable]
@@ -257,6 +258,19 @@ def token_losses(model, tokens: Tensor, fwd_hooks: Sequence[Hook] = ()) -> Tenso
     return losses_from_logits(logits, tokens)
 
 
+@torch.no_grad()
+def token_losses_each(model, tokens: Int[Tensor, "batch pos"], variants: Sequence[Sequence[Hook]]
+                      ) -> Float[Tensor, "variant batch pos_minus_1"]:
+    """`token_losses` without hooks (row 0) and under each of `variants` (rows 1..), sharing one clean pass: each
+    hooked run starts at the first block its hooks sit in (`patching.replayed_logits`). Rows of `tokens` are taken
+    a few at a time, so no more than about `LOGIT_ROWS_BUDGET` floats of logits are held at once."""
+    rows = max(1, LOGIT_ROWS_BUDGET // max(1, tokens.shape[1] * model.cfg.d_vocab))
+    parts = [torch.stack([losses_from_logits(logits, chunk) for logits in replayed_logits(model, chunk, variants)])
+             for chunk in tokens.split(rows)]
+    return torch.cat(parts, dim=1)
+
+
+LOGIT_ROWS_BUDGET = 2 ** 26  # floats of logits of one replayed run (256 MB in float32)
 LOSS_CHUNK = 2 ** 24  # floats of logits turned into losses at a time (64 MB in float32)
 
 

@@ -428,6 +428,12 @@ def token_attribution_at(model, cache, answers: Int[Tensor, "batch"], positions:
 
 
 # ---- who writes a direction (German context neuron notebook) -----------------------------------------------------
+def direction_write_hook_names(model) -> list[str]:
+    """The hooks `direction_writes` reads (a `names_filter` for `run_with_cache`): every head's `z` and the
+    `dla_hook_names`."""
+    return [*dla_hook_names(model), *(hook_name("head", layer) for layer in range(model.cfg.n_layers))]
+
+
 def direction_writes(model, cache, direction: Float[Tensor, "d_model"]
                      ) -> tuple[Float[Tensor, "component batch pos"], list[Component]]:
     """Every writer of the final residual stream projected on one residual direction, at every position.

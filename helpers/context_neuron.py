@@ -131,13 +131,52 @@ def loss_changes(model, german: Documents, english: Documents, hooks: Sequence[H
                       percent_change(mean_loss(model, english, hooks), clean[1]))
 
 
-def loss_change_intervals(model, german: Documents, english: Documents, hooks: Sequence[Hook], *,
-                          confidence: float = 0.95, seed: int = 0) -> tuple[Interval, Interval]:
-    """The percent loss change of each language under `hooks` (as `loss_changes`) with its bootstrap interval
-    over the documents: `(german, english)`."""
-    return tuple(bootstrap_interval(percent_change_statistic, document_loss_sums(model, documents, hooks),
-                                    document_loss_sums(model, documents), confidence=confidence, seed=seed)
-                 for documents in (german, english))
+@dataclass
+class VariantLosses:
+    """Each document's summed loss over its scored targets, clean and under named variants of hooks, for both
+    languages: `clean` and `hooked[name]` are `(german [doc], english [doc])` float64 sums."""
+
+    clean: tuple[Tensor, Tensor]
+    hooked: dict
+    n_targets: tuple[int, int]
+
+    @property
+    def clean_means(self) -> tuple[float, float]:
+        """The token-weighted mean clean loss of each language (as `mean_loss`)."""
+        return tuple(float(sums.sum()) / n for sums, n in zip(self.clean, self.n_targets))
+
+    def change(self, name) -> LossChange:
+        """Percent change of each language's mean loss under variant `name`."""
+        return LossChange(*(percent_change(float(hooked.sum()) / n, clean)
+                            for hooked, n, clean in zip(self.hooked[name], self.n_targets, self.clean_means)))
+
+    def intervals(self, name, *, confidence: float = 0.95, seed: int = 0) -> tuple[Interval, Interval]:
+        """`change(name)` of each language with its bootstrap interval over the documents: `(german, english)`."""
+        return tuple(bootstrap_interval(percent_change_statistic, hooked, clean, confidence=confidence, seed=seed)
+                     for hooked, clean in zip(self.hooked[name], self.clean))
+
+
+def variant_losses(model, german: Documents, english: Documents, variants: dict) -> VariantLosses:
+    """Per-document loss sums of both languages, clean and under each `variants[name]` (a list of hooks), from one
+    clean pass per batch: each variant's run starts at the first block its hooks sit in
+    (`ablation.token_losses_each`), so pins in late layers cost a fraction of a pass each."""
+    names = list(variants)
+    per_language = []
+    for documents in (german, english):
+        sums = []
+        for tokens, mask in documents.batches():
+            losses = ablation.token_losses_each(model, tokens, [variants[name] for name in names])  # [1 + n, b, pos-1]
+            sums.append((losses.double() * mask[:, 1:].to(losses.device)).sum(-1).cpu())          # [1 + n, b]
+        per_language.append(torch.cat(sums, dim=1))
+    german_sums, english_sums = per_language
+    return VariantLosses((german_sums[0], english_sums[0]),
+                         {name: (german_sums[i + 1], english_sums[i + 1]) for i, name in enumerate(names)},
+                         (german.n_scored_targets, english.n_scored_targets))
+
+
+def pin_variants(means: dict[tuple[int, int], float], pinned_sets: Sequence[Sequence[tuple[int, int]]]) -> dict:
+    """`{tuple(pinned): hooks}`: each set of neurons pinned to its values in `means` (`pin_hooks`)."""
+    return {tuple(pinned): pin_hooks(means, list(pinned)) for pinned in pinned_sets}
 
 
 def detector_counts(model, german: Documents, english: Documents, neuron: tuple[int, int], threshold: float,
@@ -191,12 +230,16 @@ class BackupTest:
         return (self.joint.german - self.sum_of_single) / self.joint.german if self.joint.german else float("nan")
 
 
-def backup_test(model, german: Documents, english: Documents, others: Sequence[tuple[int, int]],
-                context: tuple[int, int], means: dict[tuple[int, int], float], clean: tuple[float, float]
-                ) -> BackupTest:
-    single = {key: loss_changes(model, german, english, pin_hooks(means, [key]), clean) for key in others}
-    return BackupTest(single, loss_changes(model, german, english, pin_hooks(means, others), clean),
-                      percent_change(mean_loss(model, german, pin_hooks(means, [*others, context])), clean[0]))
+def backup_test(losses: VariantLosses, others: Sequence[tuple[int, int]], context: tuple[int, int]) -> BackupTest:
+    """The backup test from `losses` that hold the pin variants `backup_pins(context, others)`."""
+    return BackupTest({key: losses.change((key,)) for key in others}, losses.change(tuple(others)),
+                      losses.change((*others, context)).german)
+
+
+def backup_pins(context: tuple[int, int], others: Sequence[tuple[int, int]]) -> list[tuple[tuple[int, int], ...]]:
+    """The sets of neurons pinned by the pinning and backup tests: the context neuron, each other one, the others
+    together, and all of them."""
+    return [(context,), *((key,) for key in others), tuple(others), (*others, context)]
 
 
 # ---- where the damage goes -----------------------------------------------------------------------------------------
@@ -333,7 +376,7 @@ def writer_separation(model, german: Documents, english: Documents, direction: F
     for name, documents in (("de", german), ("en", english)):
         stats[name] = neurons.RunningStats()
         for tokens, mask in documents.batches():
-            _, cache = model.run_with_cache(tokens)
+            _, cache = model.run_with_cache(tokens, names_filter=attribution.direction_write_hook_names(model))
             values, components = attribution.direction_writes(model, cache, direction)
             stats[name].update(values[:, mask.to(values.device)].T.cpu())      # [tokens, components]
     pooled = ((stats["de"].var + stats["en"].var) / 2).sqrt()

@@ -261,43 +261,76 @@ class NeuronClassifierAccumulator:
     """Streaming F1-of-best-threshold and AUROC for many neurons at once, from per-class activation histograms.
 
     Each neuron's activations are binned into `bins` equal bins spanning `[low, high]` (values outside are clipped
-    into the end bins). The range is fixed from the first update (its min/max, widened by `margin` of the span
-    on each side) unless given. Thresholds are bin edges, so F1 and AUROC are exact up to the bin width; memory is
-    `2 * n_neurons * bins` counts, independent of the number of tokens.
+    into the end bins). A neuron's range is fixed from the first update that sees it (its min/max, widened by
+    `margin` of the span on each side) unless given. Thresholds are bin edges, so F1 and AUROC are exact up to the
+    bin width. State: `2 * n_neurons * bins` int32 counts and per-class sums, independent of the number of tokens;
+    each update works on `COLUMNS` neurons at a time in float32, so its scratch memory is `n_tokens * COLUMNS`.
     """
+
+    COLUMNS = 2048
 
     def __init__(self, shape: tuple[int, ...], bins: int = 512, low: Tensor | None = None, high: Tensor | None = None,
                  margin: float = 0.5):
         self.shape, self.bins, self.margin = tuple(shape), bins, margin
         n = int(np.prod(shape))
-        self.counts = torch.zeros(2, n, bins, dtype=torch.float64)
-        self.low = None if low is None else low.detach().double().flatten()
-        self.high = None if high is None else high.detach().double().flatten()
-        self.pos_stats, self.neg_stats = RunningStats(), RunningStats()
+        self.counts = torch.zeros(2, n, bins, dtype=torch.int32)                 # [class, neuron, bin]
+        self.low = torch.full((n,), float("nan")) if low is None else low.detach().float().flatten()
+        self.high = torch.full((n,), float("nan")) if high is None else high.detach().float().flatten()
+        self.total = torch.zeros(2, n, dtype=torch.float64)                      # [class, neuron]: tokens seen
+        self.sums = torch.zeros(2, 2, n, dtype=torch.float64)                    # [class, power 1/2, neuron]
 
-    def update(self, activations: Tensor, labels: Tensor) -> "NeuronClassifierAccumulator":
-        """activations: `[n_tokens, *shape]`; labels: `[n_tokens]` 0/1."""
-        x = activations.detach().double().reshape(activations.shape[0], -1)
-        labels = labels.detach().flatten().bool()
-        if self.low is None:
-            lo, hi = x.min(0).values, x.max(0).values
-            span = (hi - lo).clamp_min(1e-6)
-            self.low, self.high = lo - self.margin * span, hi + self.margin * span
-        width = (self.high - self.low).clamp_min(1e-12) / self.bins
-        index = ((x - self.low) / width).floor().clamp(0, self.bins - 1).long()   # [n_tokens, n]
-        n = x.shape[1]
-        offsets = torch.arange(n) * self.bins
-        for cls, rows in ((1, labels), (0, ~labels)):
-            if rows.any():
-                flat = (index[rows] + offsets).flatten()
-                self.counts[cls].view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
-                (self.pos_stats if cls == 1 else self.neg_stats).update(x[rows])
+    def update(self, activations: Tensor, labels: Tensor, first_column: int = 0) -> "NeuronClassifierAccumulator":
+        """activations: `[n_tokens, *shape]`, or `[n_tokens, k]`: the flattened neurons `first_column` to
+        `first_column + k` (e.g. one layer of a stack); labels: `[n_tokens]` 0/1."""
+        x = activations.detach().reshape(activations.shape[0], -1)
+        labels = labels.detach().flatten().bool().to(x.device)
+        for start in range(0, x.shape[1], self.COLUMNS):
+            columns = slice(first_column + start, first_column + min(start + self.COLUMNS, x.shape[1]))
+            self._update_columns(x[:, start:start + self.COLUMNS].float().cpu(), labels.cpu(), columns)
         return self
 
+    def _update_columns(self, x: Tensor, labels: Tensor, columns: slice) -> None:
+        unset = self.low[columns].isnan()
+        if unset.any():
+            lo, hi = x.min(0).values, x.max(0).values
+            span = (hi - lo).clamp_min(1e-6)
+            self.low[columns] = torch.where(unset, lo - self.margin * span, self.low[columns])
+            self.high[columns] = torch.where(unset, hi + self.margin * span, self.high[columns])
+        low = self.low[columns]
+        width = (self.high[columns] - low).clamp_min(1e-12) / self.bins
+        index = ((x - low) / width).floor_().clamp_(0, self.bins - 1).long()      # [n_tokens, k]
+        k = x.shape[1]
+        index += torch.arange(k) * self.bins
+        for cls, rows in ((1, labels), (0, ~labels)):
+            if rows.any():
+                counts = torch.bincount(index[rows].flatten(), minlength=k * self.bins).view(k, self.bins)
+                self.counts[cls, columns] += counts.to(torch.int32)
+                values = x[rows].double()
+                self.total[cls, columns] += len(values)
+                self.sums[cls, 0, columns] += values.sum(0)
+                self.sums[cls, 1, columns] += (values ** 2).sum(0)
+
     def result(self, layers: list[int] | None = None) -> NeuronClassifierScores:
-        if self.low is None:
+        if self.total.sum() == 0:
             raise ValueError("no data seen yet")
-        pos, neg = self.counts[1], self.counts[0]                      # [n, bins]
+        parts = [self._scores(slice(start, start + self.COLUMNS)) for start in range(0, self.counts.shape[1],
+                                                                                      self.COLUMNS)]
+        f1, threshold, direction, auroc = (torch.cat(values) for values in zip(*parts))
+        mean = self.sums[:, 0] / self.total.clamp_min(1)                          # [class, neuron]
+        std = (self.sums[:, 1] / self.total.clamp_min(1) - mean ** 2).clamp_min(0).sqrt()
+        rows = self.shape[0] if len(self.shape) == 2 else 1
+        shape = (rows, -1)
+        return NeuronClassifierScores(
+            layers=list(layers) if layers is not None else list(range(rows)),
+            f1=f1.reshape(shape).float(), threshold=threshold.reshape(shape).float(),
+            direction=direction.reshape(shape), auroc=auroc.reshape(shape).float(),
+            mean_pos=mean[1].reshape(shape).float(), mean_neg=mean[0].reshape(shape).float(),
+            std_pos=std[1].reshape(shape).float(), std_neg=std[0].reshape(shape).float(),
+            n_pos=int(self.total[1, 0]), n_neg=int(self.total[0, 0]))
+
+    def _scores(self, columns: slice) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """`(f1, threshold, direction, auroc)` of the neurons in `columns`, from their histograms."""
+        pos, neg = self.counts[1, columns].double(), self.counts[0, columns].double()      # [k, bins]
         n_pos, n_neg = pos.sum(1), neg.sum(1)
         # rule "activation >= lower edge of bin b": counts from bin b upwards
         tp_up = pos.flip(1).cumsum(1).flip(1)
@@ -309,23 +342,14 @@ class NeuronClassifierAccumulator:
         f1_down = 2 * tp_down / (tp_down + fp_down + n_pos[:, None]).clamp_min(1e-12)
         best_up, arg_up = f1_up.max(1)
         best_down, arg_down = f1_down.max(1)
-        width = (self.high - self.low) / self.bins
+        low, high = self.low[columns].double(), self.high[columns].double()
+        width = (high - low) / self.bins
         up_better = best_up >= best_down
-        f1 = torch.where(up_better, best_up, best_down)
-        threshold = self.low + width * torch.where(up_better, arg_up, arg_down).double()
-        direction = torch.where(up_better, 1, -1)
+        threshold = low + width * torch.where(up_better, arg_up, arg_down).double()
         # AUROC: P(pos > neg) + 0.5 P(same bin)
         neg_below = torch.cat([torch.zeros_like(neg[:, :1]), neg.cumsum(1)[:, :-1]], 1)
         area = (pos * (neg_below + 0.5 * neg)).sum(1) / (n_pos * n_neg).clamp_min(1e-12)
-        rows = self.shape[0] if len(self.shape) == 2 else 1
-        shape = (rows, -1)
-        return NeuronClassifierScores(
-            layers=list(layers) if layers is not None else list(range(rows)),
-            f1=f1.reshape(shape).float(), threshold=threshold.reshape(shape).float(),
-            direction=direction.reshape(shape), auroc=area.reshape(shape).float(),
-            mean_pos=self.pos_stats.mean.reshape(shape).float(), mean_neg=self.neg_stats.mean.reshape(shape).float(),
-            std_pos=self.pos_stats.std.reshape(shape).float(), std_neg=self.neg_stats.std.reshape(shape).float(),
-            n_pos=int(self.pos_stats.count), n_neg=int(self.neg_stats.count))
+        return torch.where(up_better, best_up, best_down), threshold, torch.where(up_better, 1, -1), area
 
 
 def mlp_activations(model, tokens: Tensor, layers: Sequence[int], *, hook: str = "post",
@@ -333,7 +357,7 @@ def mlp_activations(model, tokens: Tensor, layers: Sequence[int], *, hook: str =
     """MLP activations `{layer: [batch, pos, d_mlp]}` (or `[batch, pos, len(neurons)]`) of one forward pass.
 
     `fwd_hooks` (TransformerLens `(name, fn)` pairs, e.g. an ablation) are applied during the pass. Only the asked
-    layers (and neuron columns) are kept.
+    layers (and neuron columns) are kept, and the pass stops after the last of them.
     """
     captured: dict[int, Tensor] = {}
 
@@ -344,8 +368,10 @@ def mlp_activations(model, tokens: Tensor, layers: Sequence[int], *, hook: str =
         return capture
 
     hooks = list(fwd_hooks) + [(hook_name("neuron", layer, hook), make_capture(layer)) for layer in layers]
-    with torch.no_grad():
-        model.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None)
+    last = max(layers, default=model.cfg.n_layers - 1) + 1
+    with torch.no_grad():   # the blocks after the last layer read, and the unembedding, are not run
+        model.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None,
+                             stop_at_layer=last if last < model.cfg.n_layers else None)
     return captured
 
 
@@ -365,13 +391,14 @@ def scan_neurons(model, batches: Iterable[tuple[Tensor, Tensor, Tensor]], layers
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
     accumulator: NeuronClassifierAccumulator | None = None
     for tokens, mask, labels in batches:
-        acts = mlp_activations(model, tokens, layers, hook=hook, fwd_hooks=fwd_hooks)
-        stacked = torch.stack([acts[layer] for layer in layers], dim=2)      # [b, pos, L, d_mlp]
-        mask = mask.bool().to(stacked.device)
-        token_labels = labels[:, None].expand_as(mask) if labels.dim() == 1 else labels
+        acts = mlp_activations(model, tokens, layers, hook=hook, fwd_hooks=fwd_hooks)   # {layer: [b, pos, d_mlp]}
+        mask = mask.bool().to(acts[layers[0]].device)
+        token_labels = (labels[:, None].expand_as(mask) if labels.dim() == 1 else labels).to(mask.device)[mask]
+        d_mlp = acts[layers[0]].shape[-1]
         if accumulator is None:
-            accumulator = NeuronClassifierAccumulator(tuple(stacked.shape[2:]), bins=bins, low=low, high=high)
-        accumulator.update(stacked[mask].cpu(), token_labels.to(mask.device)[mask].cpu())
+            accumulator = NeuronClassifierAccumulator((len(layers), d_mlp), bins=bins, low=low, high=high)
+        for row, layer in enumerate(layers):
+            accumulator.update(acts.pop(layer)[mask], token_labels, first_column=row * d_mlp)  # [tokens, d_mlp]
     if accumulator is None:
         raise ValueError("no batches")
     return accumulator.result(layers)

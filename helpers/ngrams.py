@@ -35,7 +35,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from helpers.ablation import Hook, token_losses
+from helpers.ablation import Hook, token_losses_each
 from helpers.components import hook_name
 from helpers.neurons import RunningStats, mlp_activations
 
@@ -147,13 +147,13 @@ def over_rows(fn: Callable[[Tensor], Tensor], tokens: Int[Tensor, "doc pos"], ba
     return torch.cat([fn(tokens[start:start + batch_size]).cpu() for start in range(0, len(tokens), batch_size)])
 
 
-def loss_change(model, tokens: Int[Tensor, "doc pos"], hooks: Sequence[Hook], batch_size: int,
-                clean: Float[Tensor, "doc pos_minus_1"] | None = None) -> Float[Tensor, "doc pos_minus_1"]:
-    """Per-token next-token loss under `hooks` minus the clean loss (entry `i`: predicting token `i + 1`). Pass
-    `clean` (`over_rows` of `token_losses` without hooks) to reuse it across interventions."""
-    if clean is None:
-        clean = over_rows(lambda t: token_losses(model, t), tokens, batch_size)
-    return over_rows(lambda t: token_losses(model, t, hooks), tokens, batch_size) - clean
+def loss_changes(model, tokens: Int[Tensor, "doc pos"], variants: Sequence[Sequence[Hook]], batch_size: int
+                 ) -> Float[Tensor, "variant doc pos_minus_1"]:
+    """Per-token next-token loss under each variant's hooks minus the clean loss (entry `[v, doc, i]`: predicting
+    token `i + 1`), from one clean pass per batch (`ablation.token_losses_each`)."""
+    each = torch.cat([token_losses_each(model, tokens[start:start + batch_size], variants).cpu()
+                      for start in range(0, len(tokens), batch_size)], dim=1)    # [1 + n, doc, pos - 1]
+    return each[1:] - each[:1]
 
 
 def neuron_activation(model, tokens: Int[Tensor, "doc pos"], layer: int, neuron: int, batch_size: int,

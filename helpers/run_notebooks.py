@@ -22,12 +22,15 @@ import argparse
 import ast
 import itertools
 import json
+import os
 import re
-import resource
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from helpers.checked_outputs import NUMBER
 from helpers.paths import NOTEBOOKS_DIR, REPO_ROOT
@@ -245,14 +248,79 @@ def sweep(notebook: Path, grid: list[dict], out: Path, fixed: dict, cell_timeout
     return results
 
 
-def write_report(report: Path, stem: str, parameters: dict, elapsed: float) -> None:
-    """Append `{notebook, parameters, wall_s, peak_rss_gb}` to `report`. The peak is the largest resident memory of
-    any kernel this process has run so far (exact for one notebook per process)."""
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # kilobytes on Linux
+CELL_MEMORY_STARTUP = """\
+# written by helpers.run_notebooks: each cell's peak resident memory, appended to $MECHINTERP_CELL_MEMORY
+import json as _json, os as _os, time as _time
+from pathlib import Path as _Path
+
+
+def _cell_memory_reset(*_):
+    global _cell_started
+    _cell_started = _time.perf_counter()
+    try:
+        _Path("/proc/self/clear_refs").write_text("5")   # restart the kernel's peak (VmHWM) at this cell
+    except OSError:
+        pass
+
+
+def _cell_memory_record(result):
+    peak = next(int(line.split()[1]) for line in _Path("/proc/self/status").read_text().splitlines()
+                if line.startswith("VmHWM:"))
+    with open(_os.environ["MECHINTERP_CELL_MEMORY"], "a") as handle:
+        handle.write(_json.dumps({"execution_count": result.execution_count, "peak_rss_gb": round(peak / 2 ** 20, 2),
+                                  "wall_s": round(_time.perf_counter() - _cell_started, 1)}) + "\\n")
+
+
+get_ipython().events.register("pre_run_cell", _cell_memory_reset)
+get_ipython().events.register("post_run_cell", _cell_memory_record)
+"""
+
+
+@contextmanager
+def cell_memory_log(folder: Path) -> Iterator[Path]:
+    """While open, kernels started from this process append each cell's peak resident memory (Linux `VmHWM`, reset
+    before every cell) and wall time to the returned file: an IPython startup file in a private `IPYTHONDIR`."""
+    startup = folder / "ipython" / "profile_default" / "startup"
+    startup.mkdir(parents=True, exist_ok=True)
+    (startup / "00-cell-memory.py").write_text(CELL_MEMORY_STARTUP)
+    log = folder / "cells.jsonl"
+    log.write_text("")
+    saved = {name: os.environ.get(name) for name in ("IPYTHONDIR", "MECHINTERP_CELL_MEMORY")}
+    os.environ.update(IPYTHONDIR=str(folder / "ipython"), MECHINTERP_CELL_MEMORY=str(log))
+    try:
+        yield log
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def cell_report(log: Path, executed: Path) -> list[dict]:
+    """Per code cell of `executed`, in order: `{cell, first_line, wall_s, peak_rss_gb}` from the `cell_memory_log`
+    (cells matched by execution count; papermill's injected parameters cell included)."""
+    import nbformat
+
+    by_count = {entry["execution_count"]: entry for entry in map(json.loads, log.read_text().splitlines())}
+    cells = []
+    for index, cell in enumerate(nbformat.read(executed, as_version=4).cells):
+        entry = by_count.get(cell.get("execution_count")) if cell.cell_type == "code" else None
+        if entry is not None:
+            first_line = next((line for line in cell.source.splitlines() if line.strip()), "")[:60]
+            cells.append({"cell": index, "first_line": first_line, "wall_s": entry["wall_s"],
+                          "peak_rss_gb": entry["peak_rss_gb"]})
+    return cells
+
+
+def write_report(report: Path, stem: str, parameters: dict, elapsed: float, cells: list[dict]) -> None:
+    """Append `{notebook, parameters, wall_s, peak_rss_gb, cells}` to `report`: the kernel's peak resident memory
+    (the largest of its cells') and each cell's (`cell_report`)."""
     report.parent.mkdir(parents=True, exist_ok=True)
     with open(report, "a") as handle:
         handle.write(json.dumps({"notebook": stem, "parameters": parameters, "wall_s": round(elapsed, 1),
-                                 "peak_rss_gb": round(peak_kb / 2 ** 20, 2)}, default=str) + "\n")
+                                 "peak_rss_gb": max((cell["peak_rss_gb"] for cell in cells), default=None),
+                                 "cells": cells}, default=str) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inplace", action="store_true", help="overwrite the notebooks with their executed version")
     parser.add_argument("--cell-timeout", type=int, default=1200, help="seconds one cell may run (default 1200)")
     parser.add_argument("--report", type=Path, default=None,
-                        help="append one JSON line per notebook: parameters, wall time, peak kernel memory")
+                        help="append one JSON line per notebook: parameters, wall time, peak kernel memory, and "
+                             "each cell's wall time and peak memory")
     args = parser.parse_args(argv)
 
     parameters = dict(args.parameters)
@@ -283,10 +352,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     timings = []
     for notebook in notebooks(args.only):
-        result = execute(notebook, notebook if args.inplace else args.out / notebook.name, parameters,
-                         args.cell_timeout)
-        if args.report is not None:
-            write_report(args.report, notebook.stem, parameters, result.wall_s)
+        output = notebook if args.inplace else args.out / notebook.name
+        if args.report is None:
+            result = execute(notebook, output, parameters, args.cell_timeout)
+        else:
+            with tempfile.TemporaryDirectory() as folder, cell_memory_log(Path(folder)) as log:
+                result = execute(notebook, output, parameters, args.cell_timeout)
+                cells = cell_report(log, output) if output.is_file() else []
+            write_report(args.report, notebook.stem, parameters, result.wall_s, cells)
         if result.error is not None:
             raise SystemExit(f"{notebook.stem} failed after {result.wall_s:.0f} s: {result.error}")
         timings.append((notebook.stem, result.wall_s))

@@ -74,16 +74,32 @@ def test_backup_test_single_joint_and_with_context(tiny):
     means = context_neuron.pin_means(model, english, keys + [(0, 1)])
     means = {key: value + 10.0 for key, value in means.items()}   # pins far from the mean, so each one matters
     clean = (context_neuron.mean_loss(model, german), context_neuron.mean_loss(model, english))
-    result = context_neuron.backup_test(model, german, english, keys, (0, 1), means, clean)
+    losses = context_neuron.variant_losses(
+        model, german, english, context_neuron.pin_variants(means, context_neuron.backup_pins((0, 1), keys)))
+    assert losses.clean_means == pytest.approx(clean, rel=1e-6)
+    result = context_neuron.backup_test(losses, keys, (0, 1))
     for key in keys:
         alone = context_neuron.loss_changes(model, german, english, context_neuron.pin_hooks(means, [key]), clean)
-        assert result.single[key].german == pytest.approx(alone.german)
+        assert result.single[key].german == pytest.approx(alone.german, rel=1e-4)
+        assert result.single[key].english == pytest.approx(alone.english, rel=1e-4)
     both = context_neuron.mean_loss(model, german, context_neuron.pin_hooks(means, keys))
-    assert result.joint.german == pytest.approx(context_neuron.percent_change(both, clean[0]))
+    assert result.joint.german == pytest.approx(context_neuron.percent_change(both, clean[0]), rel=1e-4)
     assert result.sum_of_single == pytest.approx(sum(result.single[k].german for k in keys))
     assert result.backup_share == pytest.approx((result.joint.german - result.sum_of_single) / result.joint.german)
     everything = context_neuron.mean_loss(model, german, context_neuron.pin_hooks(means, keys + [(0, 1)]))
-    assert result.with_context == pytest.approx(context_neuron.percent_change(everything, clean[0]))
+    assert result.with_context == pytest.approx(context_neuron.percent_change(everything, clean[0]), rel=1e-4)
+
+
+def test_variant_losses_equal_separate_hooked_runs_per_document(tiny):
+    model, german, english = tiny
+    variants = {"late": context_neuron.pin_hooks({(1, 3): 2.0}, [(1, 3)]),
+                "early and late": context_neuron.pin_hooks({(0, 2): -1.0, (1, 4): 3.0}, [(0, 2), (1, 4)]),
+                "none": []}
+    losses = context_neuron.variant_losses(model, german, english, variants)
+    for name, hooks in variants.items():
+        for hooked, documents in zip(losses.hooked[name], (german, english)):
+            assert torch.allclose(hooked, context_neuron.document_loss_sums(model, documents, hooks), rtol=1e-5)
+    assert losses.change("none").german == pytest.approx(0, abs=1e-4)
 
 
 def test_downstream_unembed_is_zero_without_an_intervention_and_exact_with_one(tiny):

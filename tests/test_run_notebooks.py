@@ -83,6 +83,21 @@ def test_sweep_runs_each_value_and_tables_its_checked_figures(tmp_path, capsys):
     assert "planted: 3 runs, 1 failed" in capsys.readouterr().out
 
 
+def test_report_gives_each_cells_peak_memory(tmp_path):
+    """A cell that holds 400 MB peaks 400 MB above the cells around it: each cell's peak is its own."""
+    notebook = planted_notebook(tmp_path, [("parameters", "seed = 0"), (None, "x = 1"),
+                                           (None, "import numpy as np\nbig = np.ones(50_000_000)\ndel big"),
+                                           (None, "y = 2")])
+    report = tmp_path / "report.jsonl"
+    assert run_notebooks.main(["--only", str(notebook), "--out", str(tmp_path / "runs"), "--report", str(report)]) == 0
+    record = json.loads(report.read_text())
+    cells = {cell["first_line"]: cell for cell in record["cells"]}
+    assert {"x = 1", "import numpy as np", "y = 2"} <= set(cells)
+    big, after = cells["import numpy as np"]["peak_rss_gb"], cells["y = 2"]["peak_rss_gb"]
+    assert big - after > 0.3 and record["peak_rss_gb"] == max(cell["peak_rss_gb"] for cell in record["cells"])
+    assert all(cell["wall_s"] >= 0 for cell in record["cells"])
+
+
 def test_a_stalled_cell_times_out_naming_itself(tmp_path):
     notebook = planted_notebook(tmp_path, [("parameters", "seed = 0"), (None, "import time\ntime.sleep(60)")])
     result = run_notebooks.execute(notebook, tmp_path / "out.ipynb", {}, cell_timeout=3)
