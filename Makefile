@@ -69,10 +69,13 @@ nbtest-threads: setup
 # the notebooks on SmolLM2-135M-Instruct and real text (notebooks/trained/, committed executed; their parameters in
 # TRAINED_RUNS), with each cell's time and peak memory in runs/trained/report.jsonl. Minutes per notebook on a 2-core
 # CPU, so neither is part of `make test`: nbval would re-run them.
-TRAINED_RUNS := 04_german_context_neuron
+TRAINED_RUNS := 04_german_context_neuron 05_sae_quote_features
 TRAINED_SET_04_german_context_neuron := --set model_name=smollm2-135m-instruct --set german_source=debian-reference-de \
 	--set english_source=debian-reference-en --set n_docs=60 --set max_tokens=96 --set batch_size=20 \
 	--set output_dir=../figs/trained/04_german_context_neuron
+TRAINED_SET_05_sae_quote_features := --set model_name=smollm2-135m-instruct --set sae_layers=[3] --set n_stories=200 \
+	--set n_prompts=100 --set n_eval_sequences=32 --set sae_steps=200 \
+	--set output_dir=../figs/trained/05_sae_quote_features
 run-trained: setup fixtures
 	$(foreach stem,$(TRAINED_RUNS),$(PY) -m helpers.run_notebooks --only $(stem) $(TRAINED_SET_$(stem)) \
 	  --out notebooks/trained --report runs/trained/report.jsonl &&) true

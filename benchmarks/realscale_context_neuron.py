@@ -32,6 +32,8 @@ FLOORS = {  # step: (forward passes over both languages' documents it needs, wha
     "later components (direct patching)": (1.0, "clean and pinned German, + one unembedding of the German tokens per "
                                                 "component, timed"),
     "DLA difference": (1.0, "clean and pinned German"),
+    "shift statistics (every later neuron, context neuron on - off)": (2.5, "German means (1/2), then pinned on and "
+                                                                          "pinned off, both languages"),
 }
 
 
@@ -135,9 +137,17 @@ def main() -> None:
     def dla():
         context_neuron.dla_difference(model, german, state["hooks"])
 
+    def shift_statistics():
+        layer = state["context"][0]
+        on_hooks = context_neuron.pin_hooks(context_neuron.pin_means(model, german, [state["context"]]),
+                                            [state["context"]])
+        neurons.activation_difference_stats(model, context_neuron.both_languages(german, english),
+                                            list(range(layer + 1, model.cfg.n_layers)), on_hooks, state["hooks"],
+                                            hook="pre")
+
     steps = {"neuron scan": scan, "context neuron F1 interval": f1_interval,
              "pinning and backups": pinning_and_backups, "later components (direct patching)": later_components,
-             "DLA difference": dla}
+             "DLA difference": dla, "shift statistics (every later neuron, context neuron on - off)": shift_statistics}
     for name, step in steps.items():
         elapsed, peak, _ = timed(step)
         extra = unembedding * state["n_later"] if name == "later components (direct patching)" else 0.0

@@ -332,8 +332,8 @@ def shift_histogram_values(model, german: Documents, english: Documents, chosen:
     layers = sorted({layer for layer, _ in chosen})
     values: dict[tuple[int, int], dict[str, list[Tensor]]] = {key: {"on": [], "off": []} for key in chosen}
     for tokens, mask in both_languages(german, english):
-        for which, hooks in (("on", on_hooks), ("off", off_hooks)):
-            acts = neurons.mlp_activations(model, tokens, layers, hook="pre", fwd_hooks=hooks)
+        runs = neurons.mlp_activations_each(model, tokens, layers, [on_hooks, off_hooks], hook="pre")
+        for which, acts in zip(("on", "off"), runs):
             for layer, neuron in chosen:
                 values[(layer, neuron)][which].append(acts[layer][..., neuron][mask.to(tokens.device)].cpu())
     return {key: {which: torch.cat(parts) for which, parts in runs.items()} for key, runs in values.items()}
@@ -344,9 +344,17 @@ def downstream_unembed(model, german: Documents, chosen: Sequence[tuple[int, int
     """Downstream neurons' direct effect on the logits when the context neuron is on rather than ablated: each
     one's post-activation mean on German text, clean minus with the context neuron ablated, times `W_out @ W_U` (the seed
     fed pre-GELU means here)."""
-    on = neuron_means(model, german.batches(), chosen)
-    off = neuron_means(model, german.batches(), chosen, fwd_hooks=context_hooks)
-    return {key: neurons.neuron_unembed_effect(model, *key, on[key], off[key]) for key in chosen}
+    layers = sorted({layer for layer, _ in chosen})
+    stats = {(which, layer): neurons.RunningStats() for which in ("on", "off") for layer in layers}
+    for tokens, mask in german.batches():
+        runs = neurons.mlp_activations_each(model, tokens, layers, [[], context_hooks])
+        for which, acts in zip(("on", "off"), runs):
+            for layer in layers:
+                stats[(which, layer)].update(acts[layer][mask.to(acts[layer].device)].cpu())   # [tokens, d_mlp]
+    return {(layer, neuron): neurons.neuron_unembed_effect(model, layer, neuron,
+                                                           float(stats[("on", layer)].mean[neuron]),
+                                                           float(stats[("off", layer)].mean[neuron]))
+            for layer, neuron in chosen}
 
 
 # ---- who writes the language direction -----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 
 from helpers.components import hook_name
+from helpers.patching import replayed_runs
 
 
 @dataclass
@@ -375,6 +376,26 @@ def mlp_activations(model, tokens: Tensor, layers: Sequence[int], *, hook: str =
     return captured
 
 
+def mlp_activations_each(model, tokens: Tensor, layers: Sequence[int], variants: Sequence[Sequence], *,
+                         hook: str = "post", neurons: Tensor | Sequence[int] | None = None) -> list[dict[int, Tensor]]:
+    """`mlp_activations` under each of `variants` (lists of forward hooks; `[]` for the clean run), sharing the
+    blocks before each variant's first hooked or read block (`patching.replayed_runs`): `[{layer: [batch, pos,
+    d_mlp or len(neurons)]}]`, one dict per variant."""
+    captured: list[dict[int, Tensor]] = [{} for _ in variants]
+    columns = None if neurons is None else torch.as_tensor(neurons, device=tokens.device)
+
+    def capture(index: int, layer: int):
+        def hook(value, hook=None):  # noqa: ARG001
+            captured[index][layer] = (value if columns is None else value[..., columns]).detach().clone()
+        return hook
+
+    runs = [list(hooks) + [(hook_name("neuron", layer, hook), capture(index, layer)) for layer in layers]
+            for index, hooks in enumerate(variants)]
+    for _ in replayed_runs(model, tokens, runs):
+        pass
+    return captured
+
+
 def scan_neurons(model, batches: Iterable[tuple[Tensor, Tensor, Tensor]], layers: Sequence[int] | None = None, *,
                  hook: str = "post", fwd_hooks: Sequence = (), bins: int = 512,
                  low: Tensor | None = None, high: Tensor | None = None) -> NeuronClassifierScores:
@@ -416,8 +437,7 @@ def activation_difference_stats(model, batches: Iterable[tuple[Tensor, Tensor]],
     """
     stats = {layer: RunningStats() for layer in layers}
     for tokens, mask in batches:
-        a = mlp_activations(model, tokens, layers, hook=hook, fwd_hooks=hooks_a)
-        b = mlp_activations(model, tokens, layers, hook=hook, fwd_hooks=hooks_b)
+        a, b = mlp_activations_each(model, tokens, layers, [hooks_a, hooks_b], hook=hook)
         mask = mask.bool().to(tokens.device)
         for layer in layers:
             stats[layer].update((a[layer] - b[layer])[mask].cpu())

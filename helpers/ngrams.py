@@ -37,7 +37,7 @@ from torch import Tensor
 
 from helpers.ablation import Hook, token_losses_each
 from helpers.components import hook_name
-from helpers.neurons import RunningStats, mlp_activations
+from helpers.neurons import RunningStats, mlp_activations, mlp_activations_each
 
 MAX_CHARACTER_TOKENS = 4  # the longest UTF-8 character is 4 bytes, so at most 4 byte-level tokens
 SHIFT_LOSS_BAR = 0.1      # nats the path-specific shift must cost the completion
@@ -163,6 +163,17 @@ def neuron_activation(model, tokens: Int[Tensor, "doc pos"], layer: int, neuron:
                      tokens, batch_size)
 
 
+def neuron_activation_each(model, tokens: Int[Tensor, "doc pos"], layer: int, neuron: int, batch_size: int,
+                           variants: Sequence[Sequence[Hook]]) -> Float[Tensor, "variant doc pos"]:
+    """`neuron_activation` under each of `variants`, sharing the blocks before each one's first hook
+    (`neurons.mlp_activations_each`)."""
+    def each(rows: Tensor) -> Tensor:
+        runs = mlp_activations_each(model, rows, [layer], variants, neurons=[neuron])
+        return torch.stack([acts[layer][..., 0] for acts in runs], dim=1)        # [b, variant, pos]
+
+    return over_rows(each, tokens, batch_size).transpose(0, 1)
+
+
 # ---- choosing a word and testing it ------------------------------------------------------------------------------
 def word_losses(diff: Float[Tensor, "doc pos_minus_1"], targets: Bool[Tensor, "doc pos_minus_1"],
                 words: WordIndex) -> dict[str, list[float]]:
@@ -256,8 +267,7 @@ def examine_candidate(model, tokens: Int[Tensor, "doc pos"], words: WordIndex, i
         return None
     docs = sorted({row for row, _ in positions})
     rows = tokens[docs]
-    on = neuron_activation(model, rows, candidate.layer, candidate.neuron, batch_size)
-    off = neuron_activation(model, rows, candidate.layer, candidate.neuron, batch_size, context_hooks)
+    on, off = neuron_activation_each(model, rows, candidate.layer, candidate.neuron, batch_size, [[], context_hooks])
     return NgramTest(candidate.layer, candidate.neuron, candidate.shift, word, positions,
                      on=mean_at(on, docs, positions), off=mean_at(off, docs, positions), english=english_mean,
                      shift_loss=float(np.mean([float(diff[row, pos]) for row, pos in positions])), diff=diff)

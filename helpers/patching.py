@@ -309,8 +309,9 @@ class _KeyValueCache:
         return keys, values
 
 
-def _block_calls(model, tokens: Tensor) -> tuple[list[dict], Tensor]:
-    """The arguments the model passes each block on `tokens`, by name (the hidden states first), and its logits."""
+def _block_calls(model, tokens: Tensor, stop_at_layer: int | None = None) -> tuple[list[dict], Tensor]:
+    """The arguments the model passes each block on `tokens`, by name (the hidden states first), and its logits (or,
+    with `stop_at_layer`, only the blocks before it run and the residual stream there is returned)."""
     calls: list[dict] = []
 
     def keep(block):
@@ -324,7 +325,7 @@ def _block_calls(model, tokens: Tensor) -> tuple[list[dict], Tensor]:
 
     handles = [block.register_forward_pre_hook(keep(block), with_kwargs=True) for block in model.blocks]
     try:
-        logits = model(tokens)
+        logits = model(tokens, stop_at_layer=stop_at_layer)
     finally:
         for handle in handles:
             handle.remove()
@@ -495,6 +496,65 @@ def replayed_logits(model, tokens: Int[Tensor, "batch pos"], variants: Sequence[
         with _hooks_on(model, list(hooks)):
             final = _run_blocks(model, calls, next(iter(calls[first].values())), first, 0, 1, {})[0]
         yield _unembed(model, final)
+
+
+@torch.no_grad()
+def replayed_runs(model, tokens: Int[Tensor, "batch pos"], variants: Sequence[Sequence[tuple[str, Callable]]]
+                  ) -> Iterator[int]:
+    """Run `tokens` under each variant's forward hooks in turn, yielding the variant's index once its hooks have
+    fired: for hooks that read activations (a capture) as much as for hooks that write them.
+
+    Blocks past the last one any hook sits in are not run. A shared run without hooks keeps every block's input up
+    to there, and each variant starts at its own first hooked block (see `replayed_logits`): reading layers 24-29
+    under a pin in layer 23 costs one shared pass through block 29 and six blocks per variant. Variants with a hook
+    outside the blocks' `FAST_HOOKS`, and every variant of a model whose blocks cannot be replayed (`fast_path`), run
+    from the embedding.
+    """
+    n_layers = model.cfg.n_layers
+    firsts = [_first_hooked_layer(hooks, n_layers) if fast_path(model) else None for hooks in variants]
+    names = [name for hooks in variants for name, _ in hooks]
+    last = (max(int(name.removeprefix("blocks.").partition(".")[0]) for name in names)
+            if names and all(name.startswith("blocks.") for name in names) else n_layers - 1)
+    stop = last + 1 if last + 1 < n_layers else None
+    calls = _block_calls(model, tokens, stop)[0] if any(first is not None for first in firsts) else None
+    for index, (hooks, first) in enumerate(zip(variants, firsts)):
+        if first is None:
+            model.run_with_hooks(tokens, fwd_hooks=list(hooks), return_type=None, stop_at_layer=stop)
+        elif first <= last:
+            with _hooks_on(model, list(hooks)):
+                _run_blocks(model, calls, next(iter(calls[first].values())), first, 0, 1, {}, last_layer=last)
+        yield index
+
+
+class SuffixReplay:
+    """One run of `tokens [batch, pos]` without hooks, kept to rerun only positions `start:` under hooks, each run
+    from its first hooked block (the sweeps' engine, `_Trace`), attending to the kept keys and values of the earlier
+    positions. Exact for hooks that write nothing before `start`; they see activations of positions `start:` only
+    (position `p` at index `p - start`). Raises `ValueError` where the model's blocks cannot be replayed
+    (`fast_path`, or the run does not reproduce the model's logits)."""
+
+    def __init__(self, model, tokens: Int[Tensor, "batch pos"], start: int):
+        if not fast_path(model):
+            raise ValueError("this model's blocks cannot be replayed")
+        try:
+            self.trace = _Trace(model, tokens, list(range(start, tokens.shape[1])))
+        except _NoFastPath as problem:
+            raise ValueError(str(problem)) from problem
+        self.model, self.start = model, start
+
+    @property
+    def clean_logits(self) -> Float[Tensor, "batch suffix d_vocab"]:
+        return self.trace.logits
+
+    def logits(self, hooks: Sequence[tuple[str, Callable]]) -> Float[Tensor, "batch suffix d_vocab"]:
+        """Logits of positions `start:` under `hooks` (names in `FAST_HOOKS`; `ValueError` otherwise)."""
+        first = _first_hooked_layer(hooks, self.model.cfg.n_layers)
+        if first is None:
+            raise ValueError(f"a hook outside the blocks' replayable hook points: {[name for name, _ in hooks]}")
+        if first == self.model.cfg.n_layers:
+            return self.trace.logits
+        hidden = self.trace.run(first, self.start, 1, list(hooks))
+        return self.trace.logits_at_read(hidden, self.start, 1)
 
 
 def _fast_path_problem(model) -> str | None:

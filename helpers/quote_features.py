@@ -68,31 +68,28 @@ def seed_table(found: dict[str, object], paper: dict[str, object], keys: Sequenc
 # ----------------------------------------------------------------------------------------------------------------
 # Losses and direct logit attribution at the closing position
 # ----------------------------------------------------------------------------------------------------------------
-def quote_losses(model, prompts: QuotePrompts, hooks_for: S.HooksFor | None = None) -> Float[Tensor, "prompt"]:
-    """Loss of each prompt's closing token at its predicting position, with `hooks_for` (e.g.
-    `S.at_positions(hook, make_hook)`) or on the clean model."""
-    return S.answer_losses(S.logprobs_at(model, prompts.tokens, prompts.last_pos, hooks_for), prompts.answers)
-
-
 def _dla_names(name: str) -> bool:
     return (name in (hook_name("embed"), hook_name("pos_embed"), "ln_final.hook_scale")
             or name.endswith("attn.hook_z") or name.endswith("hook_mlp_out"))
 
 
 @torch.no_grad()
-def closing_dla(model, prompts: QuotePrompts, *, batch_size: int = 100) -> Attribution:
+def closing_dla(model, prompts: QuotePrompts, *, batch_size: int = 16) -> Attribution:
     """Direct logit attribution of each prompt's closing token at its predicting position, every component
-    (embeddings, heads, attention biases, MLPs, the unembedding bias), in chunks of `batch_size` prompts: mean
+    (embeddings, heads, attention biases, MLPs, the unembedding bias), in chunks of `batch_size` prompts of similar
+    length (only the hooks DLA reads are cached, and only the predicting positions unembedded): mean
     `values [component]` and `per_prompt [component, prompt]`, summing to the closing token's logit."""
-    per_prompt, components = [], None
-    for start in range(0, len(prompts), batch_size):
-        rows = slice(start, start + batch_size)
-        _, cache = model.run_with_cache(prompts.tokens[rows].to(device_of(model)), names_filter=_dla_names)
-        part = token_attribution_at(model, cache, prompts.answers[rows], prompts.last_pos[rows])
-        per_prompt.append(part.per_prompt.cpu())
+    per_prompt, components = None, None
+    for rows, width in S.position_chunks(prompts.last_pos, batch_size):
+        positions = prompts.last_pos[rows]
+        with model.hooks(fwd_hooks=S.unembed_only_at(model, positions)):
+            _, cache = model.run_with_cache(prompts.tokens[rows, :width].to(device_of(model)), names_filter=_dla_names)
+        part = token_attribution_at(model, cache, prompts.answers[rows], positions)
+        if per_prompt is None:
+            per_prompt = torch.empty(len(part.per_prompt), len(prompts))
+        per_prompt[:, rows] = part.per_prompt.cpu()
         components = part.components
-    stacked = torch.cat(per_prompt, dim=1)
-    return Attribution(stacked.mean(-1), components, stacked)
+    return Attribution(per_prompt.mean(-1), components, per_prompt)
 
 
 @torch.no_grad()
@@ -105,12 +102,20 @@ def final_scales(model, prompts: QuotePrompts) -> Float[Tensor, "prompt"]:
 # ----------------------------------------------------------------------------------------------------------------
 # Features at the closing position
 # ----------------------------------------------------------------------------------------------------------------
+def quote_losses_each(model, prompts: QuotePrompts, hook: str, interventions: Sequence[Callable]
+                      ) -> list[Float[Tensor, "prompt"]]:
+    """Loss of each prompt's closing token at its predicting position under each intervention `make(positions) ->
+    hook function` on `hook` at that position, from one clean run per chunk of prompts (`S.logits_at_each`)."""
+    logits = S.logits_at_each(model, prompts.tokens, prompts.last_pos, [S.at_positions(hook, make)
+                                                                         for make in interventions])
+    return [S.answer_losses(values.log_softmax(-1), prompts.answers) for values in logits]
+
+
 def ablation_losses(model, sae, hook: str, prompts: QuotePrompts, features: Sequence[int]
                     ) -> dict[int, Float[Tensor, "prompt"]]:
     """`{feature: loss per prompt}` with that one feature ablated (error kept) at the predicting position."""
-    return {feature: quote_losses(model, prompts, S.at_positions(hook, lambda pos, f=feature:
-                                                                 S.feature_ablation_hook(sae, [f], pos)))
-            for feature in features}
+    interventions = [lambda pos, f=feature: S.feature_ablation_hook(sae, [f], pos) for feature in features]
+    return dict(zip(features, quote_losses_each(model, prompts, hook, interventions)))
 
 
 def condition_measures(model, sae, hook: str, prompts: QuotePrompts, clean: dict[str, Tensor],
@@ -126,28 +131,31 @@ def condition_measures(model, sae, hook: str, prompts: QuotePrompts, clean: dict
         f"top-{len(top_features)} features ablated": lambda pos: S.feature_ablation_hook(sae, top_features, pos),
         "SAE spliced": lambda pos: S.splice_hook(sae, positions=pos),
     }
-    measures = {"original": clean}
-    for name, make in intervention.items():
-        logits = S.logits_at(model, prompts.tokens, prompts.last_pos, S.at_positions(hook, make))
-        measures[name] = S.answer_measures(logits, prompts.answers)
-    return measures
+    logits = S.logits_at_each(model, prompts.tokens, prompts.last_pos,
+                              [S.at_positions(hook, make) for make in intervention.values()])
+    return {"original": clean, **{name: S.answer_measures(values, prompts.answers)
+                                  for name, values in zip(intervention, logits)}}
 
 
 @torch.no_grad()
-def closing_activations(model, prompts: QuotePrompts, hook: str, *, batch_size: int = 100
+def closing_activations(model, prompts: QuotePrompts, hook: str, *, batch_size: int = 16
                         ) -> tuple[Float[Tensor, "prompt d"], Float[Tensor, "prompt"]]:
     """`hook`'s activation (e.g. an MLP's `hook_post`) and the final norm's scale at each prompt's predicting
-    position; the scale is 1 for a model without a final norm."""
-    values, scales = [], []
-    for start in range(0, len(prompts), batch_size):
-        rows = slice(start, start + batch_size)
-        _, cache = model.run_with_cache(prompts.tokens[rows].to(device_of(model)),
-                                        names_filter=lambda name: name in (hook, "ln_final.hook_scale"))
-        index = (torch.arange(len(prompts.last_pos[rows])), prompts.last_pos[rows].to(device_of(model)))
-        values.append(cache[hook][index].cpu())
-        has_scale = "ln_final.hook_scale" in cache.keys()
-        scales.append(cache["ln_final.hook_scale"][index][:, 0].cpu() if has_scale else torch.ones(len(values[-1])))
-    return torch.cat(values), torch.cat(scales)
+    position; the scale is 1 for a model without a final norm. Prompts run in chunks of similar length, only the
+    predicting positions unembedded."""
+    values, scales = None, torch.ones(len(prompts))
+    for rows, width in S.position_chunks(prompts.last_pos, batch_size):
+        positions = prompts.last_pos[rows]
+        with model.hooks(fwd_hooks=S.unembed_only_at(model, positions)):
+            _, cache = model.run_with_cache(prompts.tokens[rows, :width].to(device_of(model)),
+                                            names_filter=[hook, "ln_final.hook_scale"])
+        index = (torch.arange(len(rows)), positions.to(device_of(model)))
+        if values is None:
+            values = torch.empty(len(prompts), cache[hook].shape[-1])
+        values[rows] = cache[hook][index].float().cpu()
+        if "ln_final.hook_scale" in cache.keys():
+            scales[rows] = cache["ln_final.hook_scale"][index][:, 0].float().cpu()
+    return values, scales
 
 
 @torch.no_grad()
@@ -159,7 +167,8 @@ def feature_drivers(model, sae, layer: int, prompts: QuotePrompts, features: Seq
     for start in range(0, len(prompts), batch_size):
         rows = slice(start, start + batch_size)
         _, cache = model.run_with_cache(prompts.tokens[rows].to(device_of(model)),
-                                        names_filter=SF.mlp_input_names(model, layer))
+                                        names_filter=SF.mlp_input_names(model, layer),
+                                        stop_at_layer=layer + 1 if layer + 1 < model.cfg.n_layers else None)
         parts.append(SF.feature_input_attribution(model, cache, sae, layer, features, prompts.last_pos[rows]))
     return SF.FeatureAttribution(torch.cat([part.per_prompt for part in parts], dim=-1),
                                  torch.cat([part.constant for part in parts], dim=-1), parts[0].components,
@@ -200,20 +209,21 @@ def closing_token_comparison(model, sae, hook: str, prompt_sets: dict[str, Quote
     loss the SAE splice recovers against zero-ablating the MLP there."""
     top = top_features[0]
     rows = {}
+    interventions = [lambda pos: S.replace_hook(0.0, pos), lambda pos: S.splice_hook(sae, positions=pos),
+                     lambda pos: S.feature_ablation_hook(sae, [top], pos),
+                     lambda pos: S.feature_ablation_hook(sae, top_features, pos)]
     for name, prompts in prompt_sets.items():
-        logits = S.logits_at(model, prompts.tokens, prompts.last_pos)
-        clean = S.answer_losses(logits.log_softmax(-1), prompts.answers)
+        logits, *hooked = S.logits_at_each(model, prompts.tokens, prompts.last_pos,
+                                           [None, *(S.at_positions(hook, make) for make in interventions)])
+        clean, zero, spliced, top_ablated, all_ablated = (
+            S.answer_losses(values.log_softmax(-1), prompts.answers).mean().item() for values in (logits, *hooked))
         acts = S.feature_activations(model, sae, prompts.tokens, hook_name=hook, positions=prompts.last_pos)
-        at = lambda make: quote_losses(model, prompts, S.at_positions(hook, make)).mean().item()  # noqa: E731
-        zero, spliced = at(lambda pos: S.replace_hook(0.0, pos)), at(lambda pos: S.splice_hook(sae, positions=pos))
         rows[name] = {
-            "prompts": len(prompts), "loss": clean.mean().item(),
+            "prompts": len(prompts), "loss": clean,
             "top-1 accuracy": (logits.argmax(-1) == prompts.answers).float().mean().item(),
             f"feature {top} active": (acts[:, top] > 0).float().mean().item(),
-            f"feature {top} ablated: loss increase": at(lambda pos: S.feature_ablation_hook(sae, [top], pos))
-            - clean.mean().item(),
-            f"top-{len(top_features)} ablated: loss increase":
-                at(lambda pos: S.feature_ablation_hook(sae, top_features, pos)) - clean.mean().item(),
-            "loss recovered by the SAE": S.loss_recovered(clean.mean().item(), spliced, zero),
+            f"feature {top} ablated: loss increase": top_ablated - clean,
+            f"top-{len(top_features)} ablated: loss increase": all_ablated - clean,
+            "loss recovered by the SAE": S.loss_recovered(clean, spliced, zero),
         }
     return pd.DataFrame(rows).T

@@ -36,6 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from helpers.components import device_of
+from helpers.patching import SuffixReplay
 
 Hook = Callable[[Tensor, object], Tensor]
 HooksFor = Callable[[Tensor, Tensor], list]  # (rows, positions of those rows) -> [(hook_name, hook)]
@@ -451,12 +452,63 @@ def logits_at(model, tokens: Int[Tensor, "batch seq"], positions: Int[Tensor, "b
         chunk = tokens[rows, :width].to(device_of(model))
         pos = positions[rows]
         hooks = hooks_for(rows, pos) if hooks_for is not None else []
-        logits = model.run_with_hooks(chunk, fwd_hooks=hooks)
-        values = logits[torch.arange(len(rows), device=logits.device), pos.to(logits.device)].float()
+        logits = model.run_with_hooks(chunk, fwd_hooks=[*hooks, *unembed_only_at(model, pos)])
+        values = (logits[:, 0] if logits.shape[1] == 1 else
+                  logits[torch.arange(len(rows), device=logits.device), pos.to(logits.device)]).float()
         if out.numel() == 0:
             out = torch.empty(len(tokens), values.shape[-1])
         out[rows] = values.cpu()
     return out
+
+
+@torch.no_grad()
+def logits_at_each(model, tokens: Int[Tensor, "batch seq"], positions: Int[Tensor, "batch"],
+                   variants: Sequence[HooksFor | None], *, batch_size: int = 8) -> list[Float[Tensor, "batch d_vocab"]]:
+    """`logits_at` under each of `variants` (None: the clean model), for interventions at each prompt's predicting
+    position only (as `at_positions` builds them): such a hook changes nothing before that position, so per chunk
+    of similar length the prompts run once without hooks, and each variant reruns only the positions from the
+    chunk's first predicting position on, from its first hooked block (`patching.SuffixReplay`); its
+    `hooks_for(rows, positions)` gets the positions counted from there. Where a chunk or a variant cannot be
+    replayed, it runs as `logits_at` runs it."""
+    outs = [torch.empty(len(tokens), model.cfg.d_vocab) for _ in variants]
+    for rows, width in position_chunks(positions, batch_size):
+        chunk, pos = tokens[rows, :width].to(device_of(model)), positions[rows]
+        start = int(pos.min())
+        try:
+            replay = SuffixReplay(model, chunk, start)
+        except ValueError:
+            replay = None
+        for out, hooks_for in zip(outs, variants):
+            out[rows] = _replayed_or_run(model, chunk, rows, pos, start, hooks_for, replay)
+    return outs
+
+
+def _replayed_or_run(model, chunk: Tensor, rows: Tensor, pos: Tensor, start: int, hooks_for: HooksFor | None,
+                     replay: SuffixReplay | None) -> Float[Tensor, "rows d_vocab"]:
+    """One chunk's logits at `pos` under `hooks_for`: replayed from `start` where `replay` can, else a full run."""
+    index = torch.arange(len(rows))
+    if replay is not None:
+        try:
+            logits = replay.clean_logits if hooks_for is None else replay.logits(hooks_for(rows, pos - start))
+            return logits[index, (pos - start).to(logits.device)].float().cpu()
+        except ValueError:
+            pass
+    hooks = hooks_for(rows, pos) if hooks_for is not None else []
+    logits = model.run_with_hooks(chunk, fwd_hooks=[*hooks, *unembed_only_at(model, pos)])
+    return (logits[:, 0] if logits.shape[1] == 1 else logits[index, pos.to(logits.device)]).float().cpu()
+
+
+def unembed_only_at(model, positions: Int[Tensor, "batch"]) -> list[tuple[str, Hook]]:
+    """A hook handing the unembedding only each row's `positions` (`[batch, 1, d_model]`), so a run's logits are
+    `[batch, 1, d_vocab]`: unembedding every position of a 49k vocabulary is a fifth of a small model's pass and
+    most of its memory. None where the model has no `unembed.hook_in`."""
+    if not hasattr(getattr(model, "unembed", None), "hook_in"):
+        return []
+
+    def select(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
+        return act[torch.arange(len(act), device=act.device), positions.to(act.device)][:, None]
+
+    return [("unembed.hook_in", select)]
 
 
 def logprobs_at(model, tokens: Int[Tensor, "batch seq"], positions: Int[Tensor, "batch"],
@@ -511,12 +563,12 @@ def feature_activations(model, sae, tokens: Int[Tensor, "batch seq"], *, hook_na
     """SAE feature activations: `[batch, seq, d_sae]`, or `[batch, d_sae]` at one position per prompt
     (`positions [batch]`; then `hooks_for(rows, positions_of_rows)` may add hooks, as in `logprobs_at`)."""
     hook_name = hook_name or sae.cfg.metadata.hook_name
-    keep = lambda name: name == hook_name  # noqa: E731
-    device = device_of(model)
+    device, stop = device_of(model), _layers_needed([hook_name])     # the blocks after the hook are not run
     if positions is None:
         out = []
         for start in range(0, len(tokens), batch_size):
-            _, cache = model.run_with_cache(tokens[start: start + batch_size].to(device), names_filter=keep)
+            _, cache = model.run_with_cache(tokens[start: start + batch_size].to(device), names_filter=[hook_name],
+                                            stop_at_layer=stop)
             out.append(sae.encode(cache[hook_name].to(sae.W_dec.dtype)).cpu())
         return torch.cat(out)
     result = torch.zeros(len(tokens), sae.cfg.d_sae)
@@ -524,7 +576,8 @@ def feature_activations(model, sae, tokens: Int[Tensor, "batch seq"], *, hook_na
         pos = positions[rows]
         hooks = hooks_for(rows, pos) if hooks_for is not None else []
         with model.hooks(fwd_hooks=hooks):
-            _, cache = model.run_with_cache(tokens[rows, :width].to(device), names_filter=keep)
+            _, cache = model.run_with_cache(tokens[rows, :width].to(device), names_filter=[hook_name],
+                                            stop_at_layer=stop)
         x = cache[hook_name][torch.arange(len(rows), device=device), pos.to(device)]
         result[rows] = sae.encode(x.to(sae.W_dec.dtype)).cpu()
     return result

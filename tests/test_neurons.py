@@ -215,3 +215,23 @@ def test_activation_difference_stats_zero_for_same_hooks_and_exact_for_a_pin(tin
     expected = (5.0 - cache["blocks.1.mlp.hook_post"][..., 3]).mean()
     assert float(diff[1].mean[3]) == pytest.approx(float(expected), abs=1e-5)
     assert float(diff[1].mean[4]) == 0.0
+
+
+@pytest.mark.parametrize("architecture", ["gpt_neox", "gpt2", "llama", "gpt_neo"])
+def test_activations_under_each_variant_equal_separate_runs(architecture, tiny_checkpoint):
+    """The shared-prefix replay gives each variant's activations exactly as its own run: the clean run, a pin in
+    layer 0 read in layer 1, a pin in layer 1 read in layer 1, and a hook outside the blocks."""
+    from helpers.ablation import neuron_value_hooks
+    from helpers.models import load_model
+
+    model = load_model(tiny_checkpoint(architecture), device="cpu")
+    tokens = torch.randint(0, model.cfg.d_vocab, (3, 8), generator=torch.Generator().manual_seed(1))
+    variants = [[], neuron_value_hooks({(0, 4): 3.0}), neuron_value_hooks({(1, 2): -1.0}),
+                [("hook_embed", lambda act, hook: act * 0.5)]]
+    for reading in ([1], [0, 1]):
+        each = neurons.mlp_activations_each(model, tokens, reading, variants, hook="pre", neurons=[2, 5])
+        for hooks, acts in zip(variants, each):
+            alone = neurons.mlp_activations(model, tokens, reading, hook="pre", fwd_hooks=hooks, neurons=[2, 5])
+            for layer in reading:
+                torch.testing.assert_close(acts[layer], alone[layer], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(each[0][1], each[1][1])   # the layer-0 pin reaches layer 1

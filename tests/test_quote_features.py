@@ -71,11 +71,13 @@ def test_conditions_and_closing_comparison(toy):
     assert torch.allclose(measures["top-2 features ablated"]["logprob"], clean["logprob"], atol=1e-4)
     # a zero mean is zero ablation
     assert torch.allclose(measures["MLP1 mean-ablated"]["logit"], measures["MLP1 zero-ablated"]["logit"], atol=1e-5)
-    zero_loss = Q.quote_losses(model, prompts, S.at_positions(HOOK, lambda pos: S.replace_hook(0.0, pos)))
+    plain_losses = lambda make: S.answer_losses(S.logprobs_at(  # noqa: E731 - one full run per intervention
+        model, prompts.tokens, prompts.last_pos, S.at_positions(HOOK, make)), prompts.answers)
+    zero_loss = plain_losses(lambda pos: S.replace_hook(0.0, pos))
     assert torch.allclose(-measures["MLP1 zero-ablated"]["logprob"], zero_loss, atol=1e-5)
     table = Q.closing_token_comparison(model, sae, HOOK, sets, [2, 3])
     assert list(table.index) == ['."', '!"', '?"']
-    spliced = Q.quote_losses(model, prompts, S.at_positions(HOOK, lambda pos: S.splice_hook(sae, positions=pos)))
+    spliced = plain_losses(lambda pos: S.splice_hook(sae, positions=pos))
     expected = S.loss_recovered(-clean["logprob"].mean().item(), spliced.mean().item(), zero_loss.mean().item())
     assert table.loc['."', "loss recovered by the SAE"] == pytest.approx(expected, rel=1e-4)
     assert table.loc['."', "prompts"] == len(prompts)

@@ -107,9 +107,10 @@ def test_a_stalled_cell_times_out_naming_itself(tmp_path):
         run_notebooks.main(["--only", str(notebook), "--out", str(tmp_path / "again"), "--cell-timeout", "3"])
 
 
-@pytest.mark.parametrize("stem", list(params.NOTEBOOKS))
-def test_committed_notebooks_hold_no_machine_path(stem):
-    metadata = json.dumps(nbformat.read(NOTEBOOKS_DIR / f"{stem}.ipynb", as_version=4).metadata)
+@pytest.mark.parametrize("path", [f"{stem}.ipynb" for stem in params.NOTEBOOKS]
+                         + [f"trained/{path.name}" for path in sorted((NOTEBOOKS_DIR / "trained").glob("*.ipynb"))])
+def test_committed_notebooks_hold_no_machine_path(path):
+    metadata = json.dumps(nbformat.read(NOTEBOOKS_DIR / path, as_version=4).metadata)
     record = json.loads(metadata).get("papermill", {})
     assert all(not Path(record[key]).is_absolute() for key in ("input_path", "output_path") if key in record)
     assert str(REPO_ROOT) not in metadata and "/home/" not in metadata and "/tmp/" not in metadata

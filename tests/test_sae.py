@@ -192,6 +192,42 @@ def test_measures_at_one_position(trained, model, tokens):
     assert torch.allclose(kept, clean_logits, atol=1e-4)
 
 
+@pytest.mark.parametrize("architecture", ["gpt_neox", "gpt2", "llama", "gpt_neo"])
+def test_logits_at_unembed_only_the_positions_asked_and_equal_the_full_run(architecture, tiny_checkpoint):
+    from helpers.models import load_model
+
+    model = load_model(tiny_checkpoint(architecture), device="cpu")
+    tokens = torch.randint(0, model.cfg.d_vocab, (6, 9), generator=torch.Generator().manual_seed(2))
+    positions = torch.tensor([8, 2, 5, 8, 0, 3])
+    seen = []
+    model.unembed.hook_out.add_hook(lambda act, hook: seen.append(act.shape))
+    try:
+        logits = S.logits_at(model, tokens, positions, batch_size=4)
+    finally:
+        model.unembed.hook_out.remove_hooks()
+    torch.testing.assert_close(logits, model(tokens)[torch.arange(6), positions], rtol=1e-5, atol=1e-5)
+    assert all(shape[1] == 1 for shape in seen)   # one position per row reached the unembedding
+
+
+@pytest.mark.parametrize("architecture", ["gpt_neox", "gpt2", "llama", "gpt_neo"])
+def test_logits_at_each_equal_logits_at_under_each_intervention(architecture, tiny_checkpoint):
+    """The suffix replay (one clean run per chunk, each intervention rerun from its prompt's position and its
+    layer on) gives `logits_at`'s logits, prompts of different lengths in one chunk included."""
+    from helpers.models import load_model
+
+    model = load_model(tiny_checkpoint(architecture), device="cpu")
+    tokens = torch.randint(0, model.cfg.d_vocab, (7, 10), generator=torch.Generator().manual_seed(3))
+    positions = torch.tensor([9, 4, 6, 9, 5, 7, 8])
+    hook = "blocks.1.mlp.hook_post"
+    variants = [None, S.at_positions(hook, lambda pos: S.replace_hook(0.0, pos)),
+                S.at_positions("blocks.0.mlp.hook_post", lambda pos: S.replace_hook(1.5, pos)),
+                S.at_positions("hook_embed", lambda pos: S.replace_hook(0.0, pos))]   # not replayable: a full run
+    each = S.logits_at_each(model, tokens, positions, variants, batch_size=4)
+    for hooks_for, logits in zip(variants, each):
+        torch.testing.assert_close(logits, S.logits_at(model, tokens, positions, hooks_for), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(each[1], each[0])
+
+
 def test_token_attribution_at_sums_to_the_answer_logit(model, tokens):
     from helpers.attribution import token_attribution_at
 
