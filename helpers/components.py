@@ -52,6 +52,13 @@ _LAYERED_LABELS = {"MLP": "mlp", "ATTN": "attn", "ATTN_BIAS": "attn_bias", "RESI
 _LAYERLESS_LABELS = {"EMBED": "embed", "POS_EMBED": "pos_embed", "UNEMBED_BIAS": "unembed_bias"}
 
 
+def layers_needed(hook_names: Iterable[str]) -> int | None:
+    """How many blocks a forward pass must run to reach every hook of `hook_names` (`blocks.{L}.…`): the last
+    layer + 1, so a 30-layer model read at layer 3 runs 4 blocks; None (the whole model) for any other hook."""
+    layers = [re.match(r"blocks\.(\d+)\.", name) for name in hook_names]
+    return None if not layers or None in layers else max(int(found.group(1)) for found in layers) + 1
+
+
 def hook_name(kind: str, layer: int | None = None, site: str | None = None) -> str:
     """The TransformerLens hook name of an activation kind at a layer, the one way the package spells hook names.
 

@@ -16,7 +16,7 @@ from sklearn.metrics import accuracy_score, mean_squared_error, r2_score
 from sklearn.model_selection import train_test_split
 from torch import Tensor
 
-from helpers.components import hook_name
+from helpers.components import hook_name, layers_needed
 from helpers.patching import replayed_runs
 
 
@@ -369,10 +369,9 @@ def mlp_activations(model, tokens: Tensor, layers: Sequence[int], *, hook: str =
         return capture
 
     hooks = list(fwd_hooks) + [(hook_name("neuron", layer, hook), make_capture(layer)) for layer in layers]
-    last = max(layers, default=model.cfg.n_layers - 1) + 1
     with torch.no_grad():   # the blocks after the last layer read, and the unembedding, are not run
         model.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None,
-                             stop_at_layer=last if last < model.cfg.n_layers else None)
+                             stop_at_layer=layers_needed([hook_name("neuron", layer, hook) for layer in layers]))
     return captured
 
 

@@ -18,7 +18,7 @@ from torch import Tensor
 from helpers import sae as S
 from helpers import sae_features as SF
 from helpers.attribution import Attribution, token_attribution_at
-from helpers.components import device_of, hook_name
+from helpers.components import device_of, hook_name, layers_needed
 from helpers.tasks.stories import QuotePrompts, closing_quote_prompts
 
 # The seed's figures for tiny-stories-2L-33M (SAEs 18_morning_sun / 98_hardy_firefly, 4554 validation prompts),
@@ -168,7 +168,7 @@ def feature_drivers(model, sae, layer: int, prompts: QuotePrompts, features: Seq
         rows = slice(start, start + batch_size)
         _, cache = model.run_with_cache(prompts.tokens[rows].to(device_of(model)),
                                         names_filter=SF.mlp_input_names(model, layer),
-                                        stop_at_layer=layer + 1 if layer + 1 < model.cfg.n_layers else None)
+                                        stop_at_layer=layers_needed([hook_name("neuron", layer)]))
         parts.append(SF.feature_input_attribution(model, cache, sae, layer, features, prompts.last_pos[rows]))
     return SF.FeatureAttribution(torch.cat([part.per_prompt for part in parts], dim=-1),
                                  torch.cat([part.constant for part in parts], dim=-1), parts[0].components,

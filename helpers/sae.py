@@ -24,7 +24,6 @@ Functions take the model and tensors and return tensors or small dataclasses; no
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -35,7 +34,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from helpers.components import device_of
+from helpers.components import device_of, layers_needed
 from helpers.patching import SuffixReplay
 
 Hook = Callable[[Tensor, object], Tensor]
@@ -127,15 +126,8 @@ def collect_activations(model, tokens: Int[Tensor, "batch seq"], hook_names: Seq
     """Activations of `hook_names`, flattened to `[batch * (seq - skip_first), d]` (the first `skip_first`
     positions, i.e. BOS, are left out)."""
     _, cache = model.run_with_cache(tokens.to(device_of(model)), names_filter=list(hook_names),
-                                    stop_at_layer=_layers_needed(hook_names))
+                                    stop_at_layer=layers_needed(hook_names))
     return {name: cache[name][:, skip_first:].reshape(-1, cache[name].shape[-1]).float() for name in hook_names}
-
-
-def _layers_needed(hook_names: Sequence[str]) -> int | None:
-    """How many blocks a forward pass must run to reach every hook of `hook_names` (`blocks.{L}.…`): the last
-    layer + 1, so a 30-layer model read at layer 3 runs 4 blocks; None (the whole model) for any other hook."""
-    layers = [re.match(r"blocks\.(\d+)\.", name) for name in hook_names]
-    return None if not layers or None in layers else max(int(found.group(1)) for found in layers) + 1
 
 
 def activation_stream(model, tokens: Int[Tensor, "n_seq seq"], hook_names: Sequence[str], *, model_batch_size: int = 32,
@@ -563,7 +555,7 @@ def feature_activations(model, sae, tokens: Int[Tensor, "batch seq"], *, hook_na
     """SAE feature activations: `[batch, seq, d_sae]`, or `[batch, d_sae]` at one position per prompt
     (`positions [batch]`; then `hooks_for(rows, positions_of_rows)` may add hooks, as in `logprobs_at`)."""
     hook_name = hook_name or sae.cfg.metadata.hook_name
-    device, stop = device_of(model), _layers_needed([hook_name])     # the blocks after the hook are not run
+    device, stop = device_of(model), layers_needed([hook_name])     # the blocks after the hook are not run
     if positions is None:
         out = []
         for start in range(0, len(tokens), batch_size):

@@ -243,7 +243,7 @@ def test_token_attribution_at_sums_to_the_answer_logit(model, tokens):
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_activations_are_collected_from_a_pass_that_stops_after_the_last_hooked_layer(tiny_checkpoint, architecture):
-    from helpers.components import hook_name
+    from helpers.components import hook_name, layers_needed
     from helpers.models import load_model
 
     model = load_model(tiny_checkpoint(architecture), device="cpu")
@@ -252,5 +252,5 @@ def test_activations_are_collected_from_a_pass_that_stops_after_the_last_hooked_
     _, full = model.run_with_cache(tokens)
     collected = S.collect_activations(model, tokens, [first])[first]
     assert torch.allclose(collected, full[first][:, 1:].reshape(-1, model.cfg.d_mlp).float(), atol=1e-6)
-    assert S._layers_needed([first, hook_name("neuron", 1)]) == 2
-    assert S._layers_needed([first, "hook_embed"]) is None
+    assert layers_needed([first, hook_name("neuron", 1)]) == 2
+    assert layers_needed([first, "hook_embed"]) is None
