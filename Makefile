@@ -69,7 +69,13 @@ nbtest-threads: setup
 # the notebooks on SmolLM2-135M-Instruct and real text (notebooks/trained/, committed executed; their parameters in
 # TRAINED_RUNS), with each cell's time and peak memory in runs/trained/report.jsonl. Minutes per notebook on a 2-core
 # CPU, so neither is part of `make test`: nbval would re-run them.
-TRAINED_RUNS := 04_german_context_neuron 05_sae_quote_features
+# the real-scale budget of each notebook on SmolLM2 (2-core CPU): a cell over 4 GB or a notebook over 10 minutes fails
+# (every notebook still runs; the target fails at the end, naming them)
+TRAINED_BUDGET := --max-cell-gb 4 --max-wall-s 600
+TRAINED_RUNS := 03_syllogism_circuit 04_german_context_neuron 05_sae_quote_features
+TRAINED_SET_03_syllogism_circuit := --set model_name=smollm2-135m-instruct --set ld_threshold=0.5 --set pool_size=2000 \
+	--set n_prompts=32 --set exact_top=100 --set path_senders=16 --set eap_curve_points=12 \
+	--set output_dir=../figs/trained/03_syllogism_circuit
 TRAINED_SET_04_german_context_neuron := --set model_name=smollm2-135m-instruct --set german_source=debian-reference-de \
 	--set english_source=debian-reference-en --set n_docs=60 --set max_tokens=96 --set batch_size=20 \
 	--set output_dir=../figs/trained/04_german_context_neuron
@@ -77,8 +83,9 @@ TRAINED_SET_05_sae_quote_features := --set model_name=smollm2-135m-instruct --se
 	--set n_prompts=100 --set n_eval_sequences=32 --set sae_steps=200 \
 	--set output_dir=../figs/trained/05_sae_quote_features
 run-trained: setup fixtures
-	$(foreach stem,$(TRAINED_RUNS),$(PY) -m helpers.run_notebooks --only $(stem) $(TRAINED_SET_$(stem)) \
-	  --out notebooks/trained --report runs/trained/report.jsonl &&) true
+	failed=""; $(foreach stem,$(TRAINED_RUNS),$(PY) -m helpers.run_notebooks --only $(stem) $(TRAINED_SET_$(stem)) \
+	  --out notebooks/trained --report runs/trained/report.jsonl $(TRAINED_BUDGET) || failed="$$failed $(stem)";) \
+	test -z "$$failed" || { echo "over budget or failed:$$failed"; exit 1; }
 nbtest-trained: setup fixtures
 	$(PY) -m pytest -q --nbval-lax --nbval-sanitize-with notebooks/sanitize.cfg notebooks/trained
 

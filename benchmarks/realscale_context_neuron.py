@@ -19,14 +19,15 @@ from pathlib import Path
 
 import torch
 
-from helpers import context_neuron, neurons
+from helpers import context_neuron, neurons, ngrams
 from helpers.components import Component
 from helpers.models import load_model
 from helpers.tasks import bilingual
 
 FLOORS = {  # step: (forward passes over both languages' documents it needs, what they are)
     "neuron scan": (1.0, "one pass"),
-    "context neuron F1 interval": (0.0, "none: the scan's pass could keep the one neuron's values"),
+    "context neuron F1 interval": (0.0, "none: the scan's pass could keep the one neuron's values (the notebook plots "
+                                        "the same values, so this pass serves both)"),
     "pinning and backups": (7.5, "English means (1/2), clean, and six pinned runs: the context neuron, each of 3 "
                                  "other neurons, the 3 together, all 4 (both languages)"),
     "later components (direct patching)": (1.0, "clean and pinned German, + one unembedding of the German tokens per "
@@ -116,7 +117,9 @@ def main() -> None:
     def f1_interval():
         scan, (layer, neuron) = state["scan"], state["context"]
         row = scan.layers.index(layer)
-        context_neuron.f1_interval(model, german, english, state["context"], float(scan.threshold[row, neuron]),
+        activations = tuple(ngrams.neuron_activation(model, docs.tokens, layer, neuron, args.batch_size)
+                            for docs in (german, english))
+        context_neuron.f1_interval(german, english, activations, float(scan.threshold[row, neuron]),
                                    int(scan.direction[row, neuron]))
 
     def pinning_and_backups():

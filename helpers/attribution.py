@@ -429,9 +429,10 @@ def token_attribution_at(model, cache, answers: Int[Tensor, "batch"], positions:
 
 # ---- who writes a direction (German context neuron notebook) -----------------------------------------------------
 def direction_write_hook_names(model) -> list[str]:
-    """The hooks `direction_writes` reads (a `names_filter` for `run_with_cache`): every head's `z` and the
-    `dla_hook_names`."""
-    return [*dla_hook_names(model), *(hook_name("head", layer) for layer in range(model.cfg.n_layers))]
+    """The hooks `direction_writes` reads (a `names_filter` for `run_with_cache`): the embeddings, every attention
+    and MLP output and every head's `z` (no final norm: a pass can stop after the last block)."""
+    return [name for name in dla_hook_names(model) if not name.startswith("ln_final")] + \
+        [hook_name("head", layer) for layer in range(model.cfg.n_layers)]
 
 
 def direction_writes(model, cache, direction: Float[Tensor, "d_model"]

@@ -25,7 +25,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from helpers import ablation, attribution, patching
-from helpers.components import Component, hook_name
+from helpers.components import Component, circuit_hook_names, hook_name
 
 Metric = Callable[[Tensor], Tensor]
 Head = tuple[int, int]
@@ -94,7 +94,7 @@ def dla_under_knockout(model, tokens: Int[Tensor, "batch pos"], answers: Int[Ten
     difference at `pos` to every head, beside the intact run's attribution (from `clean_cache` if given)."""
     knocked_out = list(knocked_out)
     if clean_cache is None:
-        _, clean_cache = model.run_with_cache(tokens)
+        _, clean_cache = model.run_with_cache(tokens, names_filter=circuit_hook_names(model))
     hooks = []
     if knocked_out:
         reference = None
@@ -103,7 +103,7 @@ def dla_under_knockout(model, tokens: Int[Tensor, "batch pos"], answers: Int[Ten
             reference = ablation.reference_activations(model, source, knocked_out, method)
         hooks = ablation.ablation_hooks(knocked_out, method, reference)
     with model.hooks(fwd_hooks=hooks):
-        logits, cache = model.run_with_cache(tokens)
+        logits, cache = model.run_with_cache(tokens, names_filter=circuit_hook_names(model))
     return KnockoutDLA(attribution.head_attribution(model, clean_cache, answers, pos),
                        attribution.head_attribution(model, cache, answers, pos), knocked_out, logits, cache)
 
@@ -123,10 +123,12 @@ def attention_from(cache, heads: Sequence[Head], query_pos: int) -> Float[Tensor
 @torch.no_grad()
 def upstream_path_patch(model, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
                         metric: Metric, receivers: Sequence[Component], receiver_site: str = "v",
+                        senders: Sequence[tuple[int, int]] | None = None,
                         **path_patch_options) -> Float[Tensor, "layer head"]:
     """Path patching from every head that can reach `receivers` (layer below the last receiver's) into their
     `receiver_site` ("q", "k" or "v") inputs, each sender alone: `[n_layers, n_heads]` change of `metric` from the
-    clean run's value (0 = the path carries nothing; exactly 0 for heads that cannot reach a receiver).
+    clean run's value (0 = the path carries nothing; exactly 0 for heads that cannot reach a receiver, and for heads
+    left out of `senders` (layer, head) when it is given, e.g. by `screened_senders`).
 
     Receivers are head components whose `position` (None: every position) is where their input is patched; options
     go to `patching.path_patch` (e.g. `sender_positions`, `freeze_mlps`, `max_rows`).
@@ -134,11 +136,24 @@ def upstream_path_patch(model, clean_tokens: Int[Tensor, "batch pos"], corrupted
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     change = torch.zeros(n_layers, n_heads)
     last_layer = max((r.layer for r in receivers), default=0)
-    senders = [[Component.head(layer, head)] for layer in range(last_layer) for head in range(n_heads)]
-    if not senders:
+    pairs = [(layer, head) for layer in range(last_layer) for head in range(n_heads)] if senders is None else \
+        [(layer, head) for layer, head in senders if layer < last_layer]
+    if not pairs:
         return change
     clean_value = float(metric(model(clean_tokens)))
-    values = patching.path_patch(model, clean_tokens, corrupted_tokens, metric, receivers, receiver_site, senders,
-                                 **path_patch_options)
-    change[:last_layer] = (values - clean_value).view(last_layer, n_heads)
+    values = patching.path_patch(model, clean_tokens, corrupted_tokens, metric, receivers, receiver_site,
+                                 [[Component.head(layer, head)] for layer, head in pairs], **path_patch_options)
+    change[tuple(torch.tensor(pairs).T)] = values - clean_value
     return change
+
+
+def screened_senders(model, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
+                     metric: Metric, below_layer: int, top: int) -> list[tuple[int, int]]:
+    """The `top` heads below `below_layer` whose output, patched from the corrupted into the clean run, has the
+    largest estimated |effect| on `metric` (attribution patching: one forward and one backward pass): the senders
+    to path-patch exactly on a deep model, where every head of 30 layers would cost hundreds of passes. A head's
+    whole effect is the sum of its paths, so one with a large path through the receivers but a small whole effect
+    (other paths cancelling it) can be missed: the AtP* caveat, which the notebook states where it screens."""
+    estimate = patching.attribution_patch_heads(model, corrupted_tokens, clean_tokens, metric, "z")[:below_layer]
+    order = estimate.abs().flatten().argsort(descending=True)[:top]
+    return sorted((int(i) // model.cfg.n_heads, int(i) % model.cfg.n_heads) for i in order)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from helpers import ablation, attribution, neurons
 from helpers.ablation import Hook
-from helpers.components import Component, device_of, final_resid_hook_name
+from helpers.components import Component, device_of, final_resid_hook_name, layers_needed
 from helpers.tasks.bilingual import tokenize_documents
 from helpers.uncertainty import Interval, bootstrap_interval, f1_statistic, percent_change_statistic
 
@@ -179,30 +179,26 @@ def pin_variants(means: dict[tuple[int, int], float], pinned_sets: Sequence[Sequ
     return {tuple(pinned): pin_hooks(means, list(pinned)) for pinned in pinned_sets}
 
 
-def detector_counts(model, german: Documents, english: Documents, neuron: tuple[int, int], threshold: float,
+def detector_counts(german: Documents, english: Documents,
+                    activations: tuple[Float[Tensor, "doc pos"], Float[Tensor, "doc pos"]], threshold: float,
                     direction: int) -> tuple[Tensor, Tensor, Tensor]:
     """Per-document `(true positives, false positives, false negatives)` of a neuron read as a German detector at
-    the scan's rule (`activation >= threshold` for `direction` +1, `<=` for -1) over the scored positions; each
-    `[n_german + n_english]`, German documents first."""
-    layer, index = neuron
-    fired, scored = [], []
-    for tokens, mask in both_languages(german, english):
-        acts = neurons.mlp_activations(model, tokens, [layer], neurons=[index])[layer][..., 0]   # [b, pos]
-        mask = mask.to(acts.device)
-        fired.append(((acts * direction >= threshold * direction) & mask).sum(1).cpu())
-        scored.append(mask.sum(1).cpu())
-    fired, scored = torch.cat(fired), torch.cat(scored)                                          # [doc]
-    is_german = torch.arange(len(fired)) < len(german)
-    zero = torch.zeros_like(fired)
-    return (torch.where(is_german, fired, zero), torch.where(is_german, zero, fired),
-            torch.where(is_german, scored - fired, zero))
+    the scan's rule (`activation >= threshold` for `direction` +1, `<=` for -1) over the scored positions, from its
+    `activations` at every position of each language's documents (e.g. `ngrams.neuron_activation`, the values the
+    notebook also plots); each `[n_german + n_english]`, German documents first."""
+    fired = [((acts.cpu() * direction >= threshold * direction) & docs.scored).sum(1)
+             for acts, docs in zip(activations, (german, english))]
+    scored = [docs.scored.sum(1) for docs in (german, english)]
+    zero = [torch.zeros_like(f) for f in fired]
+    return (torch.cat([fired[0], zero[1]]), torch.cat([zero[0], fired[1]]), torch.cat([scored[0] - fired[0], zero[1]]))
 
 
-def f1_interval(model, german: Documents, english: Documents, neuron: tuple[int, int], threshold: float,
+def f1_interval(german: Documents, english: Documents,
+                activations: tuple[Float[Tensor, "doc pos"], Float[Tensor, "doc pos"]], threshold: float,
                 direction: int, *, confidence: float = 0.95, seed: int = 0) -> Interval:
-    """A neuron's detector F1 at a fixed rule with its bootstrap interval over documents (each language's
-    documents resampled together with the other's, so the German share varies as a resample's would)."""
-    counts = detector_counts(model, german, english, neuron, threshold, direction)
+    """A neuron's detector F1 at a fixed rule (`detector_counts`) with its bootstrap interval over documents (each
+    language's documents resampled together with the other's, so the German share varies as a resample's would)."""
+    counts = detector_counts(german, english, activations, threshold, direction)
     return bootstrap_interval(f1_statistic, *counts, confidence=confidence, seed=seed)
 
 
@@ -364,7 +360,7 @@ def masked_mean(model, documents: Documents, hook: str, select=lambda act: act, 
     `d_model`, or `d_head` for one head's `z`)."""
     stats = neurons.RunningStats()
     for tokens, mask in documents.batches(mask):
-        _, cache = model.run_with_cache(tokens, names_filter=hook)
+        _, cache = model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=layers_needed([hook]))
         stats.update(select(cache[hook])[mask.to(tokens.device)].cpu())
     return stats.mean.float()
 
@@ -384,7 +380,8 @@ def writer_separation(model, german: Documents, english: Documents, direction: F
     for name, documents in (("de", german), ("en", english)):
         stats[name] = neurons.RunningStats()
         for tokens, mask in documents.batches():
-            _, cache = model.run_with_cache(tokens, names_filter=attribution.direction_write_hook_names(model))
+            names = attribution.direction_write_hook_names(model)
+            _, cache = model.run_with_cache(tokens, names_filter=names, stop_at_layer=layers_needed(names))
             values, components = attribution.direction_writes(model, cache, direction)
             stats[name].update(values[:, mask.to(values.device)].T.cpu())      # [tokens, components]
     pooled = ((stats["de"].var + stats["en"].var) / 2).sqrt()

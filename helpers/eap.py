@@ -41,6 +41,9 @@ from helpers.components import hook_name
 
 Metric = Callable[[Tensor], Tensor]
 
+EDGE_PATCH_BUDGET = 2 ** 29  # bytes of sender differences (one `batch x pos x S x d_model` per circuit) per pass
+GRADIENT_BUDGET = 2 ** 29  # bytes of receiver inputs and their gradients one backward pass may hold (about)
+
 
 # ---- the graph ----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -214,49 +217,87 @@ def sender_activations(model, tokens: Int[Tensor, "batch pos"], graph: Graph
 def _patching_hooks(model, graph: Graph, corrupted: Tensor, patched: Tensor, alpha: float, n_copies: int):
     """Forward hooks that make each receiver read, on its patched edges, `alpha` of the way from the current
     sender output to the corrupted one. `corrupted [batch, pos, S, d]`; `patched [n_copies, S, R]` (the batch is
-    `n_copies` stacked copies of the prompts, one per circuit)."""
-    written: list[Tensor] = []       # sender outputs of this run so far, in sender order, each [cb, pos, n, d_model]
-    corrupted = corrupted.repeat(n_copies, 1, 1, 1)
+    `n_copies` stacked copies of the prompts, one per circuit).
+
+    Each sender's difference (corrupted - current) is written once, as the run reaches it, into
+    `differences [c, S, batch * pos * d]`; a receiver hook adds `patched[:, :S_written, its receivers]^T @
+    differences[:, :S_written]`, one batched matrix product for all its receivers and circuits."""
+    batch, n_pos, n_senders, d_model = corrupted.shape
+    differences = corrupted.new_empty((n_copies, n_senders, batch * n_pos * d_model))
+    written = [0, 0]                 # senders written so far, hooks that wrote them
+
+    def write(now: Tensor, position: int, name: str) -> None:              # now: [c * batch, pos, n, d]
+        if written[1] != position:
+            raise RuntimeError(f"{name} ran out of order; edge patching needs senders written layer by layer")
+        start, n = written[0], now.shape[2]
+        change = corrupted[None, :, :, start:start + n].to(now.dtype) - now.unflatten(0, (n_copies, -1))
+        differences[:, start:start + n] = change.permute(0, 3, 1, 2, 4).reshape(n_copies, n, -1)
+        written[0], written[1] = start + n, position + 1
 
     def record_input(act, hook):
-        written.append(act[:, :, None])
+        write(act[:, :, None], 0, hook.name)
         return act
-
-    def in_order(position: int, name: str) -> None:
-        if len(written) != position:
-            raise RuntimeError(f"{name} ran out of order; edge patching needs senders written layer by layer")
 
     def record_heads(layer: int):
         def hook(z, hook):                                                   # z: [cb, pos, head, d_head]
-            in_order(1 + 2 * layer, hook.name)
-            written.append(torch.einsum("bphd,hdm->bphm", z, model.W_O[layer].to(z.dtype)))
+            write(torch.einsum("bphd,hdm->bphm", z, model.W_O[layer].to(z.dtype)), 1 + 2 * layer, hook.name)
             return z
         return hook
 
     def record_mlp(layer: int):
         def hook(act, hook):
-            in_order(2 + 2 * layer, hook.name)
-            written.append(act[:, :, None])
+            write(act[:, :, None], 2 + 2 * layer, hook.name)
             return act
         return hook
 
-    def patch(columns: slice):
+    def changes(group: slice):
+        """The change of the receivers in `group` (contiguous columns), computed once per set of written senders:
+        a layer's q, k and v inputs read the same senders, so one product serves its three hooks."""
+        kept: dict[str, object] = {}
+
+        def change(columns: slice) -> Tensor:                                         # [c, b, pos, R_here, d]
+            if kept.get("written") != written[0]:
+                mask = patched[:, :written[0], group].to(differences.dtype)          # [c, S_written, R_group]
+                product = torch.bmm(mask.transpose(1, 2), differences[:, :written[0]])   # [c, R_group, b*pos*d]
+                kept.update(written=written[0], value=product.view(n_copies, -1, batch, n_pos, d_model))
+            value = kept["value"][:, columns.start - group.start:columns.stop - group.start]
+            return value.permute(0, 2, 3, 1, 4)
+
+        return change
+
+    def patch(columns: slice, change):
         def hook(act, hook):
-            now = torch.cat(written, dim=2)                                     # [cb, pos, S_written, d]
-            n_written = now.shape[2]
-            delta = (corrupted[:, :, :n_written] - now).unflatten(0, (n_copies, -1))  # [c, b, pos, S_written, d]
-            mask = patched[:, :n_written, columns].to(delta.dtype)                   # [c, S_written, R_here]
-            change = alpha * torch.einsum("cbpsd,csr->cbprd", delta, mask).flatten(0, 1)
-            out = _as_receivers(act) + change.to(act.dtype)
+            out = _as_receivers(act).unflatten(0, (n_copies, -1)) + alpha * change(columns).to(act.dtype)
+            out = out.flatten(0, 1)
             return out if act.ndim == 4 else out[:, :, 0]
         return hook
 
     hooks = [(hook_name("resid_pre", 0), record_input)]
     for layer in range(graph.n_layers + 1):
-        hooks += [(name, patch(columns)) for name, columns in _receiver_hooks(graph, layer)]
+        receivers = _receiver_hooks(graph, layer)
+        attention, rest = receivers[:-1], receivers[-1:]      # the MLP (or the logits) reads the layer's heads too
+        if attention:
+            shared = changes(slice(attention[0][1].start, attention[-1][1].stop))
+            hooks += [(name, patch(columns, shared)) for name, columns in attention]
+        hooks += [(name, patch(columns, changes(columns))) for name, columns in rest]
         if layer < graph.n_layers:
             hooks += [(hook_name("head", layer), record_heads(layer)), (hook_name("mlp", layer), record_mlp(layer))]
     return hooks
+
+
+def _edge_patched_passes(model, clean_tokens: Tensor, corrupted_tokens: Tensor, graph: Graph, masks: Tensor,
+                         alpha: float, corrupted_senders: Tensor | None) -> Iterator[Tensor]:
+    """`edge_patched_logits` of `masks [n, S, R]`, as many circuits per forward pass as `EDGE_PATCH_BUDGET` bytes
+    of sender differences allow: `[circuits of the pass, batch, pos, d_vocab]` per pass."""
+    masks = masks & graph.edges
+    if corrupted_senders is None:
+        corrupted_senders = sender_activations(model, corrupted_tokens, graph)
+    per_pass = max(1, EDGE_PATCH_BUDGET // (corrupted_senders.numel() * corrupted_senders.element_size()))
+    with _split_inputs(model, graph.per_head_inputs), torch.no_grad():
+        for chunk in masks.split(per_pass):
+            hooks = _patching_hooks(model, graph, corrupted_senders, chunk, alpha, len(chunk))
+            yield model.run_with_hooks(clean_tokens.repeat(len(chunk), 1), fwd_hooks=hooks).unflatten(0, (len(chunk),
+                                                                                                          -1))
 
 
 def edge_patched_logits(model, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
@@ -264,58 +305,81 @@ def edge_patched_logits(model, clean_tokens: Int[Tensor, "batch pos"], corrupted
                         corrupted_senders: Tensor | None = None) -> Float[Tensor, "... batch pos d_vocab"]:
     """Logits of the clean prompts with the edges in `patched` reading their sender's corrupted output.
 
-    `patched` is one mask `[S, R]` or a stack `[n, S, R]` (one forward pass for all n, batched); edges not in the
-    graph are ignored. `alpha` in [0, 1] moves patched edges only part of the way (1: exact edge patching).
-    Returns `[batch, pos, d_vocab]` (or `[n, batch, pos, d_vocab]`).
+    `patched` is one mask `[S, R]` or a stack `[n, S, R]` (batched: as many circuits per forward pass as
+    `EDGE_PATCH_BUDGET` bytes of sender differences allow); edges not in the graph are ignored. `alpha` in [0, 1]
+    moves patched edges only part of the way (1: exact edge patching). Returns `[batch, pos, d_vocab]` (or
+    `[n, batch, pos, d_vocab]`; `edge_patched_metrics` keeps only each circuit's metric).
     """
     single = patched.ndim == 2
-    masks = (patched[None] if single else patched) & graph.edges
-    if corrupted_senders is None:
-        corrupted_senders = sender_activations(model, corrupted_tokens, graph)
-    with _split_inputs(model, graph.per_head_inputs), torch.no_grad():
-        hooks = _patching_hooks(model, graph, corrupted_senders, masks, alpha, len(masks))
-        logits = model.run_with_hooks(clean_tokens.repeat(len(masks), 1), fwd_hooks=hooks)
-    logits = logits.unflatten(0, (len(masks), -1))
+    logits = torch.cat(list(_edge_patched_passes(model, clean_tokens, corrupted_tokens, graph,
+                                                 patched[None] if single else patched, alpha, corrupted_senders)))
     return logits[0] if single else logits
 
 
+def edge_patched_metrics(model, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
+                         graph: Graph, patched: Bool[Tensor, "n n_senders n_receivers"], metric: Metric, *,
+                         corrupted_senders: Tensor | None = None) -> list[float]:
+    """`metric` of each circuit's `edge_patched_logits`, keeping one pass's logits at a time."""
+    return [float(metric(logits)) for chunk in _edge_patched_passes(model, clean_tokens, corrupted_tokens, graph,
+                                                                    patched, 1.0, corrupted_senders)
+            for logits in chunk]
+
+
 # ---- scores -------------------------------------------------------------------------------------------------------
-def _receiver_gradients(model, tokens: Tensor, graph: Graph, metric: Metric, embed: Tensor | None
-                        ) -> tuple[list[Tensor], Tensor]:
-    """One forward and backward pass: `(dM/dx per receiver hook, each [batch, pos, n_receivers_there, d], in
-    receiver order; sender outputs [batch, pos, S, d])`, with the token embedding replaced by `embed` when given
-    (integrated gradients)."""
+def _receiver_gradients(model, tokens: Tensor, graph: Graph, metric: Metric, embed: Tensor | None,
+                        with_senders: bool) -> Iterator[tuple[slice, list[Tensor], Tensor | None]]:
+    """Forward and backward passes over `tokens`, a few rows at a time: for each pass `(rows, dM/dx per receiver
+    hook of those rows, each [rows, pos, n_receivers_there, d], in receiver order; their sender outputs [rows, pos,
+    S, d], or None without `with_senders`)`, with the token embedding replaced by `embed` when given (integrated
+    gradients).
+
+    Every receiver's own input and its gradient are alive during a backward pass, so the rows of one pass fit
+    `GRADIENT_BUDGET`; the rows outside a pass enter `metric` as constants at their own values (a no-grad run of
+    all of them), so any metric of the whole batch gets its exact gradient."""
     names = [name for layer in range(graph.n_layers + 1) for name, _ in _receiver_hooks(graph, layer)]
-    inputs: dict[str, Tensor] = {}
-
-    def keep(name: str):                      # by the name asked for: the bridge reports aliases by their own
-        def hook(act, hook):                  # a copy, so the gradient is the receiver's alone, not the skip path's
-            inputs[name] = act.clone()
-            return inputs[name]
-        return hook
-
-    def leaf_embedding(act, hook):           # the graph's one leaf: every receiver input depends on it
-        return (act if embed is None else embed.to(act.dtype)).detach().requires_grad_(True)
-
-    hooks = [(hook_name("embed"), leaf_embedding)] + [(name, keep(name)) for name in names]
     sender_names = _sender_hook_names(graph)
-    acts: dict[str, Tensor] = {}
+    per_row = tokens.shape[1] * len(graph.receivers) * model.cfg.d_model * 4 * 4   # input, copy, gradient, norm
+    rows = max(1, GRADIENT_BUDGET // per_row)
+    everything = None
+    if rows < len(tokens):
+        embed_hooks = [] if embed is None else [(hook_name("embed"), lambda act, hook: embed.to(act.dtype))]
+        with torch.no_grad():
+            everything = model.run_with_hooks(tokens, fwd_hooks=embed_hooks)
+    for start in range(0, len(tokens), rows):
+        end = min(start + rows, len(tokens))
+        inputs: dict[str, Tensor] = {}
+        acts: dict[str, Tensor] = {}
 
-    def record(name: str):
-        def hook(act, hook):
-            acts[name] = act.detach()
-            return act
-        return hook
+        def keep(name: str):                  # by the name asked for: the bridge reports aliases by their own
+            def hook(act, hook):              # a copy, so the gradient is the receiver's alone, not the skip path's
+                inputs[name] = act.clone()
+                return inputs[name]
+            return hook
 
-    hooks += [(name, record(name)) for name in sender_names]
-    with _split_inputs(model, graph.per_head_inputs), torch.enable_grad():
-        value = metric(model.run_with_hooks(tokens, fwd_hooks=hooks))
-        grads = torch.autograd.grad(value.sum(), [inputs[name] for name in names])
-    gradients = [_as_receivers(grad) for grad in grads]
-    with torch.no_grad():
-        senders = torch.cat([acts[hook_name("resid_pre", 0)][:, :, None]]
-                            + [_sender_outputs(model, acts, graph, layer) for layer in range(graph.n_layers)], dim=2)
-    return gradients, senders
+        def leaf_embedding(act, hook):       # the graph's one leaf: every receiver input depends on it
+            return (act if embed is None else embed[start:end].to(act.dtype)).detach().requires_grad_(True)
+
+        def record(name: str):
+            def hook(act, hook):
+                acts[name] = act.detach()
+                return act
+            return hook
+
+        hooks = [(hook_name("embed"), leaf_embedding)] + [(name, keep(name)) for name in names]
+        hooks += [(name, record(name)) for name in sender_names] if with_senders else []
+        with _split_inputs(model, graph.per_head_inputs), torch.enable_grad():
+            logits = model.run_with_hooks(tokens[start:end], fwd_hooks=hooks)
+            if everything is not None:
+                logits = torch.cat([everything[:start], logits, everything[end:]])
+            grads = torch.autograd.grad(metric(logits).sum(), [inputs[name] for name in names])
+        del logits, inputs
+        senders = None
+        if with_senders:
+            with torch.no_grad():
+                senders = torch.cat([acts[hook_name("resid_pre", 0)][:, :, None]]
+                                    + [_sender_outputs(model, acts, graph, layer)
+                                       for layer in range(graph.n_layers)], dim=2)
+        yield slice(start, end), [_as_receivers(grad) for grad in grads], senders
 
 
 def edge_scores(model, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
@@ -325,9 +389,11 @@ def edge_scores(model, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens:
     `ig_steps=1`, EAP-IG over the input embeddings for more (gradients averaged at `alpha = k / ig_steps`,
     k = 1 .. ig_steps, on inputs interpolated from corrupted to clean). Zero where there is no edge.
 
-    Clean and corrupted prompts must have the same length (positions are compared one to one). Memory: the
-    receivers' gradients, `batch x pos x n_receivers x d_model` floats (about 3 GB for Llama-3-8B at 50 prompts of
-    5 tokens), and the senders' outputs of both runs.
+    Clean and corrupted prompts must have the same length (positions are compared one to one). The score of an
+    edge is a sum over prompts of (corrupted - clean sender output) . (receiver gradient), so it is accumulated a
+    few prompts at a time (`_receiver_gradients`): memory is the senders' outputs of the corrupted run, `batch x
+    pos x n_senders x d_model` floats (0.4 GB for 32 prompts of 17 tokens on a 30-layer model), and one pass's.
+    The first pass is at alpha = 1, whose sender outputs are the clean ones.
     """
     if ig_steps < 1:
         raise ValueError(f"ig_steps must be at least 1, got {ig_steps}")
@@ -335,22 +401,20 @@ def edge_scores(model, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens:
         raise ValueError(f"clean and corrupted tokens differ in shape: {tuple(clean_tokens.shape)} vs "
                          f"{tuple(corrupted_tokens.shape)}")
     graph = graph or build_graph(model)
-    corrupted = sender_activations(model, corrupted_tokens, graph)
-    if ig_steps == 1:
-        gradients, clean = _receiver_gradients(model, clean_tokens, graph, metric, None)
-    else:
+    delta = sender_activations(model, corrupted_tokens, graph)       # corrupted, then corrupted - clean, row by row
+    embeds = [None]
+    if ig_steps > 1:
         clean_embed, corrupt_embed = _embeddings(model, clean_tokens), _embeddings(model, corrupted_tokens)
-        gradients, clean = None, None
-        for step in range(1, ig_steps + 1):
-            alpha = step / ig_steps
-            grads, senders = _receiver_gradients(model, clean_tokens, graph, metric,
-                                                 corrupt_embed + alpha * (clean_embed - corrupt_embed))
-            gradients = grads if gradients is None else [total + grad for total, grad in zip(gradients, grads)]
-            clean = senders if step == ig_steps else clean
-        gradients = [total / ig_steps for total in gradients]
-    delta = corrupted - clean                                                      # [batch, pos, S, d_model]
-    scores = torch.cat([torch.einsum("bpsd,bprd->sr", delta, grad.to(delta.dtype)) for grad in gradients], dim=1)
-    return scores.float() * graph.edges
+        embeds = [corrupt_embed + step / ig_steps * (clean_embed - corrupt_embed) for step in range(ig_steps, 0, -1)]
+    scores = torch.zeros(len(graph.senders), len(graph.receivers), dtype=torch.float64)
+    for first, embed in enumerate(embeds):
+        for rows, grads, clean in _receiver_gradients(model, clean_tokens, graph, metric, embed, first == 0):
+            if clean is not None:
+                delta[rows] -= clean
+            flat = delta[rows].permute(2, 0, 1, 3).reshape(len(graph.senders), -1)       # [S, rows * pos * d]
+            grad = torch.cat([g.permute(0, 1, 3, 2).reshape(-1, g.shape[2]) for g in grads], dim=1)  # [.., R]
+            scores += (flat @ grad.to(flat.dtype)).double()
+    return (scores / len(embeds)).float() * graph.edges
 
 
 def _embeddings(model, tokens: Tensor) -> Tensor:
@@ -446,10 +510,9 @@ def faithfulness_curve(model, clean_tokens: Tensor, corrupted_tokens: Tensor, me
     corrupted = sender_activations(model, corrupted_tokens, graph)
     values = []
     for start in range(0, len(circuits), batch_circuits):
-        patched = ~torch.stack(circuits[start: start + batch_circuits])
-        logits = edge_patched_logits(model, clean_tokens, corrupted_tokens, graph, patched,
-                                     corrupted_senders=corrupted)
-        values += [float(metric(chunk)) for chunk in logits]
+        values += edge_patched_metrics(model, clean_tokens, corrupted_tokens, graph,
+                                       ~torch.stack(circuits[start: start + batch_circuits]), metric,
+                                       corrupted_senders=corrupted)
     clean_value, corrupted_value = _end_points(model, clean_tokens, corrupted_tokens, metric)
     span = clean_value - corrupted_value
     return CircuitCurve(list(sizes), [int(c.sum()) for c in circuits],
@@ -471,9 +534,10 @@ def exact_edge_effects(model, clean_tokens: Tensor, corrupted_tokens: Tensor, me
         masks = torch.zeros((len(batch),) + tuple(graph.edges.shape), dtype=torch.bool)
         for i, (s, r) in enumerate(batch):
             masks[i, s, r] = True
-        logits = edge_patched_logits(model, clean_tokens, corrupted_tokens, graph, masks, corrupted_senders=corrupted)
-        for (s, r), chunk in zip(batch, logits):
-            effects[s, r] = float(metric(chunk) - clean_value)
+        values = edge_patched_metrics(model, clean_tokens, corrupted_tokens, graph, masks, metric,
+                                      corrupted_senders=corrupted)
+        for (s, r), value in zip(batch, values):
+            effects[s, r] = value - float(clean_value)
     return effects
 
 
@@ -524,10 +588,10 @@ def circuit_from_nodes(graph: Graph, nodes: set[str] | Sequence[str]) -> Bool[Te
 def circuit_faithfulness(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Metric, graph: Graph,
                          circuits: Sequence[Tensor]) -> list[float]:
     """Faithfulness of each circuit (edges outside it patched from the corrupted run), normalised so the clean run
-    is 1 and the corrupted run 0, in one batched forward pass."""
-    logits = edge_patched_logits(model, clean_tokens, corrupted_tokens, graph, ~torch.stack(list(circuits)))
+    is 1 and the corrupted run 0, batched (`edge_patched_metrics`)."""
+    values = edge_patched_metrics(model, clean_tokens, corrupted_tokens, graph, ~torch.stack(list(circuits)), metric)
     clean_value, corrupted_value = _end_points(model, clean_tokens, corrupted_tokens, metric)
-    return [(float(metric(chunk)) - corrupted_value) / (clean_value - corrupted_value) for chunk in logits]
+    return [(value - corrupted_value) / (clean_value - corrupted_value) for value in values]
 
 
 def _end_points(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Metric) -> tuple[float, float]:

@@ -216,7 +216,8 @@ SYLLOGISM_CIRCUIT = NotebookParameters(
     rules=dict(
         seed=integer(0), pool_size=integer(2), n_prompts=integer(2), ld_threshold=number(optional=True),
         knockout_method=choice("zero", "mean"), max_movers=integer(1), knockout_target=number(0, 1, low_open=True),
-        marker_replacement=text(), path_threshold=number(0), eap_ig_steps=integer(1),
+        marker_replacement=text(), path_threshold=number(0), exact_top=integer(1, optional=True),
+        path_senders=integer(1, optional=True), eap_ig_steps=integer(1), eap_curve_points=integer(2),
         eap_target=number(0, 1, low_open=True), run_benchmark=flag(), benchmark_prompts=integer(2), **_common()),
     relations=(
         Relation("n_prompts even (both orders of each pair are kept together)", ("n_prompts",), lambda n: n % 2 == 0),

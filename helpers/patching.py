@@ -39,6 +39,7 @@ import inspect
 import math
 import warnings
 from collections import defaultdict
+from dataclasses import dataclass
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 from weakref import WeakKeyDictionary
@@ -54,6 +55,7 @@ Metric = Callable[[Tensor], Tensor]
 Site = tuple[str, tuple]  # (hook name, index into the activation after the batch dimension)
 Variant = Sequence[Site]
 HEAD_SITES = ("z", "q", "k", "v", "pattern")
+BLOCK_HOOKS = ("resid_pre", "attn_out", "mlp_out")
 LOGIT_BUDGET = 2 ** 26  # floats of logits per forward pass (256 MB in float32) when max_rows is not given
 
 
@@ -763,27 +765,149 @@ def _sources(cache, names) -> dict[str, Tensor]:
     return {name: cache[name] for name in set(names)}
 
 
-def _sweep(model, corrupted_tokens, clean_cache, metric, grid: list[Site], shape, max_rows, progress) -> Tensor:
-    variants = [[site] for site in grid]
-    values = run_patched_variants(model, corrupted_tokens, _sources(clean_cache, [n for n, _ in grid]), variants,
-                                  metric, max_rows=max_rows, progress=progress)
-    return values.view(*shape)
-
-
 def _positions(tokens: Tensor, positions: Sequence[int] | None) -> list[int]:
     return list(range(tokens.shape[1])) if positions is None else [int(p) for p in positions]
 
 
-# ---- activation patching sweeps -------------------------------------------------------------------------------
+# ---- sweeps: every site patched exactly, or screened by attribution patching first ----------------------------
+@dataclass(frozen=True)
+class Sweep:
+    """One patch per site; `arrange` lays the flat `[len(sites)]` results out as the sweep's tensor."""
+    sites: list[Site]
+    arrange: Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """The metric after each site's patch, laid out as the sweep's tensor.
+
+    values: exact where `exact` is True; elsewhere (a screened sweep) the attribution-patching estimate.
+    estimate: the estimate at every site (None: not screened, every site patched exactly).
+    baseline: the metric of the unpatched corrupted run (a patch's effect is its value minus this).
+    agreement: on the exactly patched sites of a screened sweep, how the estimated effects compare with the exact
+        ones: `rank_correlation` (Spearman), `correlation` (Pearson), `same_sign` (share); empty when not screened.
+    """
+    values: Tensor
+    exact: Tensor
+    estimate: Tensor | None
+    baseline: float
+    agreement: dict[str, float]
+
+    def describe(self) -> str:
+        n_exact, n_sites = int(self.exact.sum()), self.exact.numel()
+        if self.estimate is None:
+            return f"all {n_sites} sites patched exactly"
+        a = self.agreement
+        return (f"{n_exact} of {n_sites} sites patched exactly (the largest attribution-patching estimates), the "
+                f"estimate elsewhere; on those {n_exact} the estimate's rank correlation with exact patching is "
+                f"{a['rank_correlation']:.2f}, its correlation {a['correlation']:.2f}, same sign "
+                f"{a['same_sign']:.0%}")
+
+
+def _ranks(values: Tensor) -> Tensor:
+    return values.argsort().argsort().double()
+
+
+def _correlation(x: Tensor, y: Tensor) -> float:
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    denominator = (x.norm() * y.norm()).item()
+    return (x @ y).item() / denominator if denominator > 0 else float("nan")
+
+
+def _agreement(estimated: Tensor, exact: Tensor) -> dict[str, float]:
+    """Estimated against exact effects `[n]` (AtP* practice: how far the ranking can be trusted)."""
+    return {"rank_correlation": _correlation(_ranks(estimated), _ranks(exact)),
+            "correlation": _correlation(estimated, exact),
+            "same_sign": (estimated.sign() == exact.sign()).double().mean().item()}
+
+
+def _site_estimates(model, corrupted_tokens: Tensor, clean_cache, metric: Metric, sites: list[Site]
+                    ) -> tuple[float, Tensor]:
+    """The corrupted run's metric and each site's first-order effect `[len(sites)]` (one forward and one backward
+    pass): `(clean - corrupted) . d metric / d act` over the site's elements and the batch."""
+    names = list(dict.fromkeys(name for name, _ in sites))
+    baseline, effects = _attribution(model, _sources(clean_cache, names), corrupted_tokens, metric, names)
+    return baseline, torch.stack([effects[name][index].sum() for name, index in sites])
+
+
+def run_sweep(model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, metric: Metric, sweep: Sweep, *,
+              exact_top: int | None = None, max_rows: int | None = None, progress: bool = False) -> SweepResult:
+    """Patch each site of `sweep` from `clean_cache` into the corrupted run and apply `metric`.
+
+    exact_top: None patches every site exactly. A number n screens first (attribution patching, AtP: one forward
+        and one backward pass estimate every site's effect), then patches exactly only the n sites of largest
+        estimated |effect| (the AtP* practice: rank cheaply, verify the top); `values` holds the estimate elsewhere,
+        and `agreement` says how well the estimate ranked the sites it could be checked on. On a 30-layer model a
+        head-by-position sweep has thousands of sites; a first-order estimate misses effects that saturate (a
+        patch that restores the whole answer at once), which is why the top is verified exactly.
+    """
+    n_sites = len(sweep.sites)
+    if exact_top is None or exact_top >= n_sites:
+        values = run_patched_variants(model, corrupted_tokens, _sources(clean_cache, [n for n, _ in sweep.sites]),
+                                      [[site] for site in sweep.sites], metric, max_rows=max_rows, progress=progress)
+        return SweepResult(sweep.arrange(values), sweep.arrange(torch.ones(n_sites)).bool(), None, float("nan"), {})
+    if exact_top < 1:
+        raise ValueError(f"exact_top={exact_top}: patch at least one site exactly (None: every site)")
+    baseline, effects = _site_estimates(model, corrupted_tokens, clean_cache, metric, sweep.sites)
+    chosen = effects.abs().topk(exact_top).indices.sort().values
+    chosen_sites = [sweep.sites[i] for i in chosen.tolist()]
+    exact = run_patched_variants(model, corrupted_tokens, _sources(clean_cache, [n for n, _ in chosen_sites]),
+                                 [[site] for site in chosen_sites], metric, max_rows=max_rows, progress=progress)
+    values, mask = baseline + effects.float(), torch.zeros(n_sites)
+    values[chosen], mask[chosen] = exact, 1.0
+    return SweepResult(sweep.arrange(values), sweep.arrange(mask).bool(), sweep.arrange(baseline + effects.float()),
+                       baseline, _agreement(effects[chosen], exact.double() - baseline))
+
+
+def layer_pos_sweep(model, hooks: Sequence[str], positions: Sequence[int]) -> Sweep:
+    """One site per (hook, layer, position) of `blocks.{L}.hook_{hook}`: `[len(hooks), n_layers, len(positions)]`
+    (the hook axis dropped for a single hook)."""
+    n_layers, pos = model.cfg.n_layers, list(positions)
+    sites = [(hook_name(hook, layer), (p,)) for hook in hooks for layer in range(n_layers) for p in pos]
+    shape = (n_layers, len(pos)) if len(hooks) == 1 else (len(hooks), n_layers, len(pos))
+    return Sweep(sites, lambda flat: flat.view(*shape))
+
+
+def head_sweep(model, site: str, by_position: bool, positions: Sequence[int]) -> Sweep:
+    """One site per head (and position) of `site`; laid out as `act_patch_heads` returns it."""
+    if site not in HEAD_SITES:
+        raise ValueError(f"unknown head site {site!r}; use one of {HEAD_SITES}")
+    n_layers, n_heads, pos = model.cfg.n_layers, _site_heads(model, site), list(positions)
+    names = [hook_name("head", layer, site) for layer in range(n_layers)]
+    if not by_position:
+        index = (lambda h: (h,)) if site == "pattern" else (lambda h: (slice(None), h))
+        sites, shape = [(names[layer], index(h)) for layer in range(n_layers) for h in range(n_heads)], (n_layers,
+                                                                                                     n_heads)
+    elif site == "pattern":  # [layer, head, dest_pos], as TransformerLens
+        sites = [(names[layer], (h, p)) for layer in range(n_layers) for h in range(n_heads) for p in pos]
+        shape = (n_layers, n_heads, len(pos))
+    else:
+        sites = [(names[layer], (p, h)) for layer in range(n_layers) for p in pos for h in range(n_heads)]
+        shape = (n_layers, len(pos), n_heads)
+    return Sweep(sites, lambda flat: flat.view(*shape))
+
+
+def heads_every_sweep(model, by_position: bool, positions: Sequence[int]) -> Sweep:
+    """Output (z), q, k, v (and, over all positions, pattern) of every head in one sweep, stacked on a first axis;
+    the k and v slices padded to `n_heads` columns under grouped-query attention, as TransformerLens pads them."""
+    parts = [head_sweep(model, site, by_position, positions)
+             for site in (HEAD_SITES if not by_position else HEAD_SITES[:4])]
+    sizes, n_heads = [len(part.sites) for part in parts], model.cfg.n_heads
+
+    def arrange(flat: Tensor) -> Tensor:
+        laid = [part.arrange(values) for part, values in zip(parts, flat.split(sizes))]
+        return torch.stack([torch.nn.functional.pad(values, (0, n_heads - values.shape[-1])) for values in laid])
+
+    return Sweep([site for part in parts for site in part.sites], arrange)
+
+
 def act_patch_layer_pos(model, corrupted_tokens: Tensor, clean_cache, metric: Metric, hook: str = "resid_pre", *,
                         positions: Sequence[int] | None = None, max_rows: int | None = None,
                         progress: bool = False) -> Tensor:
     """Patch one (layer, position) of `blocks.{L}.hook_{hook}` at a time ("resid_pre", "resid_mid", "resid_post",
     "attn_out", "mlp_out"): `[n_layers, pos]` (or `[n_layers, len(positions)]`)."""
-    pos = _positions(corrupted_tokens, positions)
-    grid = [(hook_name(hook, layer), (p,)) for layer in range(model.cfg.n_layers) for p in pos]
-    return _sweep(model, corrupted_tokens, clean_cache, metric, grid, (model.cfg.n_layers, len(pos)), max_rows,
-                  progress)
+    sweep = layer_pos_sweep(model, [hook], _positions(corrupted_tokens, positions))
+    return run_sweep(model, corrupted_tokens, clean_cache, metric, sweep, max_rows=max_rows, progress=progress).values
 
 
 def act_patch_resid_pre(model, corrupted_tokens, clean_cache, metric, **kwargs) -> Tensor:
@@ -804,28 +928,8 @@ def act_patch_mlp_out(model, corrupted_tokens, clean_cache, metric, **kwargs) ->
 def act_patch_block_every(model, corrupted_tokens, clean_cache, metric, *, positions: Sequence[int] | None = None,
                           max_rows: int | None = None, progress: bool = False) -> Tensor:
     """`[3, n_layers, pos]`: resid_pre, attn_out, mlp_out (like `get_act_patch_block_every`), in one sweep."""
-    pos = _positions(corrupted_tokens, positions)
-    grid = [(hook_name(hook, layer), (p,)) for hook in ("resid_pre", "attn_out", "mlp_out")
-            for layer in range(model.cfg.n_layers) for p in pos]
-    return _sweep(model, corrupted_tokens, clean_cache, metric, grid, (3, model.cfg.n_layers, len(pos)), max_rows,
-                  progress)
-
-
-def _head_grid(model, site: str, by_position: bool, pos: list[int]) -> tuple[list[Site], tuple[int, ...]]:
-    """The sites of one head sweep and its result shape; k/v sweeps have `n_kv_heads(model)` head columns."""
-    if site not in HEAD_SITES:
-        raise ValueError(f"unknown head site {site!r}; use one of {HEAD_SITES}")
-    n_layers, n_heads = model.cfg.n_layers, _site_heads(model, site)
-    names = [hook_name("head", layer, site) for layer in range(n_layers)]
-    if not by_position:
-        index = (lambda h: (h,)) if site == "pattern" else (lambda h: (slice(None), h))
-        grid = [(names[layer], index(h)) for layer in range(n_layers) for h in range(n_heads)]
-        return grid, (n_layers, n_heads)
-    if site == "pattern":  # [layer, head, dest_pos], as TransformerLens
-        grid = [(names[layer], (h, p)) for layer in range(n_layers) for h in range(n_heads) for p in pos]
-        return grid, (n_layers, n_heads, len(pos))
-    grid = [(names[layer], (p, h)) for layer in range(n_layers) for p in pos for h in range(n_heads)]
-    return grid, (n_layers, len(pos), n_heads)
+    sweep = layer_pos_sweep(model, BLOCK_HOOKS, _positions(corrupted_tokens, positions))
+    return run_sweep(model, corrupted_tokens, clean_cache, metric, sweep, max_rows=max_rows, progress=progress).values
 
 
 def act_patch_heads(model, corrupted_tokens: Tensor, clean_cache, metric: Metric, site: str = "z", *,
@@ -839,8 +943,8 @@ def act_patch_heads(model, corrupted_tokens: Tensor, clean_cache, metric: Metric
     key/value head read by query heads `g * n_heads // n_kv` to `(g + 1) * n_heads // n_kv - 1` (as
     TransformerLens's `get_act_patch_attn_head_k_all_pos` etc.).
     """
-    grid, shape = _head_grid(model, site, by_position, _positions(corrupted_tokens, positions))
-    return _sweep(model, corrupted_tokens, clean_cache, metric, grid, shape, max_rows, progress)
+    sweep = head_sweep(model, site, by_position, _positions(corrupted_tokens, positions))
+    return run_sweep(model, corrupted_tokens, clean_cache, metric, sweep, max_rows=max_rows, progress=progress).values
 
 
 def act_patch_heads_every(model, corrupted_tokens: Tensor, clean_cache, metric: Metric, *,
@@ -853,14 +957,8 @@ def act_patch_heads_every(model, corrupted_tokens: Tensor, clean_cache, metric: 
     their first `n_kv` columns and zeros after them, exactly as TransformerLens pads them: columns `n_kv:` there are
     padding, not heads (`act_patch_heads(..., "k")` gives the unpadded `[n_layers, n_kv]`).
     """
-    pos = _positions(corrupted_tokens, None)
-    sites = HEAD_SITES if not by_position else HEAD_SITES[:4]
-    grids = [_head_grid(model, site, by_position, pos) for site in sites]
-    values = _sweep(model, corrupted_tokens, clean_cache, metric, [s for grid, _ in grids for s in grid], (-1,),
-                    max_rows, progress)
-    parts = values.split([len(grid) for grid, _ in grids])
-    return torch.stack([torch.nn.functional.pad(part.view(shape), (0, model.cfg.n_heads - shape[-1]))
-                        for part, (_, shape) in zip(parts, grids)])
+    sweep = heads_every_sweep(model, by_position, _positions(corrupted_tokens, None))
+    return run_sweep(model, corrupted_tokens, clean_cache, metric, sweep, max_rows=max_rows, progress=progress).values
 
 
 def patch_components(model, corrupted_tokens: Tensor, clean_cache, metric: Metric,
@@ -1067,24 +1165,16 @@ def _read_metric(model, metric: Metric, logits: Tensor, final_resid: Tensor) -> 
     return narrow if _close(narrow.detach(), value.detach()) else value
 
 
-def attribution_patch(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Metric,
-                      hook_names: Sequence[str]) -> dict[str, Tensor]:
-    """First-order estimate of patching each activation element from the clean into the corrupted run.
-
-    Returns `{hook_name: (clean_act - corrupted_act) * d metric / d act}` summed over the batch, shape
-    `act.shape[1:]` (e.g. `[pos, n_heads, d_head]` for `hook_z`). Summing over the trailing dimensions estimates the
-    metric change of the corresponding activation patch (which, for a normalised metric, is the patched value
-    itself, since the corrupted run scores 0). Two forward passes and one backward pass in all. Where the model
-    does not read `hook_pattern` back (`pattern_route` "z"), a pattern's gradient is taken through `z = pattern @ v`
-    (the tensor that hook reports is then connected to the output only while the parameters require gradients).
-    """
-    names = list(dict.fromkeys(hook_names))
+def _attribution(model, sources: dict[str, Tensor], tokens: Tensor, metric: Metric, names: Sequence[str]
+                 ) -> tuple[float, dict[str, Tensor]]:
+    """The metric of the run on `tokens` and, per hook name, `(sources[name] - act) * d metric / d act` summed over
+    the batch (one forward and one backward pass). Where the model does not read `hook_pattern` back
+    (`pattern_route` "z"), a pattern's gradient is taken through `z = pattern @ v`."""
+    names = list(dict.fromkeys(names))
     rerouted = [name for name in names if _is_pattern(name)]
     if rerouted and pattern_route(model) == "pattern":
         rerouted = []
     kept = list(dict.fromkeys(names + [name.removesuffix("pattern") + s for name in rerouted for s in ("z", "v")]))
-    with torch.no_grad():
-        _, clean_cache = model.run_with_cache(clean_tokens, names_filter=lambda n: n in names)
     acts: dict[str, Tensor] = {}
 
     def keep(name: str):
@@ -1101,7 +1191,7 @@ def attribution_patch(model, clean_tokens: Tensor, corrupted_tokens: Tensor, met
     if final not in kept:
         hooks.append((final, keep(final)))
     with torch.enable_grad():
-        logits = model.run_with_hooks(corrupted_tokens, fwd_hooks=hooks)
+        logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
         value = _read_metric(model, metric, logits, acts[final])
         grads = dict(zip(kept, torch.autograd.grad(value, [acts[name] for name in kept], allow_unused=True)))
     for name in rerouted:
@@ -1109,10 +1199,27 @@ def attribution_patch(model, clean_tokens: Tensor, corrupted_tokens: Tensor, met
         grads[name] = _pattern_grad(grads[layer + "z"], acts[layer + "v"].detach())
     out = {}
     for name in names:
-        delta = clean_cache[name] - acts[name].detach()
+        delta = sources[name].to(acts[name].dtype) - acts[name].detach()
         out[name] = (delta * grads[name]).sum(0) if grads[name] is not None else torch.zeros_like(delta[0])
     model.zero_grad(set_to_none=True)
-    return out
+    return float(value), out
+
+
+def attribution_patch(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Metric,
+                      hook_names: Sequence[str]) -> dict[str, Tensor]:
+    """First-order estimate of patching each activation element from the clean into the corrupted run.
+
+    Returns `{hook_name: (clean_act - corrupted_act) * d metric / d act}` summed over the batch, shape
+    `act.shape[1:]` (e.g. `[pos, n_heads, d_head]` for `hook_z`). Summing over the trailing dimensions estimates the
+    metric change of the corresponding activation patch (which, for a normalised metric, is the patched value
+    itself, since the corrupted run scores 0). Two forward passes and one backward pass in all. Where the model
+    does not read `hook_pattern` back (`pattern_route` "z"), a pattern's gradient is taken through `z = pattern @ v`
+    (the tensor that hook reports is then connected to the output only while the parameters require gradients).
+    """
+    names = list(dict.fromkeys(hook_names))
+    with torch.no_grad():
+        _, clean_cache = model.run_with_cache(clean_tokens, names_filter=names)
+    return _attribution(model, _sources(clean_cache, names), corrupted_tokens, metric, names)[1]
 
 
 def attribution_patch_layer_pos(model, clean_tokens, corrupted_tokens, metric, hook: str = "resid_pre") -> Tensor:

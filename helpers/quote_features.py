@@ -18,7 +18,7 @@ from torch import Tensor
 from helpers import sae as S
 from helpers import sae_features as SF
 from helpers.attribution import Attribution, token_attribution_at
-from helpers.components import device_of, hook_name, layers_needed
+from helpers.components import device_of, hook_name, layers_needed, unembed_only_at
 from helpers.tasks.stories import QuotePrompts, closing_quote_prompts
 
 # The seed's figures for tiny-stories-2L-33M (SAEs 18_morning_sun / 98_hardy_firefly, 4554 validation prompts),
@@ -82,7 +82,7 @@ def closing_dla(model, prompts: QuotePrompts, *, batch_size: int = 16) -> Attrib
     per_prompt, components = None, None
     for rows, width in S.position_chunks(prompts.last_pos, batch_size):
         positions = prompts.last_pos[rows]
-        with model.hooks(fwd_hooks=S.unembed_only_at(model, positions)):
+        with model.hooks(fwd_hooks=unembed_only_at(model, positions)):
             _, cache = model.run_with_cache(prompts.tokens[rows, :width].to(device_of(model)), names_filter=_dla_names)
         part = token_attribution_at(model, cache, prompts.answers[rows], positions)
         if per_prompt is None:
@@ -146,7 +146,7 @@ def closing_activations(model, prompts: QuotePrompts, hook: str, *, batch_size: 
     values, scales = None, torch.ones(len(prompts))
     for rows, width in S.position_chunks(prompts.last_pos, batch_size):
         positions = prompts.last_pos[rows]
-        with model.hooks(fwd_hooks=S.unembed_only_at(model, positions)):
+        with model.hooks(fwd_hooks=unembed_only_at(model, positions)):
             _, cache = model.run_with_cache(prompts.tokens[rows, :width].to(device_of(model)),
                                             names_filter=[hook, "ln_final.hook_scale"])
         index = (torch.arange(len(rows)), positions.to(device_of(model)))

@@ -323,6 +323,16 @@ def write_report(report: Path, stem: str, parameters: dict, elapsed: float, cell
                                  "cells": cells}, default=str) + "\n")
 
 
+def over_budget(cells: list[dict], wall_s: float, max_cell_gb: float | None, max_wall_s: float | None) -> list[str]:
+    """What broke a budget: each cell whose peak resident memory passed `max_cell_gb`, and the notebook's wall time
+    past `max_wall_s` (None: no budget)."""
+    broken = [f"cell {cell['cell']} ({cell['first_line']!r}) peaked at {cell['peak_rss_gb']} GB > {max_cell_gb} GB"
+              for cell in cells if max_cell_gb is not None and cell["peak_rss_gb"] > max_cell_gb]
+    if max_wall_s is not None and wall_s > max_wall_s:
+        broken.append(f"the notebook took {wall_s:.0f} s > {max_wall_s:.0f} s")
+    return broken
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m helpers.run_notebooks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -338,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", type=Path, default=None,
                         help="append one JSON line per notebook: parameters, wall time, peak kernel memory, and "
                              "each cell's wall time and peak memory")
+    parser.add_argument("--max-cell-gb", type=float, default=None,
+                        help="fail when a cell's peak resident memory passes this many GB (names the cell)")
+    parser.add_argument("--max-wall-s", type=float, default=None,
+                        help="fail when a notebook takes longer than this many seconds")
     args = parser.parse_args(argv)
 
     parameters = dict(args.parameters)
@@ -353,15 +367,20 @@ def main(argv: list[str] | None = None) -> int:
     timings = []
     for notebook in notebooks(args.only):
         output = notebook if args.inplace else args.out / notebook.name
-        if args.report is None:
+        cells = []
+        if args.report is None and args.max_cell_gb is None:
             result = execute(notebook, output, parameters, args.cell_timeout)
         else:
             with tempfile.TemporaryDirectory() as folder, cell_memory_log(Path(folder)) as log:
                 result = execute(notebook, output, parameters, args.cell_timeout)
                 cells = cell_report(log, output) if output.is_file() else []
-            write_report(args.report, notebook.stem, parameters, result.wall_s, cells)
+            if args.report is not None:
+                write_report(args.report, notebook.stem, parameters, result.wall_s, cells)
         if result.error is not None:
             raise SystemExit(f"{notebook.stem} failed after {result.wall_s:.0f} s: {result.error}")
+        broken = over_budget(cells, result.wall_s, args.max_cell_gb, args.max_wall_s)
+        if broken:
+            raise SystemExit(f"{notebook.stem} is over its budget: " + "; ".join(broken))
         timings.append((notebook.stem, result.wall_s))
         print(f"{notebook.stem}: {result.wall_s:.0f} s -> {result.output}", flush=True)
     print(f"total: {sum(t for _, t in timings):.0f} s for {len(timings)} notebook(s)")

@@ -34,7 +34,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from helpers.components import device_of, layers_needed
+from helpers.components import device_of, layers_needed, unembed_only_at
 from helpers.patching import SuffixReplay
 
 Hook = Callable[[Tensor, object], Tensor]
@@ -488,19 +488,6 @@ def _replayed_or_run(model, chunk: Tensor, rows: Tensor, pos: Tensor, start: int
     hooks = hooks_for(rows, pos) if hooks_for is not None else []
     logits = model.run_with_hooks(chunk, fwd_hooks=[*hooks, *unembed_only_at(model, pos)])
     return (logits[:, 0] if logits.shape[1] == 1 else logits[index, pos.to(logits.device)]).float().cpu()
-
-
-def unembed_only_at(model, positions: Int[Tensor, "batch"]) -> list[tuple[str, Hook]]:
-    """A hook handing the unembedding only each row's `positions` (`[batch, 1, d_model]`), so a run's logits are
-    `[batch, 1, d_vocab]`: unembedding every position of a 49k vocabulary is a fifth of a small model's pass and
-    most of its memory. None where the model has no `unembed.hook_in`."""
-    if not hasattr(getattr(model, "unembed", None), "hook_in"):
-        return []
-
-    def select(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
-        return act[torch.arange(len(act), device=act.device), positions.to(act.device)][:, None]
-
-    return [("unembed.hook_in", select)]
 
 
 def logprobs_at(model, tokens: Int[Tensor, "batch seq"], positions: Int[Tensor, "batch"],

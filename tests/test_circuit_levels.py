@@ -113,3 +113,24 @@ def test_upstream_path_patch_equals_path_patching_and_is_zero_without_a_path(set
     assert torch.all(change[1:] == 0)
     assert torch.all(layer0 == 0)  # a layer-0 receiver reads only the embedding
     assert same.abs().max() < 1e-6  # clean into clean moves nothing
+
+
+def test_screened_senders_are_the_largest_estimates_and_only_they_are_path_patched(setup):
+    model, clean, corrupted, answers = setup
+    with torch.no_grad():
+        clean_ld = attribution.logit_diff(model(clean), answers).item()
+    metric = patching.normalised_logit_diff(answers, clean_ld, 0.0)
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    chosen = circuit_levels.screened_senders(model, clean, corrupted, metric, n_layers - 1, 3)
+    estimate = patching.attribution_patch_heads(model, corrupted, clean, metric, "z")[:n_layers - 1].abs()
+    assert len(chosen) == 3 and all(layer < n_layers - 1 for layer, _ in chosen)
+    left_out = [estimate[l, h] for l in range(n_layers - 1) for h in range(n_heads) if (l, h) not in chosen]
+    assert min(estimate[l, h] for l, h in chosen) >= max(left_out)
+    receivers = [Component.head(n_layers - 1, head) for head in range(n_heads)]
+    with torch.no_grad():
+        every = circuit_levels.upstream_path_patch(model, clean, corrupted, metric, receivers, "v")
+        screened = circuit_levels.upstream_path_patch(model, clean, corrupted, metric, receivers, "v", chosen)
+    mask = torch.zeros(n_layers, n_heads, dtype=torch.bool)
+    mask[tuple(torch.tensor(chosen).T)] = True
+    torch.testing.assert_close(screened[mask], every[mask], atol=1e-5, rtol=1e-4)
+    assert torch.all(screened[~mask] == 0)

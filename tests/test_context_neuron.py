@@ -131,3 +131,27 @@ def test_examples_and_the_findings_table(tiny):
     lines = table.splitlines()
     assert len(lines) == 3 and lines[0].split("|")[1].strip() == "paper (Pythia-70m)"
     assert len({line.index("|") for line in lines}) == 1                  # aligned columns
+
+
+def test_language_direction_and_writer_separation_equal_a_full_run(tiny):
+    """The passes stop after the last block; the direction and each writer's separation are those of full runs."""
+    from helpers import attribution
+
+    model, german, english = tiny
+    final = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    values, masks = {}, {"de": german, "en": english}
+    with torch.no_grad():
+        caches = {name: model.run_with_cache(docs.tokens)[1] for name, docs in masks.items()}
+    means = {name: caches[name][final][docs.scored].double().mean(0) for name, docs in masks.items()}
+    expected = (means["de"] - means["en"]) / (means["de"] - means["en"]).norm()
+    direction = context_neuron.language_direction(model, german, english)
+    torch.testing.assert_close(direction.double(), expected, atol=1e-5, rtol=1e-4)
+    separation, components = context_neuron.writer_separation(model, german, english, direction)
+    for name, docs in masks.items():
+        writes, labels = attribution.direction_writes(model, caches[name], direction)
+        values[name] = writes[:, docs.scored].double()                               # [component, tokens]
+    assert [c.label for c in components] == [c.label for c in labels]
+    pooled = ((values["de"].var(1, correction=0) + values["en"].var(1, correction=0)) / 2).sqrt()
+    expected = (values["de"].mean(1) - values["en"].mean(1)) / pooled.clamp_min(1e-6)
+    kept = pooled > 1e-6
+    torch.testing.assert_close(separation[kept].double(), expected[kept], atol=1e-3, rtol=1e-3)

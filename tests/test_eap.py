@@ -66,6 +66,34 @@ def test_patching_no_edge_is_clean_and_every_edge_is_corrupted(setups, architect
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_a_circuit_patches_alike_alone_or_batched(setups, architecture, monkeypatch):
+    """A circuit's logits do not depend on the circuits it shares a pass with, nor on how many share one."""
+    model, graph, clean, corrupted = setups(architecture)
+    generator = torch.Generator().manual_seed(0)
+    dense = (torch.rand(graph.edges.shape, generator=generator) < 0.9) & graph.edges
+    sparse = (torch.rand(graph.edges.shape, generator=generator) < 0.1) & graph.edges
+    batched = eap.edge_patched_logits(model, clean, corrupted, graph, torch.stack([dense, sparse]))
+    for i, mask in enumerate((dense, sparse)):
+        alone = eap.edge_patched_logits(model, clean, corrupted, graph, mask)
+        torch.testing.assert_close(batched[i], alone, atol=1e-5, rtol=0)
+    monkeypatch.setattr(eap, "EDGE_PATCH_BUDGET", 1)     # one circuit per pass
+    torch.testing.assert_close(eap.edge_patched_logits(model, clean, corrupted, graph, torch.stack([dense, sparse])),
+                               batched, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_scores_from_passes_of_a_few_rows_equal_one_pass(setups, architecture, monkeypatch):
+    """A backward pass over a few rows at a time (the others constant at their own values) gives the same
+    gradients, so the same scores, for a metric of the whole batch (a mean of per-row logit differences)."""
+    model, graph, clean, corrupted = setups(architecture)
+    metric = lambda logits: logits[:, -1, 5].mean() - logits[::2, -1, 9].mean()    # noqa: E731  rows unequal
+    whole = eap.edge_scores(model, clean, corrupted, metric, graph=graph, ig_steps=2)
+    monkeypatch.setattr(eap, "GRADIENT_BUDGET", 1)                                 # one row per pass
+    torch.testing.assert_close(eap.edge_scores(model, clean, corrupted, metric, graph=graph, ig_steps=2), whole,
+                               atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_eap_is_the_derivative_of_exact_edge_patching(setups, architecture):
     """Patching an edge a fraction alpha of the way changes the metric by alpha * EAP score, to first order."""
     model, graph, clean, corrupted = setups(architecture)

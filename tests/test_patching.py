@@ -432,3 +432,48 @@ def test_a_metric_that_declares_its_tokens_reads_only_their_logits():
     expected = logits[:, [4, 1]][..., 7].sum() - logits[:, [4, 1]][..., 2].sum()
     assert torch.allclose(metric(logits), expected)
     assert metric.select(logits).shape == (3, 2, 2)
+
+
+# ---- screened sweeps (attribution patching ranks, exact patching verifies the top) -------------------------------
+@pytest.mark.parametrize("site, by_position", [("z", True), ("pattern", False), ("v", True)])
+def test_screened_sweep_is_exact_on_the_top_estimates_and_the_estimate_elsewhere(setup, reference, site, by_position):
+    arch, model, clean, corrupted, cache, metric = setup
+    sweep = patching.head_sweep(model, site, by_position, range(clean.shape[1]))
+    top = max(1, len(sweep.sites) // 4)
+    screened = patching.run_sweep(model, corrupted, cache, metric, sweep, exact_top=top)
+    estimate = patching.attribution_patch_heads(model, clean, corrupted, metric, site, by_position)
+    assert screened.baseline == pytest.approx(float(metric(model(corrupted))), abs=1e-6)
+    assert torch.allclose(screened.estimate - screened.baseline, estimate, atol=1e-5)
+    full = reference(site, by_position)
+    exact = screened.exact
+    assert int(exact.sum()) == top
+    _assert_equal(screened.values[exact], full[exact])
+    assert torch.equal(screened.values[~exact], screened.estimate[~exact])
+    # the verified sites are those of largest estimated |effect|
+    effect = (screened.estimate - screened.baseline).abs()
+    assert effect[exact].min() >= effect[~exact].max() - 1e-7
+
+
+def test_screened_sweep_agreement_is_spearman_and_pearson(setup, tl_block_every):
+    _, model, clean, corrupted, cache, metric = setup
+    sweep = patching.layer_pos_sweep(model, patching.BLOCK_HOOKS, range(clean.shape[1]))
+    screened = patching.run_sweep(model, corrupted, cache, metric, sweep, exact_top=len(sweep.sites) // 2)
+    exact = screened.exact
+    _assert_equal(screened.values[exact], tl_block_every[exact])
+    stats = pytest.importorskip("scipy.stats")
+    estimated = (screened.estimate[exact] - screened.baseline).double().numpy()
+    measured = (screened.values[exact] - screened.baseline).double().numpy()
+    assert screened.agreement["rank_correlation"] == pytest.approx(stats.spearmanr(estimated, measured)[0], abs=1e-6)
+    assert screened.agreement["correlation"] == pytest.approx(stats.pearsonr(estimated, measured)[0], abs=1e-6)
+    assert "patched exactly" in screened.describe()
+
+
+def test_a_sweep_without_screening_patches_every_site(setup, tl_block_every):
+    _, model, clean, corrupted, cache, metric = setup
+    sweep = patching.layer_pos_sweep(model, patching.BLOCK_HOOKS, range(clean.shape[1]))
+    for exact_top in (None, len(sweep.sites)):
+        result = patching.run_sweep(model, corrupted, cache, metric, sweep, exact_top=exact_top)
+        assert result.estimate is None and bool(result.exact.all())
+        _assert_equal(result.values, tl_block_every)
+    with pytest.raises(ValueError, match="exact_top=0"):
+        patching.run_sweep(model, corrupted, cache, metric, sweep, exact_top=0)

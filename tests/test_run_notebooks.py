@@ -98,6 +98,20 @@ def test_report_gives_each_cells_peak_memory(tmp_path):
     assert all(cell["wall_s"] >= 0 for cell in record["cells"])
 
 
+def test_a_cell_over_its_memory_budget_fails_the_run_naming_the_cell(tmp_path):
+    notebook = planted_notebook(tmp_path, [("parameters", "seed = 0"), (None, "x = 1"),
+                                           (None, "import numpy as np\nbig = np.ones(50_000_000)\ndel big")])
+    baseline = tmp_path / "baseline.jsonl"
+    run_notebooks.main(["--only", str(notebook), "--out", str(tmp_path / "a"), "--report", str(baseline)])
+    cells = {cell["first_line"]: cell["peak_rss_gb"] for cell in json.loads(baseline.read_text())["cells"]}
+    budget = str(round(cells["x = 1"] + 0.2, 2))  # above the quiet cell, 0.2 GB under the 400 MB one
+    with pytest.raises(SystemExit, match=r"over its budget: cell \d+ \('import numpy as np'\) peaked at"):
+        run_notebooks.main(["--only", str(notebook), "--out", str(tmp_path / "b"), "--max-cell-gb", budget])
+    assert run_notebooks.main(["--only", str(notebook), "--out", str(tmp_path / "c"), "--max-cell-gb", "64"]) == 0
+    with pytest.raises(SystemExit, match=r"the notebook took \d+ s > 0 s"):
+        run_notebooks.main(["--only", str(notebook), "--out", str(tmp_path / "d"), "--max-wall-s", "0"])
+
+
 def test_a_stalled_cell_times_out_naming_itself(tmp_path):
     notebook = planted_notebook(tmp_path, [("parameters", "seed = 0"), (None, "import time\ntime.sleep(60)")])
     result = run_notebooks.execute(notebook, tmp_path / "out.ipynb", {}, cell_timeout=3)

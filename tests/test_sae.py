@@ -253,4 +253,5 @@ def test_activations_are_collected_from_a_pass_that_stops_after_the_last_hooked_
     collected = S.collect_activations(model, tokens, [first])[first]
     assert torch.allclose(collected, full[first][:, 1:].reshape(-1, model.cfg.d_mlp).float(), atol=1e-6)
     assert layers_needed([first, hook_name("neuron", 1)]) == 2
-    assert layers_needed([first, "hook_embed"]) is None
+    assert layers_needed([first, "hook_embed"]) == 1          # the embedding needs no block
+    assert layers_needed([first, "ln_final.hook_scale"]) is None and layers_needed(["hook_embed"]) is None

@@ -5,7 +5,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from helpers.models import load_model
 from helpers.tasks import syllogisms as task
+from tests.conftest import ARCHITECTURES
 
 
 def test_generator_is_deterministic_and_pairs_flip():
@@ -122,3 +124,18 @@ def test_held_out_pairs_are_disjoint_from_the_analysed_ones(toy):
     rest = len(task.flip_pairs(pool)) - 20                  # fewer left than asked: all of them
     assert len(task.held_out_pairs(pool, used, 10 * len(pool), seed=0)) == 2 * rest
     assert task.held_out_pairs(used, used, 40) is None
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_logit_diffs_and_accuracy_read_the_final_position_of_a_plain_run(tiny_checkpoint, arch):
+    """Only the final position is unembedded; the figures are those of the full logits."""
+    model = load_model(tiny_checkpoint(arch), device="cpu")
+    items = task.make_syllogisms(n=40, seed=0)
+    data = task.build_dataset(model.tokenizer, items, prepend_bos=model.cfg.default_prepend_bos)
+    with torch.no_grad():
+        last = model(data.clean_tokens)[:, -1]
+    expected = last.gather(1, data.answers[:, :1]) - last.gather(1, data.answers[:, 1:2])
+    torch.testing.assert_close(task.logit_diffs(model, data.clean_tokens, data.answers, batch_size=7),
+                               expected.squeeze(1), atol=1e-5, rtol=1e-5)
+    top1 = (last.argmax(-1) == data.answers[:, 0]).float().mean().item()
+    assert task.accuracy(model, data, batch_size=7)["top1"] == pytest.approx(top1)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ablation, context_neuron, neurons
+from helpers import ablation, context_neuron, neurons, ngrams
 from helpers.components import Component
 from helpers.sae import loss_recovered
 from helpers.uncertainty import (Interval, bootstrap_interval, f1_statistic, faithfulness_statistic,
@@ -120,7 +120,9 @@ def test_detector_counts_recount_the_scan_rule_token_by_token(tiny):
     layer, neuron, _ = scan.ranking(1)[0]
     row = scan.layers.index(layer)
     threshold, direction = float(scan.threshold[row, neuron]), int(scan.direction[row, neuron])
-    tp, fp, fn = context_neuron.detector_counts(model, german, english, (layer, neuron), threshold, direction)
+    activations = tuple(ngrams.neuron_activation(model, docs.tokens, layer, neuron, batch_size=2)
+                        for docs in (german, english))
+    tp, fp, fn = context_neuron.detector_counts(german, english, activations, threshold, direction)
     with torch.no_grad():
         _, cache_de = model.run_with_cache(german.tokens)
         _, cache_en = model.run_with_cache(english.tokens)
@@ -129,5 +131,5 @@ def test_detector_counts_recount_the_scan_rule_token_by_token(tiny):
     assert int(fn.sum()) == int((~fires(cache_de) & german.scored).sum())
     assert int(fp.sum()) == int((fires(cache_en) & english.scored).sum())
     assert len(tp) == len(german) + len(english) and not fp[:len(german)].any() and not tp[len(german):].any()
-    interval = context_neuron.f1_interval(model, german, english, (layer, neuron), threshold, direction)
+    interval = context_neuron.f1_interval(german, english, activations, threshold, direction)
     assert interval.estimate == pytest.approx(float(f1_statistic(tp.numpy(), fp.numpy(), fn.numpy())))

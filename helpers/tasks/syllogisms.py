@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from helpers.components import unembed_only_at
+
 TEMPLATE = "All {category} are {A}, not {B}. {Noun} are {category}. Therefore, {noun} are"
 # the seed's variant (also in the toy's training corpus): the negated descriptor comes first
 TEMPLATE_NOT_FIRST = "All {category} are not {B}, but {A}. {Noun} are {category}. Therefore, {noun} are"
@@ -203,7 +205,9 @@ def logit_diffs(model, tokens: Tensor, answers: Tensor, batch_size: int = 64) ->
     """Per-prompt logit difference (A minus B) at the final position: tokens `[batch, pos]` -> `[batch]`."""
     out = []
     for start in range(0, len(tokens), batch_size):
-        logits = model(tokens[start:start + batch_size])[:, -1]
+        chunk = tokens[start:start + batch_size]
+        last = torch.full((len(chunk),), chunk.shape[1] - 1)
+        logits = model.run_with_hooks(chunk, fwd_hooks=unembed_only_at(model, last))[:, -1]
         ans = answers[start:start + batch_size].to(logits.device)
         out.append((logits.gather(1, ans[:, :1]) - logits.gather(1, ans[:, 1:])).squeeze(1).float().cpu())
     return torch.cat(out)
@@ -215,7 +219,9 @@ def accuracy(model, data: SyllogismData, batch_size: int = 64) -> dict[str, floa
     `pairwise`: share with logit(A) > logit(B)."""
     top1, pairwise = [], []
     for start in range(0, len(data), batch_size):
-        logits = model(data.clean_tokens[start:start + batch_size])[:, -1]
+        chunk = data.clean_tokens[start:start + batch_size]
+        last = torch.full((len(chunk),), chunk.shape[1] - 1)
+        logits = model.run_with_hooks(chunk, fwd_hooks=unembed_only_at(model, last))[:, -1]
         ans = data.answers[start:start + batch_size].to(logits.device)
         top1.append((logits.argmax(-1) == ans[:, 0]).float().cpu())
         pairwise.append((logits.gather(1, ans[:, :1]) > logits.gather(1, ans[:, 1:])).squeeze(1).float().cpu())
