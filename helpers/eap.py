@@ -503,16 +503,13 @@ def smallest_faithful(curve: CircuitCurve, target: float) -> int | None:
 
 
 def faithfulness_curve(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Metric, graph: Graph,
-                       scores: Tensor, sizes: Sequence[int], *, batch_circuits: int = 8) -> CircuitCurve:
+                       scores: Tensor, sizes: Sequence[int]) -> CircuitCurve:
     """Evaluate the top-n circuit for each n in `sizes` by exact edge patching: every edge outside the circuit reads
     the corrupted run. The full graph gives the clean metric, the empty circuit the corrupted one."""
     circuits = [top_edges(graph, scores, n) for n in sizes]
     corrupted = sender_activations(model, corrupted_tokens, graph)
-    values = []
-    for start in range(0, len(circuits), batch_circuits):
-        values += edge_patched_metrics(model, clean_tokens, corrupted_tokens, graph,
-                                       ~torch.stack(circuits[start: start + batch_circuits]), metric,
-                                       corrupted_senders=corrupted)
+    values = edge_patched_metrics(model, clean_tokens, corrupted_tokens, graph, ~torch.stack(circuits), metric,
+                                  corrupted_senders=corrupted)
     clean_value, corrupted_value = _end_points(model, clean_tokens, corrupted_tokens, metric)
     span = clean_value - corrupted_value
     return CircuitCurve(list(sizes), [int(c.sum()) for c in circuits],
