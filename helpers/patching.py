@@ -19,8 +19,8 @@ through the blocks (`_Trace`, the bridge's own blocks with its processed weights
 at its first (layer, position): the residual stream there from that run, the run's keys and values for the earlier
 positions, only the later positions recomputed. Variants sharing a start run batched (the corrupted batch repeated
 once per variant, `[n_variants * batch, pos - start]`, one hook per hook point writing each variant's clean slice
-into its own rows), and only the logits the metric reads are computed (`PositionalMetric`; a plain metric is given
-every position). `max_rows` bounds the rows of one pass; by default they fit `ACTIVATION_BUDGET`. Where a model's
+into its own rows), and only the logits the metric reads are computed (those a `PositionalMetric` declares, or
+those `learn_reads` finds a plain `metric(logits)` depends on, from its gradient, checked; else every logit). `max_rows` bounds the rows of one pass; by default they fit `ACTIVATION_BUDGET`. Where a model's
 blocks cannot be run that way exactly (`fast_path`, probed once per model), every variant runs from the embedding
 instead, with full logits, and a warning says so once.
 
@@ -268,6 +268,92 @@ def _score(metric: Metric, logits: Tensor) -> float:
     return float(metric.read(logits) if isinstance(metric, PositionalMetric) else metric(logits))
 
 
+class _LearnedReads(PositionalMetric):
+    """A plain metric given only the logits it was found to read (`learn_reads`): the rest of its input is taken from
+    the run being patched (`base [batch, pos, vocab]`), which the check showed changes nothing."""
+
+    def __init__(self, metric: Metric, base: Tensor, positions: list[int], tokens: list[int] | None):
+        super().__init__(positions, self._fill_and_call, tokens)
+        self.metric, self.scratch = metric, base.clone()
+        self._positions = torch.tensor(positions, device=base.device)
+        self._tokens = None if tokens is None else torch.tensor(tokens, device=base.device)
+        self._kept = self.scratch[self._index()].clone()
+
+    def _index(self) -> tuple:
+        if self._tokens is None:
+            return (slice(None), self._positions)
+        return (slice(None), self._positions[:, None], self._tokens[None, :])
+
+    def _fill_and_call(self, read: Tensor) -> Tensor:
+        """The metric of `base` with the read entries replaced by `read [batch, len(positions), len(tokens) or
+        vocab]`; the entries are put back afterwards (one scratch tensor, no copy of the logits per call)."""
+        index = self._index()
+        self.scratch[index] = read.to(self.scratch.dtype)
+        try:
+            return self.metric(self.scratch)
+        finally:
+            self.scratch[index] = self._kept
+
+
+def _metric_reads(metric: Metric, logits: Tensor) -> Tensor | None:
+    """`[batch, pos, vocab]`: where `d metric / d logits` is not zero; None where the metric is not a differentiable
+    scalar, or changes its input."""
+    probe = logits.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        try:
+            value = metric(probe)
+        except Exception:  # noqa: BLE001 - a metric that cannot take a leaf tensor is given every logit
+            return None
+        if not isinstance(value, Tensor) or value.numel() != 1 or not value.requires_grad:
+            return None
+        (grad,) = torch.autograd.grad(value.reshape(()), probe, allow_unused=True)
+    if grad is None or not torch.equal(probe.detach(), logits):
+        return None
+    return grad != 0  # a NaN gradient counts as read
+
+
+def _mixed(read_from: Tensor, rest_from: Tensor, learned: _LearnedReads) -> Tensor:
+    mixed = rest_from.clone()
+    index = learned._index()
+    mixed[index] = read_from[index]
+    return mixed
+
+
+def learn_reads(metric: Metric, runs: Sequence[Float[Tensor, "batch pos vocab"]]) -> Metric:
+    """`metric` as a `PositionalMetric` reading only the positions and vocabulary entries it depends on, or `metric`
+    itself where that cannot be shown. The engine then unembeds just those (see `PositionalMetric`).
+
+    Detection: the gradient of `metric` with respect to the logits of each run in `runs` (the first is the run being
+    patched, e.g. the corrupted run; others, e.g. the clean run, are checked too). The entries it reads are those of
+    nonzero gradient: a logit difference reads two vocabulary entries at one position, a log-softmax every entry at
+    its positions. The learned metric calls `metric` on the first run's logits with those entries replaced.
+    Check: on every run, `metric` of that run equals `metric` of each other run, and of the run with every entry
+    changed (`1 - 2 * logits`), with the read entries taken from it: no unread entry changes the value.
+    Falls back to `metric` itself (every logit computed) where the metric is not a differentiable scalar, changes
+    its input, reads nothing by its gradient (a piecewise-constant metric: an accuracy, an argmax), reads more than
+    half the logits, or fails the check (it depends on an entry through a path without gradient)."""
+    if isinstance(metric, PositionalMetric) or not runs:
+        return metric
+    reads = [_metric_reads(metric, logits) for logits in runs]
+    if any(r is None for r in reads):
+        return metric
+    read = torch.stack(reads).any(0)  # [batch, pos, vocab]
+    positions = read.any(2).any(0).nonzero().flatten().tolist()
+    tokens = read.any(1).any(0).nonzero().flatten().tolist()
+    n_pos, n_vocab = read.shape[1:]
+    if not positions or len(positions) * (n_vocab if 2 * len(tokens) > n_vocab else len(tokens)) * 2 > n_pos * n_vocab:
+        return metric
+    learned = _LearnedReads(metric, runs[0], positions, None if 2 * len(tokens) > n_vocab else tokens)
+    for i, logits in enumerate(runs):
+        expected = float(metric(logits))
+        others = [rest for j, rest in enumerate(runs) if j != i] + [1.0 - 2.0 * logits]  # every entry changed
+        for rest in others:
+            got = float(metric(_mixed(logits, rest, learned)))
+            if not abs(got - expected) <= 1e-6 * max(1.0, abs(expected)):
+                return metric
+    return learned
+
+
 # ---- the fast engine: start each patched run where its patch starts -----------------------------------------------
 class _NoFastPath(Exception):
     """The blocks of this model cannot be run from a layer and a position exactly as the model runs them."""
@@ -418,13 +504,14 @@ class _Trace:
     """An unpatched run of `tokens [batch, pos]` through the blocks, kept to start patched runs from: each block's
     arguments (`calls`) and input (`inputs[layer]`, `[batch, pos, d_model]`), each attention layer's keys and values
     (`keys_values`, `[batch, n_kv, pos, d_head]`) and the logits at the `read` positions of the `vocab` tokens read
-    (`[batch, len(read), len(vocab) or d_vocab]`). Raises `_NoFastPath` when running the blocks this way does not
+    (`[batch, len(read), len(vocab) or d_vocab]`). `recorded`: `_block_calls(model, tokens)`, where already run. Raises `_NoFastPath` when running the blocks this way does not
     give the model's own logits. Where the unembedding's rows of the tokens read do not give the model's logits of
     those tokens, every token's logits are computed (and then selected)."""
 
-    def __init__(self, model, tokens: Tensor, read: list[int], vocab: list[int] | None = None):
+    def __init__(self, model, tokens: Tensor, read: list[int], vocab: list[int] | None = None,
+                 recorded: tuple[list[dict], Tensor] | None = None):
         self.model, self.tokens, self.read, self.vocab = model, tokens, read, vocab
-        self.calls, reference = _block_calls(model, tokens)
+        self.calls, reference = recorded or _block_calls(model, tokens)
         if len(self.calls) != model.cfg.n_layers:
             raise _NoFastPath("the model does not call each block once")
         self.inputs: list[Tensor] = []
@@ -679,11 +766,15 @@ def _passes(model, starts: list[tuple[int, int]], batch: int, n_pos: int, per_pa
 
 
 def _run_from_starts(model, tokens: Tensor, sources: dict[str, Tensor], variants: Sequence[Variant],
-                     starts: list[tuple[int, int]], metric: Metric, max_rows: int | None, progress: bool) -> Tensor:
-    """The fast engine (see `run_patched_variants`): one unpatched trace, then each pass runs the variants that share
-    a start (layer, position) from there, with the trace's keys and values for the earlier positions."""
+                     starts: list[tuple[int, int]], metric: Metric, other_runs: Sequence[Tensor],
+                     max_rows: int | None, progress: bool) -> Tensor:
+    """The fast engine (see `run_patched_variants`): one unpatched trace (whose logits `learn_reads` reads a plain
+    metric's reads from), then each pass runs the variants that share a start (layer, position) from there, with the
+    trace's keys and values for the earlier positions."""
     batch, n_pos, n_layers = tokens.shape[0], tokens.shape[1], model.cfg.n_layers
-    trace = _Trace(model, tokens, _read_positions(metric, n_pos), _read_tokens(metric))
+    recorded = _block_calls(model, tokens)
+    metric = learn_reads(metric, [recorded[1], *other_runs])
+    trace = _Trace(model, tokens, _read_positions(metric, n_pos), _read_tokens(metric), recorded)
 
     def per_pass(start: int) -> int:
         return max(1, (max_rows or _rows_per_pass(model, n_pos, start, len(trace.read))) // batch)
@@ -708,7 +799,8 @@ def _run_from_starts(model, tokens: Tensor, sources: dict[str, Tensor], variants
 
 @torch.no_grad()
 def run_patched_variants(model, tokens: Tensor, sources: dict[str, Tensor], variants: Sequence[Variant],
-                         metric: Metric, *, max_rows: int | None = None, progress: bool = False) -> Tensor:
+                         metric: Metric, *, other_runs: Sequence[Tensor] = (), max_rows: int | None = None,
+                         progress: bool = False) -> Tensor:
     """The metric for each variant, where a variant is a list of `(hook_name, index)` sites written from `sources`.
 
     tokens `[batch, pos]` (the run being patched); sources `{hook_name: [batch, ...]}` (the values written, e.g. a
@@ -719,8 +811,10 @@ def run_patched_variants(model, tokens: Tensor, sources: dict[str, Tensor], vari
     the positions before its first position. So the tokens are run once unpatched, and each variant whose sites
     are in `FAST_HOOKS` starts at its first (layer, position), attending to the unpatched run's keys and values
     for the earlier positions, batched with the variants that share that start; only the logits the metric reads
-    are computed (see `PositionalMetric`). `max_rows` bounds the rows of one pass (default: what fits
-    `ACTIVATION_BUDGET`). Other variants, and models where `fast_path` is False, run from the embedding.
+    are computed: those a `PositionalMetric` declares, or those `learn_reads` finds a plain metric reads (checked on
+    the unpatched run and on `other_runs`, e.g. the clean run's logits `[batch, pos, vocab]`). `max_rows` bounds the
+    rows of one pass (default: what fits `ACTIVATION_BUDGET`). Other variants, and models where `fast_path` is False,
+    run from the embedding.
     """
     patterns_at_z = _patterns_through_z(model, variants)
     starts = [_patch_start(v, model.cfg.n_layers, tokens.shape[1]) for v in variants]
@@ -729,7 +823,7 @@ def run_patched_variants(model, tokens: Tensor, sources: dict[str, Tensor], vari
     if fast:
         try:
             results[fast] = _run_from_starts(model, tokens, sources, [variants[v] for v in fast],
-                                             [starts[v] for v in fast], metric, max_rows, progress)
+                                             [starts[v] for v in fast], metric, other_runs, max_rows, progress)
         except _NoFastPath as problem:
             warnings.warn(f"patching these tokens runs each variant from the embedding (slower): {problem}")
             fast = []
@@ -830,6 +924,12 @@ def _site_estimates(model, corrupted_tokens: Tensor, clean_cache, metric: Metric
     return baseline, torch.stack([effects[name][index].sum() for name, index in sites])
 
 
+def _cached_logits(model, cache) -> list[Tensor]:
+    """The logits of a cached run `[batch, pos, vocab]`, where the cache holds the last residual stream (else none)."""
+    final = hook_name("resid_post", model.cfg.n_layers - 1)
+    return [_unembed(model, cache[final])] if final in cache else []
+
+
 def run_sweep(model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, metric: Metric, sweep: Sweep, *,
               exact_top: int | None = None, max_rows: int | None = None, progress: bool = False) -> SweepResult:
     """Patch each site of `sweep` from `clean_cache` into the corrupted run and apply `metric`.
@@ -842,9 +942,11 @@ def run_sweep(model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, me
         patch that restores the whole answer at once), which is why the top is verified exactly.
     """
     n_sites = len(sweep.sites)
+    clean_logits = _cached_logits(model, clean_cache)
     if exact_top is None or exact_top >= n_sites:
         values = run_patched_variants(model, corrupted_tokens, _sources(clean_cache, [n for n, _ in sweep.sites]),
-                                      [[site] for site in sweep.sites], metric, max_rows=max_rows, progress=progress)
+                                      [[site] for site in sweep.sites], metric, other_runs=clean_logits,
+                                      max_rows=max_rows, progress=progress)
         return SweepResult(sweep.arrange(values), sweep.arrange(torch.ones(n_sites)).bool(), None, float("nan"), {})
     if exact_top < 1:
         raise ValueError(f"exact_top={exact_top}: patch at least one site exactly (None: every site)")
@@ -852,7 +954,8 @@ def run_sweep(model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, me
     chosen = effects.abs().topk(exact_top).indices.sort().values
     chosen_sites = [sweep.sites[i] for i in chosen.tolist()]
     exact = run_patched_variants(model, corrupted_tokens, _sources(clean_cache, [n for n, _ in chosen_sites]),
-                                 [[site] for site in chosen_sites], metric, max_rows=max_rows, progress=progress)
+                                 [[site] for site in chosen_sites], metric, other_runs=clean_logits,
+                                 max_rows=max_rows, progress=progress)
     values, mask = baseline + effects.float(), torch.zeros(n_sites)
     values[chosen], mask[chosen] = exact, 1.0
     return SweepResult(sweep.arrange(values), sweep.arrange(mask).bool(), sweep.arrange(baseline + effects.float()),
@@ -969,7 +1072,7 @@ def patch_components(model, corrupted_tokens: Tensor, clean_cache, metric: Metri
     as_sites = [[_component_site(model, c, site) for c in v] for v in variants]
     names = [name for v in as_sites for name, _ in v]
     return run_patched_variants(model, corrupted_tokens, _sources(clean_cache, names), as_sites, metric,
-                                max_rows=max_rows, progress=progress)
+                                other_runs=_cached_logits(model, clean_cache), max_rows=max_rows, progress=progress)
 
 
 # ---- path patching ------------------------------------------------------------------------------------------------
@@ -977,9 +1080,10 @@ class _Runner:
     """Patched runs of `repeats` copies of `tokens [batch, pos]` under hooks, from a start (layer, position) where
     `fast_path(model)` (an unpatched `_Trace` to start from), else from the embedding (every start is then (0, 0))."""
 
-    def __init__(self, model, tokens: Tensor, read: list[int], vocab: list[int] | None = None):
+    def __init__(self, model, tokens: Tensor, read: list[int], vocab: list[int] | None = None,
+                 recorded: tuple[list[dict], Tensor] | None = None):
         self.model, self.tokens, self.read, self.vocab = model, tokens, read, vocab
-        self.trace = _Trace(model, tokens, read, vocab) if fast_path(model) else None
+        self.trace = _Trace(model, tokens, read, vocab, recorded) if fast_path(model) else None
 
     def start(self, layer: int, position: int) -> tuple[int, int]:
         return (layer, position) if self.trace is not None else (0, 0)
@@ -1115,7 +1219,8 @@ def path_patch(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Me
     Passes C and D run batched over the sender sets that share a first layer and first sender position, and (where
     `fast_path(model)`) start there: before the senders' first layer and first position the frozen run is the clean
     run, so pass C starts at that (layer, position) from the clean run's keys and values and stops at the last
-    receiver's layer, and pass D starts at the first receiver's layer; only the logits `metric` reads are computed.
+    receiver's layer, and pass D starts at the first receiver's layer; only the logits `metric` reads are computed
+    (declared, or learned from a plain metric by `learn_reads` on the clean run).
 
     receivers: head components (their `position`, if set, is the receiving position). Under grouped-query attention
         a receiver's k or v input is that of the key/value head it reads, `kv_head(model, head)`, which its whole
@@ -1130,7 +1235,10 @@ def path_patch(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Me
     sender_sets, grid_shape = _sender_sets(model, senders)
     caches = _path_caches(model, clean_tokens, corrupted_tokens, clean_cache, corrupted_cache)
     batch, n_pos = clean_tokens.shape
-    runner = _Runner(model, clean_tokens, _read_positions(metric, n_pos), _read_tokens(metric))
+    recorded = _block_calls(model, clean_tokens) if fast_path(model) else None
+    if recorded is not None:
+        metric = learn_reads(metric, [recorded[1]])
+    runner = _Runner(model, clean_tokens, _read_positions(metric, n_pos), _read_tokens(metric), recorded)
     positions = sorted({p % n_pos for p in _positions(clean_tokens, sender_positions)})
     receiver_sites = [_component_site(model, r, receiver_site) for r in receivers]
     starts = [runner.start(min(s.layer for s in group), positions[0]) if group else

@@ -434,6 +434,72 @@ def test_a_metric_that_declares_its_tokens_reads_only_their_logits():
     assert metric.select(logits).shape == (3, 2, 2)
 
 
+# ---- plain metrics: what they read learned from their gradient, checked -----------------------------------------
+def _plain_metrics(model, clean):
+    """Plain `metric(logits)` functions of several reads; the last depends on position 1 only through an argmax
+    (no gradient), which equals the clean run's there."""
+    clean_top = model(clean)[:, 1].argmax(-1)
+    return {
+        "logit difference at the last position": lambda logits: (logits[:, -1, 5] - logits[:, -1, 9]).mean(),
+        "two positions": lambda logits: logits[:, 1, 3].mean() - logits[:, -1, 7].mean(),
+        "log-probability (every entry of a position)": lambda logits: logits.log_softmax(-1)[:, -1, 5].mean(),
+        "every logit": lambda logits: logits.logsumexp(-1).mean(),
+        "not differentiable": lambda logits: (logits[:, -1].argmax(-1) == 5).float().mean(),
+        "an argmax beside a gradient": lambda logits: (logits[:, -1, 5].mean()
+                                                       + (logits[:, 1].argmax(-1) == clean_top).float().mean()),
+    }
+
+
+PLAIN_METRICS = ["logit difference at the last position", "two positions", "log-probability (every entry of a "
+                 "position)", "every logit", "not differentiable", "an argmax beside a gradient"]
+
+
+@pytest.mark.parametrize("which", PLAIN_METRICS)
+def test_a_plain_metric_gives_transformer_lens_result(setup, which):
+    """Whatever a plain metric reads, the sweep (which narrows the unembedding to what `learn_reads` finds) equals
+    TransformerLens's, which computes every logit."""
+    _, model, clean, corrupted, cache, _ = setup
+    metric = _plain_metrics(model, clean)[which]
+    got = patching.act_patch_resid_pre(model, corrupted, cache, metric)
+    _assert_equal(got, tl_patching.get_act_patch_resid_pre(model, corrupted, cache, metric).float())
+    got = patching.act_patch_heads(model, corrupted, cache, metric, "z", by_position=True)
+    _assert_equal(got, tl_patching.get_act_patch_attn_head_out_by_pos(model, corrupted, cache, metric).float())
+
+
+def test_learned_reads_are_the_narrowest_that_give_the_metric(setup):
+    _, model, clean, corrupted, _, _ = setup
+    metrics = _plain_metrics(model, clean)
+    runs = [model(corrupted), model(clean)]
+    learned = {which: patching.learn_reads(metric, runs) for which, metric in metrics.items()}
+    n_pos = SEQ_LEN
+    assert (learned["logit difference at the last position"].positions, learned["logit difference at the last "
+            "position"].tokens) == ((n_pos - 1,), [5, 9])
+    assert (learned["two positions"].positions, learned["two positions"].tokens) == ((1, n_pos - 1), [3, 7])
+    log_probability = learned["log-probability (every entry of a position)"]
+    assert (log_probability.positions, log_probability.tokens) == ((n_pos - 1,), None)
+    for which in ("every logit", "not differentiable", "an argmax beside a gradient"):
+        assert learned[which] is metrics[which], which  # falls back: every logit
+    for which, metric in learned.items():
+        for logits in runs:
+            assert float(metric(logits)) == pytest.approx(float(metrics[which](logits)), abs=1e-6)
+
+
+def test_learned_reads_fall_back_for_a_metric_that_changes_its_input():
+    def clipping(logits):
+        logits.clamp_(max=0.0)
+        return logits[:, -1, 2].mean()
+
+    assert patching.learn_reads(clipping, [torch.randn(2, 3, 11)]) is clipping
+
+
+def test_path_patching_with_a_plain_metric_equals_the_declared_one(setup):
+    _, model, clean, corrupted, _, metric = setup
+    receivers = [Component("head", model.cfg.n_layers - 1, 0)]
+    declared = patching.path_patch(model, clean, corrupted, metric, receivers, "q")
+    plain = patching.path_patch(model, clean, corrupted, lambda logits: metric(logits), receivers, "q")
+    _assert_equal(plain, declared)
+
+
 # ---- screened sweeps (attribution patching ranks, exact patching verifies the top) -------------------------------
 @pytest.mark.parametrize("site, by_position", [("z", True), ("pattern", False), ("v", True)])
 def test_screened_sweep_is_exact_on_the_top_estimates_and_the_estimate_elsewhere(setup, reference, site, by_position):

@@ -32,8 +32,8 @@ CASES = {
     "04_german_context_neuron": ("pythia-70m", dict(
         n_docs=12, max_tokens=48, batch_size=12, n_candidates=3, n_unigrams=20, max_rows=6)),
     "05_sae_quote_features": ("tinystories-2layers-33m", dict(
-        n_stories=60, n_prompts=16, n_eval_sequences=8, sae_steps=20, sae_batch_size=64, expansion_factor=1,
-        n_candidates=3)),
+        n_stories=60, n_prompts=16, n_eval_sequences=8, sae_layers=[1], sae_steps=20, sae_batch_size=64,
+        expansion_factor=1, n_candidates=3)),  # one SAE, not on layer 0: the path a 30-layer model takes
 }
 
 
