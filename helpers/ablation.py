@@ -1,8 +1,8 @@
 """Ablations: zero, mean and resample knockouts of heads, MLP outputs and single neurons; circuits and faithfulness.
 
-Hooks are returned as `[(hook_name, fn), ...]` lists for `model.run_with_hooks(tokens, fwd_hooks=hooks)` or the
-context manager `with model.hooks(fwd_hooks=hooks): model.run_with_cache(tokens)`; nothing is left attached to the
-model (the seed's global `add_hook` state is gone).
+Hooks are returned as `[(hook_name, fn), ...]` lists for `components.run_with_hooks(model, tokens, hooks)` or the
+context manager `with components.hooks_on(model, hooks): model.run_with_cache(tokens)`; nothing is left attached to
+the model (the seed's global `add_hook` state is gone).
 
 Reference activations (`reference_activations`) are what mean and resample ablation write:
     mean:      the average over a reference batch, per position: `[1, pos, ...]`
@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from helpers.components import Component, all_heads, all_mlps
+from helpers.components import all_heads, all_mlps, Component, run_with_hooks
 from helpers.patching import replayed_logits
 from helpers.uncertainty import Interval, bootstrap_interval, faithfulness_statistic
 
@@ -98,7 +98,7 @@ def run_ablated(model, tokens: Tensor, components: Iterable[Component], method: 
     if method != "zero":
         reference = reference_activations(model, tokens if reference_tokens is None else reference_tokens,
                                           components, method, seed)
-    return model.run_with_hooks(tokens, fwd_hooks=ablation_hooks(components, method, reference))
+    return run_with_hooks(model, tokens, fwd_hooks=ablation_hooks(components, method, reference))
 
 
 def knockout(model, tokens: Tensor, components: Iterable[Component], metric: Metric, method: str = "zero",
@@ -116,7 +116,7 @@ def knockout_each(model, tokens: Tensor, components: Sequence[Component], metric
     if method != "zero":
         reference = reference_activations(model, tokens if reference_tokens is None else reference_tokens,
                                           components, method, seed)
-    values = [float(metric(model.run_with_hooks(tokens, fwd_hooks=ablation_hooks([c], method, reference))))
+    values = [float(metric(run_with_hooks(model, tokens, fwd_hooks=ablation_hooks([c], method, reference))))
               for c in components]
     return torch.tensor(values)
 
@@ -176,8 +176,8 @@ def faithfulness(model, tokens: Tensor, circuit: Iterable[Component], metric: Me
         reference = reference_activations(model, tokens if reference_tokens is None else reference_tokens,
                                           universe, method, seed)
     full = float(metric(model(tokens)))
-    empty = float(metric(model.run_with_hooks(tokens, fwd_hooks=ablation_hooks(universe, method, reference))))
-    kept = float(metric(model.run_with_hooks(tokens, fwd_hooks=circuit_hooks(model, circuit, seq_len, method,
+    empty = float(metric(run_with_hooks(model, tokens, fwd_hooks=ablation_hooks(universe, method, reference))))
+    kept = float(metric(run_with_hooks(model, tokens, fwd_hooks=circuit_hooks(model, circuit, seq_len, method,
                                                                               reference, universe))))
     denominator = full - empty
     return {"full": full, "empty": empty, "circuit": kept,
@@ -254,7 +254,7 @@ def neuron_value_hooks(values: dict, from_position: int = 0) -> list[Hook]:
 def token_losses(model, tokens: Tensor, fwd_hooks: Sequence[Hook] = ()) -> Tensor:
     """Next-token cross-entropy at every position: tokens `[batch, pos]` -> `[batch, pos - 1]` (entry `i` is the loss
     of predicting `tokens[:, i + 1]`), under `fwd_hooks`."""
-    logits = model.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks)) if fwd_hooks else model(tokens)
+    logits = run_with_hooks(model, tokens, fwd_hooks=list(fwd_hooks)) if fwd_hooks else model(tokens)
     return losses_from_logits(logits, tokens)
 
 
@@ -384,7 +384,7 @@ class CircuitEvaluator:
 
     @torch.no_grad()
     def _run(self, hooks: list[Hook]) -> Float[Tensor, "batch"]:
-        return self.metric(self.model.run_with_hooks(self.tokens, fwd_hooks=hooks)).float().cpu()
+        return self.metric(run_with_hooks(self.model, self.tokens, fwd_hooks=hooks)).float().cpu()
 
     def neuron_hooks(self, kept_neurons: dict[int, Sequence[int]]) -> list[Hook]:
         """Hooks that ablate every neuron of each layer in `kept_neurons` except the listed ones."""

@@ -38,7 +38,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from helpers.ablation import loss_chunk_rows, losses_from_logits
-from helpers.components import Component, as_components, final_resid_hook_name, hook_name
+from helpers.components import as_components, Component, final_resid_hook_name, hook_name, hooks_on
 
 Position = int | slice
 
@@ -368,7 +368,7 @@ def direct_patch_losses(model, tokens: Int[Tensor, "batch pos"], fwd_hooks,
     clean_logits, clean = model.run_with_cache(tokens, names_filter=keep)
     clean_losses = losses_from_logits(clean_logits, tokens)
     del clean_logits  # one [batch, pos, d_vocab] tensor at a time
-    with model.hooks(fwd_hooks=list(fwd_hooks)):
+    with hooks_on(model, list(fwd_hooks)):
         hooked_logits, hooked = model.run_with_cache(tokens, names_filter=keep)
     hooked_losses = losses_from_logits(hooked_logits, tokens)
     del hooked_logits

@@ -25,7 +25,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from helpers import ablation, attribution, patching
-from helpers.components import Component, circuit_hook_names, hook_name
+from helpers.components import circuit_hook_names, Component, hook_name, hooks_on
 
 Metric = Callable[[Tensor], Tensor]
 Head = tuple[int, int]
@@ -102,7 +102,7 @@ def dla_under_knockout(model, tokens: Int[Tensor, "batch pos"], answers: Int[Ten
             source = tokens if reference_tokens is None else reference_tokens
             reference = ablation.reference_activations(model, source, knocked_out, method)
         hooks = ablation.ablation_hooks(knocked_out, method, reference)
-    with model.hooks(fwd_hooks=hooks):
+    with hooks_on(model, hooks):
         logits, cache = model.run_with_cache(tokens, names_filter=circuit_hook_names(model))
     return KnockoutDLA(attribution.head_attribution(model, clean_cache, answers, pos),
                        attribution.head_attribution(model, cache, answers, pos), knocked_out, logits, cache)

@@ -20,7 +20,9 @@ exact split: `attn_bias` (the attention output bias `b_O[layer]`, shared by the 
 constant logit offset `b @ W_U + b_U`). No hook holds them; `hook_name` and `index_tuple` raise for them.
 
 Per-layer hook names without a component: `hook_name("resid_pre", 3)`, `hook_name("head", 3, "pattern")`,
-`hook_name("neuron", 3, "pre")`. The device a model's weights live on: `device_of(model)`.
+`hook_name("neuron", 3, "pre")`. The device a model's weights live on: `device_of(model)`. A run under hooks by
+name: `run_with_hooks(model, tokens, fwd_hooks)` (or the context `hooks_on(model, fwd_hooks)`), the bridge's
+`model.run_with_hooks` without its per-hook cost.
 
 Activation shapes of the hooks (batch first):
     resid / attn / mlp / embed: [batch, pos, d_model]
@@ -34,8 +36,10 @@ run in parallel (GPT-NeoX, `cfg.parallel_attn_mlp`).
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator, Sequence
+from weakref import WeakKeyDictionary
 
 import torch
 from jaxtyping import Int
@@ -125,6 +129,46 @@ def device_of(model) -> torch.device:
         return next(model.parameters()).device
     except (StopIteration, AttributeError):
         return torch.device("cpu")
+
+
+_HOOK_POINTS: WeakKeyDictionary = WeakKeyDictionary()  # model -> {hook name or alias: HookPoint}
+_OWN_HOOK_LEVEL = -1  # the context level of hooks added here: removing them leaves every other hook alone
+Hook = tuple[str, Callable]
+
+
+def _hook_points(model, names: Sequence[str]) -> list:
+    """The HookPoints of `names` (aliases included), from a map built once per model (again when a name is new)."""
+    points = _HOOK_POINTS.get(model)
+    if points is None or any(name not in points for name in names):
+        points = _HOOK_POINTS[model] = model.hook_dict
+    missing = [name for name in names if name not in points]
+    if missing:
+        raise ValueError(f"no hook named {missing[0]!r} in this model")
+    return [points[name] for name in names]
+
+
+@contextmanager
+def hooks_on(model, fwd_hooks: Sequence[Hook]) -> Iterator[None]:
+    """`model.hooks(fwd_hooks=fwd_hooks)` for hooks given by name: the same hook points, called once each in list
+    order, removed on exit. The bridge's own `hooks` / `run_with_hooks` rebuild its map of hook names, resolving
+    every alias, once per hook: about 19 ms per hook on a 30-layer model, 15 s for a pass with EAP's 800 hooks."""
+    points = _hook_points(model, [name for name, _ in fwd_hooks])
+    try:
+        for point, (_, hook) in zip(points, fwd_hooks):
+            point.add_hook(hook, level=_OWN_HOOK_LEVEL)
+        yield
+    finally:
+        for point in points:
+            point.remove_hooks("fwd", level=_OWN_HOOK_LEVEL)
+
+
+def run_with_hooks(model, tokens: Tensor, fwd_hooks: Sequence[Hook] = (), **forward_kwargs):
+    """`model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, **forward_kwargs)` through `hooks_on` (a hook given by a
+    name filter instead of a name goes to the bridge's own `run_with_hooks`)."""
+    if any(not isinstance(name, str) for name, _ in fwd_hooks):
+        return model.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks), **forward_kwargs)
+    with hooks_on(model, fwd_hooks):
+        return model(tokens, **forward_kwargs)
 
 
 @dataclass(frozen=True, order=True)

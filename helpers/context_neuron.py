@@ -22,7 +22,7 @@ from torch import Tensor
 
 from helpers import ablation, attribution, neurons
 from helpers.ablation import Hook
-from helpers.components import Component, device_of, final_resid_hook_name, layers_needed
+from helpers.components import Component, device_of, final_resid_hook_name, hooks_on, layers_needed
 from helpers.tasks.bilingual import tokenize_documents
 from helpers.uncertainty import Interval, bootstrap_interval, f1_statistic, percent_change_statistic
 
@@ -276,7 +276,7 @@ def dla_difference(model, documents: Documents, hooks: Sequence[Hook]
     needed = attribution.dla_hook_names(model)
     for tokens, mask in documents.batches():
         for which, run_hooks in (("clean", ()), ("hooked", hooks)):
-            with model.hooks(fwd_hooks=list(run_hooks)):
+            with hooks_on(model, list(run_hooks)):
                 _, cache = model.run_with_cache(tokens, names_filter=needed)
             values, components = attribution.next_token_dla(model, cache, tokens)
             del cache

@@ -37,7 +37,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from helpers.components import hook_name
+from helpers.components import hook_name, run_with_hooks
+from helpers.patching import PositionalMetric, learn_reads, unembedding_reads
 
 Metric = Callable[[Tensor], Tensor]
 
@@ -189,11 +190,16 @@ def _as_receivers(act: Tensor) -> Tensor:
     return act if act.ndim == 4 else act[:, :, None]
 
 
-def _sender_outputs(model, cache_or_acts: dict[str, Tensor], graph: Graph, layer: int) -> Tensor:
-    """The outputs of `layer`'s senders, `[batch, pos, n_heads + 1, d_model]`: each head's `z @ W_O`, then the MLP."""
-    z = cache_or_acts[hook_name("head", layer)]                                       # [batch, pos, head, d_head]
-    heads = torch.einsum("bphd,hdm->bphm", z, model.W_O[layer].to(z.dtype))           # [batch, pos, head, d_model]
-    return torch.cat([heads, cache_or_acts[hook_name("mlp", layer)][:, :, None]], dim=2)
+def _senders_of_every_layer(model, cache_or_acts: dict[str, Tensor], graph: Graph) -> Tensor:
+    """Every sender's output, `[batch, pos, n_senders, d_model]`: the input, then per layer each head's `z @ W_O`
+    and the MLP's output."""
+    w_o = model.W_O                                         # [layer, head, d_head, d_model]: the bridge stacks it
+    parts = [cache_or_acts[hook_name("resid_pre", 0)][:, :, None]]
+    for layer in range(graph.n_layers):
+        z = cache_or_acts[hook_name("head", layer)]                                   # [batch, pos, head, d_head]
+        parts += [torch.einsum("bphd,hdm->bphm", z, w_o[layer].to(z.dtype)),          # [batch, pos, head, d_model]
+                  cache_or_acts[hook_name("mlp", layer)][:, :, None]]
+    return torch.cat(parts, dim=2)
 
 
 def _sender_hook_names(graph: Graph) -> list[str]:
@@ -208,9 +214,7 @@ def sender_activations(model, tokens: Int[Tensor, "batch pos"], graph: Graph
     names = _sender_hook_names(graph)
     with _split_inputs(model, graph.per_head_inputs), torch.no_grad():   # as the patched runs compute
         _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
-        parts = [cache[hook_name("resid_pre", 0)][:, :, None]]
-        parts += [_sender_outputs(model, cache, graph, layer) for layer in range(graph.n_layers)]
-        return torch.cat(parts, dim=2)
+        return _senders_of_every_layer(model, cache, graph)
 
 
 # ---- exact edge patching ------------------------------------------------------------------------------------------
@@ -225,6 +229,7 @@ def _patching_hooks(model, graph: Graph, corrupted: Tensor, patched: Tensor, alp
     batch, n_pos, n_senders, d_model = corrupted.shape
     differences = corrupted.new_empty((n_copies, n_senders, batch * n_pos * d_model))
     written = [0, 0]                 # senders written so far, hooks that wrote them
+    w_o = model.W_O                  # [layer, head, d_head, d_model], stacked once (the bridge stacks it per access)
 
     def write(now: Tensor, position: int, name: str) -> None:              # now: [c * batch, pos, n, d]
         if written[1] != position:
@@ -240,7 +245,7 @@ def _patching_hooks(model, graph: Graph, corrupted: Tensor, patched: Tensor, alp
 
     def record_heads(layer: int):
         def hook(z, hook):                                                   # z: [cb, pos, head, d_head]
-            write(torch.einsum("bphd,hdm->bphm", z, model.W_O[layer].to(z.dtype)), 1 + 2 * layer, hook.name)
+            write(torch.einsum("bphd,hdm->bphm", z, w_o[layer].to(z.dtype)), 1 + 2 * layer, hook.name)
             return z
         return hook
 
@@ -286,9 +291,11 @@ def _patching_hooks(model, graph: Graph, corrupted: Tensor, patched: Tensor, alp
 
 
 def _edge_patched_passes(model, clean_tokens: Tensor, corrupted_tokens: Tensor, graph: Graph, masks: Tensor,
-                         alpha: float, corrupted_senders: Tensor | None) -> Iterator[Tensor]:
+                         alpha: float, corrupted_senders: Tensor | None, read_hooks: Sequence = ()
+                         ) -> Iterator[Tensor]:
     """`edge_patched_logits` of `masks [n, S, R]`, as many circuits per forward pass as `EDGE_PATCH_BUDGET` bytes
-    of sender differences allow: `[circuits of the pass, batch, pos, d_vocab]` per pass."""
+    of sender differences allow: `[circuits of the pass, batch, pos, d_vocab]` per pass (`read_hooks`: those of
+    `patching.unembedding_reads`, which leave only the positions a metric reads)."""
     masks = masks & graph.edges
     if corrupted_senders is None:
         corrupted_senders = sender_activations(model, corrupted_tokens, graph)
@@ -296,8 +303,8 @@ def _edge_patched_passes(model, clean_tokens: Tensor, corrupted_tokens: Tensor, 
     with _split_inputs(model, graph.per_head_inputs), torch.no_grad():
         for chunk in masks.split(per_pass):
             hooks = _patching_hooks(model, graph, corrupted_senders, chunk, alpha, len(chunk))
-            yield model.run_with_hooks(clean_tokens.repeat(len(chunk), 1), fwd_hooks=hooks).unflatten(0, (len(chunk),
-                                                                                                          -1))
+            logits = run_with_hooks(model, clean_tokens.repeat(len(chunk), 1), fwd_hooks=[*hooks, *read_hooks])
+            yield logits.unflatten(0, (len(chunk), -1))
 
 
 def edge_patched_logits(model, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
@@ -319,10 +326,22 @@ def edge_patched_logits(model, clean_tokens: Int[Tensor, "batch pos"], corrupted
 def edge_patched_metrics(model, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
                          graph: Graph, patched: Bool[Tensor, "n n_senders n_receivers"], metric: Metric, *,
                          corrupted_senders: Tensor | None = None) -> list[float]:
-    """`metric` of each circuit's `edge_patched_logits`, keeping one pass's logits at a time."""
-    return [float(metric(logits)) for chunk in _edge_patched_passes(model, clean_tokens, corrupted_tokens, graph,
-                                                                    patched, 1.0, corrupted_senders)
+    """`metric` of each circuit's `edge_patched_logits`, keeping one pass's logits at a time, and of those only the
+    positions the metric reads (declared, or learned from a plain metric: `patching.learn_reads`)."""
+    read_hooks, value = unembedding_reads(model, _narrowed(model, clean_tokens, corrupted_tokens, metric),
+                                          clean_tokens.shape[1])
+    return [float(value(logits)) for chunk in _edge_patched_passes(model, clean_tokens, corrupted_tokens, graph,
+                                                                   patched, 1.0, corrupted_senders, read_hooks)
             for logits in chunk]
+
+
+def _narrowed(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Metric) -> Metric:
+    """`metric` reading only what it reads: as declared (a `PositionalMetric`), or learned
+    (`patching.learn_reads`, checked on the clean and corrupted runs)."""
+    if isinstance(metric, PositionalMetric):
+        return metric
+    with torch.no_grad():
+        return learn_reads(metric, [model(clean_tokens), model(corrupted_tokens)])
 
 
 # ---- scores -------------------------------------------------------------------------------------------------------
@@ -338,13 +357,14 @@ def _receiver_gradients(model, tokens: Tensor, graph: Graph, metric: Metric, emb
     all of them), so any metric of the whole batch gets its exact gradient."""
     names = [name for layer in range(graph.n_layers + 1) for name, _ in _receiver_hooks(graph, layer)]
     sender_names = _sender_hook_names(graph)
+    read_hooks, value = unembedding_reads(model, metric, tokens.shape[1])
     per_row = tokens.shape[1] * len(graph.receivers) * model.cfg.d_model * 4 * 4   # input, copy, gradient, norm
     rows = max(1, GRADIENT_BUDGET // per_row)
     everything = None
     if rows < len(tokens):
         embed_hooks = [] if embed is None else [(hook_name("embed"), lambda act, hook: embed.to(act.dtype))]
         with torch.no_grad():
-            everything = model.run_with_hooks(tokens, fwd_hooks=embed_hooks)
+            everything = run_with_hooks(model, tokens, fwd_hooks=[*embed_hooks, *read_hooks])
     for start in range(0, len(tokens), rows):
         end = min(start + rows, len(tokens))
         inputs: dict[str, Tensor] = {}
@@ -365,20 +385,18 @@ def _receiver_gradients(model, tokens: Tensor, graph: Graph, metric: Metric, emb
                 return act
             return hook
 
-        hooks = [(hook_name("embed"), leaf_embedding)] + [(name, keep(name)) for name in names]
+        hooks = [(hook_name("embed"), leaf_embedding)] + [(name, keep(name)) for name in names] + read_hooks
         hooks += [(name, record(name)) for name in sender_names] if with_senders else []
         with _split_inputs(model, graph.per_head_inputs), torch.enable_grad():
-            logits = model.run_with_hooks(tokens[start:end], fwd_hooks=hooks)
+            logits = run_with_hooks(model, tokens[start:end], fwd_hooks=hooks)
             if everything is not None:
                 logits = torch.cat([everything[:start], logits, everything[end:]])
-            grads = torch.autograd.grad(metric(logits).sum(), [inputs[name] for name in names])
+            grads = torch.autograd.grad(value(logits).sum(), [inputs[name] for name in names])
         del logits, inputs
         senders = None
         if with_senders:
             with torch.no_grad():
-                senders = torch.cat([acts[hook_name("resid_pre", 0)][:, :, None]]
-                                    + [_sender_outputs(model, acts, graph, layer)
-                                       for layer in range(graph.n_layers)], dim=2)
+                senders = _senders_of_every_layer(model, acts, graph)
         yield slice(start, end), [_as_receivers(grad) for grad in grads], senders
 
 
@@ -401,6 +419,7 @@ def edge_scores(model, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens:
         raise ValueError(f"clean and corrupted tokens differ in shape: {tuple(clean_tokens.shape)} vs "
                          f"{tuple(corrupted_tokens.shape)}")
     graph = graph or build_graph(model)
+    metric = _narrowed(model, clean_tokens, corrupted_tokens, metric)  # the unembedding only where it is read
     delta = sender_activations(model, corrupted_tokens, graph)       # corrupted, then corrupted - clean, row by row
     embeds = [None]
     if ig_steps > 1:

@@ -60,8 +60,7 @@ from torch import Tensor
 
 from helpers.ablation import neuron_mask_hooks
 from helpers.cache import storable
-from helpers.components import device_of, hook_name
-from helpers.components import hook_name
+from helpers.components import device_of, hook_name, run_with_hooks
 
 PAPER_MODULI: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8, 9, 11, 13, 15)
 OPERAND_RANGE_SIZES: dict[str, tuple[int, ...]] = {"+": (10, 30, 50, 100), "-": (10, 30, 50, 100),
@@ -679,7 +678,7 @@ def correct_under(model, tokens: Int[Tensor, "N seq"], answers: Int[Tensor, "N"]
         batch = tokens[sl].to(device_of(model))
         fill = None if method == "zero" else means
         hooks = neuron_mask_hooks({l: m[sl] for l, m in masks.items()}, fill) if masks else []
-        logits = model.run_with_hooks(batch, fwd_hooks=hooks) if hooks else model(batch)
+        logits = run_with_hooks(model, batch, fwd_hooks=hooks) if hooks else model(batch)
         out.append(logits[:, -1].argmax(-1).cpu() == answers[sl].cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
 

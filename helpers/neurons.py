@@ -16,7 +16,7 @@ from sklearn.metrics import accuracy_score, mean_squared_error, r2_score
 from sklearn.model_selection import train_test_split
 from torch import Tensor
 
-from helpers.components import hook_name, layers_needed
+from helpers.components import hook_name, layers_needed, run_with_hooks
 from helpers.patching import replayed_runs
 
 
@@ -370,7 +370,7 @@ def mlp_activations(model, tokens: Tensor, layers: Sequence[int], *, hook: str =
 
     hooks = list(fwd_hooks) + [(hook_name("neuron", layer, hook), make_capture(layer)) for layer in layers]
     with torch.no_grad():   # the blocks after the last layer read, and the unembedding, are not run
-        model.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None,
+        run_with_hooks(model, tokens, fwd_hooks=hooks, return_type=None,
                              stop_at_layer=layers_needed([hook_name("neuron", layer, hook) for layer in layers]))
     return captured
 

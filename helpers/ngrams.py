@@ -36,7 +36,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from helpers.ablation import Hook, token_losses_each
-from helpers.components import hook_name
+from helpers.components import hook_name, run_with_hooks
 from helpers.neurons import RunningStats, mlp_activations, mlp_activations_each
 
 MAX_CHARACTER_TOKENS = 4  # the longest UTF-8 character is 4 bytes, so at most 4 byte-level tokens
@@ -297,7 +297,7 @@ def prediction_difference(model, tokens: Int[Tensor, "1 pos"], position: int, ho
     relative to b, among the tokens with log-probability above `min_logprob` in either run (the seed's -7 filter;
     fewer than `k` when fewer tokens are that likely)."""
     def logprobs(hooks):
-        logits = model.run_with_hooks(tokens, fwd_hooks=list(hooks)) if hooks else model(tokens)
+        logits = run_with_hooks(model, tokens, fwd_hooks=list(hooks)) if hooks else model(tokens)
         return torch.log_softmax(logits[0, position].float(), dim=-1).cpu()
 
     a, b = logprobs(hooks_a), logprobs(hooks_b)

@@ -49,7 +49,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from helpers.components import Component, all_heads, device_of, hook_name
+from helpers.components import Component, all_heads, device_of, hook_name, hooks_on, run_with_hooks
 
 Metric = Callable[[Tensor], Tensor]
 Site = tuple[str, tuple]  # (hook name, index into the activation after the batch dimension)
@@ -137,7 +137,7 @@ def pattern_route(model) -> str:
     logits, cache = model.run_with_cache(
         tokens, names_filter=lambda name: name.endswith(("attn.hook_pattern", "attn.hook_v", "attn.hook_z")))
     layers = range(model.cfg.n_layers)
-    patched = model.run_with_hooks(tokens, fwd_hooks=[(hook_name("head", layer, "pattern"), _uniform_pattern)
+    patched = run_with_hooks(model, tokens, fwd_hooks=[(hook_name("head", layer, "pattern"), _uniform_pattern)
                                                       for layer in layers])
     if not torch.equal(patched, logits):
         route = "pattern"
@@ -284,10 +284,20 @@ class _LearnedReads(PositionalMetric):
             return (slice(None), self._positions)
         return (slice(None), self._positions[:, None], self._tokens[None, :])
 
+    def _index_tensors(self) -> tuple[Tensor, ...]:
+        """`_index` as index tensors only (what `torch.index_put` takes)."""
+        rows = torch.arange(len(self.scratch), device=self.scratch.device)
+        if self._tokens is None:
+            return (rows[:, None], self._positions[None, :])
+        return (rows[:, None, None], self._positions[None, :, None], self._tokens[None, None, :])
+
     def _fill_and_call(self, read: Tensor) -> Tensor:
         """The metric of `base` with the read entries replaced by `read [batch, len(positions), len(tokens) or
-        vocab]`; the entries are put back afterwards (one scratch tensor, no copy of the logits per call)."""
+        vocab]`; the entries are put back afterwards (one scratch tensor, no copy of the logits per call). Where
+        `read` needs a gradient, a copy is filled instead (autograd keeps what the metric saw)."""
         index = self._index()
+        if read.requires_grad:
+            return self.metric(torch.index_put(self.scratch, self._index_tensors(), read.to(self.scratch.dtype)))
         self.scratch[index] = read.to(self.scratch.dtype)
         try:
             return self.metric(self.scratch)
@@ -352,6 +362,23 @@ def learn_reads(metric: Metric, runs: Sequence[Float[Tensor, "batch pos vocab"]]
             if not abs(got - expected) <= 1e-6 * max(1.0, abs(expected)):
                 return metric
     return learned
+
+
+def unembedding_reads(model, metric: Metric, n_pos: int) -> tuple[list[tuple[str, Callable]], Metric]:
+    """`(hooks, value)`: for a `PositionalMetric`, a hook that hands the unembedding only the positions the metric
+    reads (`unembed.hook_in`), so a run's logits are `[batch, len(positions), d_vocab]`, and `value(those logits)`,
+    the metric; otherwise (or for a model without that hook) no hooks and the metric itself, on full logits."""
+    if not isinstance(metric, PositionalMetric) or not hasattr(getattr(model, "unembed", None), "hook_in"):
+        return [], metric
+    read = _read_positions(metric, n_pos)
+
+    def select(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
+        return act[:, read]
+
+    def value(logits: Tensor) -> Tensor:
+        return metric.read(logits if metric.tokens is None else logits[..., metric.tokens])
+
+    return [("unembed.hook_in", select)], value
 
 
 # ---- the fast engine: start each patched run where its patch starts -----------------------------------------------
@@ -470,26 +497,6 @@ def _cache_as_past_key_values(cache: _KeyValueCache):
     return hook
 
 
-_HOOK_POINTS: WeakKeyDictionary = WeakKeyDictionary()
-_ENGINE_HOOK_LEVEL = -1  # the context level of the engine's own hooks: removing them leaves every other hook alone
-
-
-@contextmanager
-def _hooks_on(model, hooks: list[tuple[str, Callable]]):
-    """`model.hooks(fwd_hooks=hooks)`, without rebuilding the bridge's map of hook names on every pass (a third of
-    a small model's pass): the hook points are looked up once per model."""
-    if model not in _HOOK_POINTS:
-        _HOOK_POINTS[model] = model.hook_dict
-    points = [_HOOK_POINTS[model][name] for name, _ in hooks]
-    try:
-        for point, (_, hook) in zip(points, hooks):
-            point.add_hook(hook, level=_ENGINE_HOOK_LEVEL)
-        yield
-    finally:
-        for point in points:
-            point.remove_hooks("fwd", level=_ENGINE_HOOK_LEVEL)
-
-
 def _unembed(model, hidden: Tensor, tokens: list[int] | None = None) -> Tensor:
     """Logits of `hidden [..., d_model]` (the last block's output): every token's, or only `tokens`' (in that order),
     from the unembedding's rows of those tokens."""
@@ -536,7 +543,7 @@ class _Trace:
         prefix = {index: (keys[:, :, :start], values[:, :, :start])
                   for index, (keys, values) in self.keys_values.items()} if start else {}
         hidden = _repeat_rows(self.inputs[first_layer][:, start:], repeats)
-        with _hooks_on(self.model, hooks):
+        with hooks_on(self.model, hooks):
             return _run_blocks(self.model, self.calls, hidden, first_layer, start, repeats, prefix,
                                last_layer=last_layer)[0]
 
@@ -580,9 +587,9 @@ def replayed_logits(model, tokens: Int[Tensor, "batch pos"], variants: Sequence[
     for hooks in variants:
         first = _first_hooked_layer(hooks, model.cfg.n_layers) if replay else None
         if first is None or first == model.cfg.n_layers:
-            yield model.run_with_hooks(tokens, fwd_hooks=list(hooks))
+            yield run_with_hooks(model, tokens, fwd_hooks=list(hooks))
             continue
-        with _hooks_on(model, list(hooks)):
+        with hooks_on(model, list(hooks)):
             final = _run_blocks(model, calls, next(iter(calls[first].values())), first, 0, 1, {})[0]
         yield _unembed(model, final)
 
@@ -608,9 +615,9 @@ def replayed_runs(model, tokens: Int[Tensor, "batch pos"], variants: Sequence[Se
     calls = _block_calls(model, tokens, stop)[0] if any(first is not None for first in firsts) else None
     for index, (hooks, first) in enumerate(zip(variants, firsts)):
         if first is None:
-            model.run_with_hooks(tokens, fwd_hooks=list(hooks), return_type=None, stop_at_layer=stop)
+            run_with_hooks(model, tokens, fwd_hooks=list(hooks), return_type=None, stop_at_layer=stop)
         elif first <= last:
-            with _hooks_on(model, list(hooks)):
+            with hooks_on(model, list(hooks)):
                 _run_blocks(model, calls, next(iter(calls[first].values())), first, 0, 1, {}, last_layer=last)
         yield index
 
@@ -848,7 +855,7 @@ def _run_from_embedding(model, tokens: Tensor, sources: dict[str, Tensor], varia
             for name, index in variants[v]:
                 by_hook[name].append((slot, index))
         hooks = _write_hooks(model, sources, by_hook, len(chunk), batch, patterns_at_z)
-        logits = model.run_with_hooks(tokens.repeat(len(chunk), 1), fwd_hooks=hooks)
+        logits = run_with_hooks(model, tokens.repeat(len(chunk), 1), fwd_hooks=hooks)
         for slot, v in enumerate(chunk):
             results[v] = float(metric(logits[slot * batch:(slot + 1) * batch]))
         del logits
@@ -1099,7 +1106,7 @@ class _Runner:
         if self.trace is not None:
             self.trace.run(layer, start, repeats, hooks, last_layer)
         else:
-            self.model.run_with_hooks(self.tokens.repeat(repeats, 1), fwd_hooks=hooks, stop_at_layer=last_layer + 1)
+            run_with_hooks(self.model, self.tokens.repeat(repeats, 1), fwd_hooks=hooks, stop_at_layer=last_layer + 1)
 
     def logits(self, layer: int, start: int, repeats: int, hooks) -> Tensor:
         """`[repeats * batch, len(read), len(vocab) or d_vocab]` of a run from (`layer`, `start`) under `hooks`."""
@@ -1107,7 +1114,7 @@ class _Runner:
             if layer >= self.model.cfg.n_layers:
                 return _repeat_rows(self.trace.logits, repeats)
             return self.trace.logits_at_read(self.trace.run(layer, start, repeats, hooks), start, repeats)
-        logits = self.model.run_with_hooks(self.tokens.repeat(repeats, 1), fwd_hooks=hooks)[:, self.read]
+        logits = run_with_hooks(self.model, self.tokens.repeat(repeats, 1), fwd_hooks=hooks)[:, self.read]
         return logits if self.vocab is None else logits[..., self.vocab]
 
 
@@ -1299,7 +1306,7 @@ def _attribution(model, sources: dict[str, Tensor], tokens: Tensor, metric: Metr
     if final not in kept:
         hooks.append((final, keep(final)))
     with torch.enable_grad():
-        logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+        logits = run_with_hooks(model, tokens, fwd_hooks=hooks)
         value = _read_metric(model, metric, logits, acts[final])
         grads = dict(zip(kept, torch.autograd.grad(value, [acts[name] for name in kept], allow_unused=True)))
     for name in rerouted:

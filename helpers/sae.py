@@ -34,7 +34,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from helpers.components import device_of, layers_needed, unembed_only_at
+from helpers.components import device_of, hooks_on, layers_needed, run_with_hooks, unembed_only_at
 from helpers.patching import SuffixReplay
 
 Hook = Callable[[Tensor, object], Tensor]
@@ -444,7 +444,7 @@ def logits_at(model, tokens: Int[Tensor, "batch seq"], positions: Int[Tensor, "b
         chunk = tokens[rows, :width].to(device_of(model))
         pos = positions[rows]
         hooks = hooks_for(rows, pos) if hooks_for is not None else []
-        logits = model.run_with_hooks(chunk, fwd_hooks=[*hooks, *unembed_only_at(model, pos)])
+        logits = run_with_hooks(model, chunk, fwd_hooks=[*hooks, *unembed_only_at(model, pos)])
         values = (logits[:, 0] if logits.shape[1] == 1 else
                   logits[torch.arange(len(rows), device=logits.device), pos.to(logits.device)]).float()
         if out.numel() == 0:
@@ -486,7 +486,7 @@ def _replayed_or_run(model, chunk: Tensor, rows: Tensor, pos: Tensor, start: int
         except ValueError:
             pass
     hooks = hooks_for(rows, pos) if hooks_for is not None else []
-    logits = model.run_with_hooks(chunk, fwd_hooks=[*hooks, *unembed_only_at(model, pos)])
+    logits = run_with_hooks(model, chunk, fwd_hooks=[*hooks, *unembed_only_at(model, pos)])
     return (logits[:, 0] if logits.shape[1] == 1 else logits[index, pos.to(logits.device)]).float().cpu()
 
 
@@ -554,7 +554,7 @@ def feature_activations(model, sae, tokens: Int[Tensor, "batch seq"], *, hook_na
     for rows, width in position_chunks(positions, batch_size):
         pos = positions[rows]
         hooks = hooks_for(rows, pos) if hooks_for is not None else []
-        with model.hooks(fwd_hooks=hooks):
+        with hooks_on(model, hooks):
             _, cache = model.run_with_cache(tokens[rows, :width].to(device), names_filter=[hook_name],
                                             stop_at_layer=stop)
         x = cache[hook_name][torch.arange(len(rows), device=device), pos.to(device)]

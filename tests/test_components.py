@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from helpers.components import (KINDS, Component, as_components, device_of, final_resid_hook_name, hook_name,
-                                labels)
+                                hooks_on, labels, run_with_hooks)
+from helpers import eap
 from helpers.models import load_model
 from tests.conftest import ARCHITECTURES
 
@@ -113,3 +114,37 @@ def test_device_of(bridge):
     assert device_of(torch.nn.Linear(2, 2).to(torch.device("meta"))) == torch.device("meta")
     assert device_of(torch.nn.ReLU()) == torch.device("cpu")
     assert device_of(object()) == torch.device("cpu")
+
+
+def test_run_with_hooks_equals_the_bridges_own(bridge):
+    """Hooks by name, an alias and a split q input among them, are called once each in order, give the bridge's
+    `run_with_hooks` logits, and are gone afterwards; a name filter goes to the bridge; an unknown name is named."""
+    tokens = torch.arange(1, 7)[None]
+    calls = []
+
+    def shift(act, hook):
+        calls.append(hook.name)
+        return act + 0.5
+
+    split = eap.supports_per_head_inputs(bridge)   # not GPT-Neo's attention
+    names = [hook_name("resid_pre", 1), *(["blocks.0.attn.hook_q_input"] if split else []), hook_name("mlp", 0),
+             hook_name("resid_pre", 1)]
+    hooks = [(name, shift) for name in names]
+    with torch.no_grad():
+        bridge.set_use_split_qkv_input(split)
+        try:
+            expected = bridge.run_with_hooks(tokens, fwd_hooks=hooks)
+            expected_calls, calls[:] = list(calls), []
+            got = run_with_hooks(bridge, tokens, hooks)
+        finally:
+            bridge.set_use_split_qkv_input(False)
+        plain = bridge(tokens)
+    assert calls == expected_calls and len(calls) == len(names)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not torch.allclose(got, plain)
+    torch.testing.assert_close(run_with_hooks(bridge, tokens, []), plain, rtol=0, atol=0)
+    by_filter = run_with_hooks(bridge, tokens, [(lambda name: name == hook_name("mlp", 0), shift)])
+    torch.testing.assert_close(by_filter, bridge.run_with_hooks(tokens, fwd_hooks=[(hook_name("mlp", 0), shift)]))
+    with pytest.raises(ValueError, match="blocks.0.hook_nothing"):
+        with hooks_on(bridge, [("blocks.0.hook_nothing", shift)]):
+            pass

@@ -93,6 +93,21 @@ def test_scores_from_passes_of_a_few_rows_equal_one_pass(setups, architecture, m
                                atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("architecture", ["gpt_neox", "llama"])
+def test_unembedding_only_the_positions_read_changes_nothing(setups, architecture, monkeypatch):
+    """A plain metric's reads are learned (`patching.learn_reads`) and only those positions are unembedded: the
+    scores and the circuits' metrics equal those computed from every logit."""
+    model, graph, clean, corrupted = setups(architecture)
+    scores = eap.edge_scores(model, clean, corrupted, logit_diff, graph=graph, ig_steps=2)
+    circuits = torch.stack([graph.edges, torch.zeros_like(graph.edges), eap.top_edges(graph, scores, 12)])
+    metrics = eap.edge_patched_metrics(model, clean, corrupted, graph, circuits, logit_diff)
+    monkeypatch.setattr(eap, "learn_reads", lambda metric, runs: metric)
+    torch.testing.assert_close(scores, eap.edge_scores(model, clean, corrupted, logit_diff, graph=graph, ig_steps=2),
+                               atol=1e-6, rtol=1e-5)
+    assert metrics == pytest.approx(eap.edge_patched_metrics(model, clean, corrupted, graph, circuits, logit_diff),
+                                    abs=1e-6)
+
+
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_eap_is_the_derivative_of_exact_edge_patching(setups, architecture):
     """Patching an edge a fraction alpha of the way changes the metric by alpha * EAP score, to first order."""

@@ -26,6 +26,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from helpers.components import run_with_hooks
+
 OPERATORS: tuple[str, ...] = ("+", "-", "*", "/")
 OPERATOR_NAMES: dict[str, str] = {"+": "addition", "-": "subtraction", "*": "multiplication", "/": "division"}
 POSITIONS: dict[str, int] = {"op1": 1, "operator": 2, "op2": 3, "=": 4}
@@ -282,7 +284,7 @@ def last_logits(model, tokens: Tensor, batch_size: int = 512, fwd_hooks: list | 
         batch = tokens[start : start + batch_size]
         if device is not None:
             batch = batch.to(device)
-        logits = model.run_with_hooks(batch, fwd_hooks=fwd_hooks or []) if fwd_hooks else model(batch)
+        logits = run_with_hooks(model, batch, fwd_hooks=fwd_hooks or []) if fwd_hooks else model(batch)
         out.append(logits[:, -1].float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from helpers.components import unembed_only_at
+from helpers.components import run_with_hooks, unembed_only_at
 
 TEMPLATE = "All {category} are {A}, not {B}. {Noun} are {category}. Therefore, {noun} are"
 # the seed's variant (also in the toy's training corpus): the negated descriptor comes first
@@ -207,7 +207,7 @@ def logit_diffs(model, tokens: Tensor, answers: Tensor, batch_size: int = 64) ->
     for start in range(0, len(tokens), batch_size):
         chunk = tokens[start:start + batch_size]
         last = torch.full((len(chunk),), chunk.shape[1] - 1)
-        logits = model.run_with_hooks(chunk, fwd_hooks=unembed_only_at(model, last))[:, -1]
+        logits = run_with_hooks(model, chunk, fwd_hooks=unembed_only_at(model, last))[:, -1]
         ans = answers[start:start + batch_size].to(logits.device)
         out.append((logits.gather(1, ans[:, :1]) - logits.gather(1, ans[:, 1:])).squeeze(1).float().cpu())
     return torch.cat(out)
@@ -221,7 +221,7 @@ def accuracy(model, data: SyllogismData, batch_size: int = 64) -> dict[str, floa
     for start in range(0, len(data), batch_size):
         chunk = data.clean_tokens[start:start + batch_size]
         last = torch.full((len(chunk),), chunk.shape[1] - 1)
-        logits = model.run_with_hooks(chunk, fwd_hooks=unembed_only_at(model, last))[:, -1]
+        logits = run_with_hooks(model, chunk, fwd_hooks=unembed_only_at(model, last))[:, -1]
         ans = data.answers[start:start + batch_size].to(logits.device)
         top1.append((logits.argmax(-1) == ans[:, 0]).float().cpu())
         pairwise.append((logits.gather(1, ans[:, :1]) > logits.gather(1, ans[:, 1:])).squeeze(1).float().cpu())
