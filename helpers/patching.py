@@ -20,9 +20,10 @@ at its first (layer, position): the residual stream there from that run, the run
 positions, only the later positions recomputed. Variants sharing a start run batched (the corrupted batch repeated
 once per variant, `[n_variants * batch, pos - start]`, one hook per hook point writing each variant's clean slice
 into its own rows), and only the logits the metric reads are computed (those a `PositionalMetric` declares, or
-those `learn_reads` finds a plain `metric(logits)` depends on, from its gradient, checked; else every logit). `max_rows` bounds the rows of one pass; by default they fit `ACTIVATION_BUDGET`. Where a model's
-blocks cannot be run that way exactly (`fast_path`, probed once per model), every variant runs from the embedding
-instead, with full logits, and a warning says so once.
+those `learn_reads` finds a plain `metric(logits)` depends on, from its gradient, checked; else every logit).
+`max_rows` bounds the rows of one pass; by default they fit `ACTIVATION_BUDGET`. Where a model's blocks cannot be
+run that way exactly (`fast_path`, probed once per model), every variant runs from the embedding instead, with full
+logits, and a warning says so once.
 
 Attention patterns are patched at `hook_pattern` where the model reads that hook back; where it only reports it
 (transformer-lens 3.9's GPT-Neo bridge, see `pattern_route`), the same patch is applied exactly through each head's
@@ -511,9 +512,10 @@ class _Trace:
     """An unpatched run of `tokens [batch, pos]` through the blocks, kept to start patched runs from: each block's
     arguments (`calls`) and input (`inputs[layer]`, `[batch, pos, d_model]`), each attention layer's keys and values
     (`keys_values`, `[batch, n_kv, pos, d_head]`) and the logits at the `read` positions of the `vocab` tokens read
-    (`[batch, len(read), len(vocab) or d_vocab]`). `recorded`: `_block_calls(model, tokens)`, where already run. Raises `_NoFastPath` when running the blocks this way does not
-    give the model's own logits. Where the unembedding's rows of the tokens read do not give the model's logits of
-    those tokens, every token's logits are computed (and then selected)."""
+    (`[batch, len(read), len(vocab) or d_vocab]`). `recorded`: `_block_calls(model, tokens)`, where already run.
+    Raises `_NoFastPath` when running the blocks this way does not give the model's own logits. Where the
+    unembedding's rows of the tokens read do not give the model's logits of those tokens, every token's logits are
+    computed (and then selected)."""
 
     def __init__(self, model, tokens: Tensor, read: list[int], vocab: list[int] | None = None,
                  recorded: tuple[list[dict], Tensor] | None = None):
@@ -931,10 +933,11 @@ def _site_estimates(model, corrupted_tokens: Tensor, clean_cache, metric: Metric
     return baseline, torch.stack([effects[name][index].sum() for name, index in sites])
 
 
-def _cached_logits(model, cache) -> list[Tensor]:
-    """The logits of a cached run `[batch, pos, vocab]`, where the cache holds the last residual stream (else none)."""
+def _cached_logits(model, cache, metric: Metric) -> list[Tensor]:
+    """The logits of a cached run `[batch, pos, vocab]` to check a plain metric's learned reads on, where the cache
+    holds the last residual stream (else none; none for a metric that declares its reads)."""
     final = hook_name("resid_post", model.cfg.n_layers - 1)
-    return [_unembed(model, cache[final])] if final in cache else []
+    return [_unembed(model, cache[final])] if final in cache and not isinstance(metric, PositionalMetric) else []
 
 
 def run_sweep(model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, metric: Metric, sweep: Sweep, *,
@@ -949,7 +952,7 @@ def run_sweep(model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, me
         patch that restores the whole answer at once), which is why the top is verified exactly.
     """
     n_sites = len(sweep.sites)
-    clean_logits = _cached_logits(model, clean_cache)
+    clean_logits = _cached_logits(model, clean_cache, metric)
     if exact_top is None or exact_top >= n_sites:
         values = run_patched_variants(model, corrupted_tokens, _sources(clean_cache, [n for n, _ in sweep.sites]),
                                       [[site] for site in sweep.sites], metric, other_runs=clean_logits,
@@ -1079,7 +1082,8 @@ def patch_components(model, corrupted_tokens: Tensor, clean_cache, metric: Metri
     as_sites = [[_component_site(model, c, site) for c in v] for v in variants]
     names = [name for v in as_sites for name, _ in v]
     return run_patched_variants(model, corrupted_tokens, _sources(clean_cache, names), as_sites, metric,
-                                other_runs=_cached_logits(model, clean_cache), max_rows=max_rows, progress=progress)
+                                other_runs=_cached_logits(model, clean_cache, metric), max_rows=max_rows,
+                                progress=progress)
 
 
 # ---- path patching ------------------------------------------------------------------------------------------------
