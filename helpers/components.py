@@ -151,7 +151,7 @@ def _hook_points(model, names: Sequence[str]) -> list:
 def hooks_on(model, fwd_hooks: Sequence[Hook]) -> Iterator[None]:
     """`model.hooks(fwd_hooks=fwd_hooks)` for hooks given by name: the same hook points, called once each in list
     order, removed on exit. The bridge's own `hooks` / `run_with_hooks` rebuild its map of hook names, resolving
-    every alias, once per hook: about 19 ms per hook on a 30-layer model, 15 s for a pass with EAP's 800 hooks."""
+    every alias, once per hook: about 19 ms per hook on a 30-layer model (EAP-IG on SmolLM2 added 3,426)."""
     points = _hook_points(model, [name for name, _ in fwd_hooks])
     try:
         for point, (_, hook) in zip(points, fwd_hooks):
