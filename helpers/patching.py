@@ -389,6 +389,8 @@ class _NoFastPath(Exception):
 
 FAST_HOOKS = {f"hook_{name}" for name in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")} | {
     f"attn.hook_{name}" for name in ("q", "k", "v", "z", "pattern", "attn_scores")} | {"mlp.hook_pre", "mlp.hook_post"}
+BEFORE_MLP = ("hook_resid_pre", "ln1.", "attn.", "hook_attn_", "hook_q", "hook_k", "hook_v", "hook_z", "hook_pattern",
+              "hook_resid_mid")  # hook points of a block that its MLP's output does not reach
 QUERY_AXIS_HOOKS = ("attn.hook_pattern", "attn.hook_attn_scores")  # [batch, head, query_pos, key_pos]
 ACTIVATION_BUDGET = 2 ** 25  # floats of activations and logits per pass (128 MB in float32) when max_rows is not given
 _FAST_PATH: WeakKeyDictionary = WeakKeyDictionary()
@@ -532,6 +534,30 @@ class _Trace:
             raise _NoFastPath("running the blocks directly does not give the model's logits")
         self.rows_of_vocab = vocab is not None and _close(_unembed(model, hidden[:, read], vocab), full[..., vocab])
         self.logits = full if vocab is None else full[..., vocab]
+        self.last_mlp_at_read = _close(_unembed(model, self._last_block_at_read()[:, read]), full)
+
+    def _last_mlp_hooks(self, start: int) -> list[tuple[str, Callable]]:
+        """Hooks that run the last block's MLP at the read positions only (those of `start:` run), its output
+        zero elsewhere: the last block's output is then right at the read positions, all the logits need."""
+        layer = self.model.cfg.n_layers - 1
+        rows = [p - start for p in self.read if p >= start]
+        n_new = self.tokens.shape[1] - start
+
+        def cut(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
+            return act[:, rows]
+
+        def put_back(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
+            full = act.new_zeros(act.shape[0], n_new, *act.shape[2:])
+            full[:, rows] = act
+            return full
+
+        return [(f"blocks.{layer}.mlp.hook_in", cut), (f"blocks.{layer}.mlp.hook_out", put_back)]
+
+    def _last_block_at_read(self) -> Tensor:
+        """The last block's output on the unpatched run with its MLP at the read positions only."""
+        layer = self.model.cfg.n_layers - 1
+        with hooks_on(self.model, self._last_mlp_hooks(0)):
+            return _run_blocks(self.model, self.calls, self.inputs[layer], layer, 0, 1, {})[0]
 
     def _unembed(self, hidden: Tensor) -> Tensor:
         """The logits the metric reads: of the `vocab` tokens (from their rows, or selected from all), or all."""
@@ -545,9 +571,20 @@ class _Trace:
         prefix = {index: (keys[:, :, :start], values[:, :, :start])
                   for index, (keys, values) in self.keys_values.items()} if start else {}
         hidden = _repeat_rows(self.inputs[first_layer][:, start:], repeats)
+        if last_layer is None and self._narrows_last_mlp(start, hooks):
+            hooks = [*hooks, *self._last_mlp_hooks(start)]
         with hooks_on(self.model, hooks):
             return _run_blocks(self.model, self.calls, hidden, first_layer, start, repeats, prefix,
                                last_layer=last_layer)[0]
+
+    def _narrows_last_mlp(self, start: int, hooks) -> bool:
+        """Whether a run from `start` under `hooks` may compute the last block's MLP at the read positions only:
+        where that gave the model's logits on the unpatched run, some positions of the run are not read, and the
+        hooks in the last block are all before its MLP (`BEFORE_MLP`)."""
+        last = f"blocks.{self.model.cfg.n_layers - 1}."
+        return (self.last_mlp_at_read and sum(p >= start for p in self.read) < self.tokens.shape[1] - start
+                and all(not name.startswith(last) or name.removeprefix(last).startswith(BEFORE_MLP)
+                        for name, _ in hooks))
 
     def logits_at_read(self, hidden: Tensor, start: int, repeats: int) -> Tensor:
         """`[repeats * batch, len(read), len(vocab) or d_vocab]`: the read positions before `start` from this run (a

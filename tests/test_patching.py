@@ -188,6 +188,20 @@ def test_every_architecture_takes_the_fast_path(setup, tl_block_every, monkeypat
     patching.act_patch_heads(model, corrupted, cache, metric, "v", by_position=True)
 
 
+def test_the_last_block_runs_its_mlp_only_where_the_metric_reads(setup):
+    """Every architecture passes the trace's check that the last block's MLP at the read positions only gives the
+    model's logits, so the sweeps above (equal to TransformerLens's) ran that way; not where every position is read
+    or a hook sits after the last MLP."""
+    _, model, _, corrupted, _, _ = setup
+    n_pos, last = corrupted.shape[1], model.cfg.n_layers - 1
+    trace = patching._Trace(model, corrupted, [n_pos - 1])
+    assert trace.last_mlp_at_read
+    assert trace._narrows_last_mlp(2, [(f"blocks.{last}.hook_resid_pre", None), (f"blocks.{last}.attn.hook_z", None)])
+    for after in ("hook_mlp_out", "mlp.hook_post", "hook_resid_post"):
+        assert not trace._narrows_last_mlp(2, [(f"blocks.{last}.{after}", None)])
+    assert not patching._Trace(model, corrupted, list(range(n_pos)))._narrows_last_mlp(0, [])
+
+
 def test_without_the_fast_path_it_warns_once_and_gives_the_same(setup, tl_block_every, monkeypatch):
     arch, model, _, corrupted, cache, metric = setup
     monkeypatch.setattr(patching, "_fast_path_problem", lambda model: "planted for the test")
@@ -198,7 +212,7 @@ def test_without_the_fast_path_it_warns_once_and_gives_the_same(setup, tl_block_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         patching.act_patch_resid_pre(model, corrupted, cache, metric)
-    monkeypatch.delitem(patching._FAST_PATH, model, raising=False)  # probed already if an earlier test ran here  # probed again for the tests after this one
+    monkeypatch.delitem(patching._FAST_PATH, model, raising=False)  # probed again for the tests after this one
 
 
 def test_a_metric_is_given_only_the_positions_it_reads(setup):
