@@ -72,7 +72,10 @@ nbtest-threads: setup
 # the real-scale budget of each notebook on SmolLM2 (2-core CPU): a cell over 4 GB or a notebook over 10 minutes fails
 # (every notebook still runs; the target fails at the end, naming them)
 TRAINED_BUDGET := --max-cell-gb 4 --max-wall-s 600
-TRAINED_RUNS := 03_syllogism_circuit 04_german_context_neuron 05_sae_quote_features
+TRAINED_RUNS := 02_arithmetic_heuristics 03_syllogism_circuit 04_german_context_neuron 05_sae_quote_features
+TRAINED_SET_02_arithmetic_heuristics := --set model_name=smollm2-135m-instruct --set max_op=10 --set max_single_token=9 \
+	--set 'few_shot_prefix="3+4=7\n9-5=4\n2*3=6\n8/2=4\n"' --set n_discovery=12 --set n_eval=12 --set qk_max_op=10 \
+	--set exact_top=100 --set max_circuit_head_fraction=0.1 --set output_dir=../figs/trained/02_arithmetic_heuristics
 TRAINED_SET_03_syllogism_circuit := --set model_name=smollm2-135m-instruct --set ld_threshold=0.5 --set pool_size=2000 \
 	--set n_prompts=32 --set exact_top=100 --set path_senders=16 --set eap_curve_points=12 \
 	--set output_dir=../figs/trained/03_syllogism_circuit

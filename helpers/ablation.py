@@ -42,12 +42,35 @@ def reference_activations(model, tokens: Tensor, components: Iterable[Component]
     """
     if method not in ("mean", "resample"):
         raise ValueError(f"reference activations are for 'mean' or 'resample', not {method!r}")
-    names = set(_hook_names(components))
-    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
+    names = _hook_names(components)
     if method == "mean":
-        return {name: cache[name].mean(0, keepdim=True) for name in names}
+        return _streamed_means(model, tokens, names)
+    _, cache = model.run_with_cache(tokens, names_filter=names)
     order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed))
     return {name: cache[name][order.to(cache[name].device)] for name in names}
+
+
+REFERENCE_BUDGET = 2 ** 27  # floats of cached activations per chunk of reference prompts (512 MB in float32)
+
+
+def _streamed_means(model, tokens: Tensor, names: list[str]) -> dict[str, Tensor]:
+    """`{name: [1, pos, ...]}`: each hook's mean over the rows of `tokens`, a chunk of rows at a time (no more than
+    about `REFERENCE_BUDGET` floats cached at once), summed in float64 where there is more than one chunk."""
+    cfg = model.cfg
+    widest = max(cfg.d_model, cfg.d_mlp or 0, cfg.n_heads * cfg.d_head)
+    rows = max(1, REFERENCE_BUDGET // (tokens.shape[1] * len(names) * widest))
+    if rows >= len(tokens):
+        _, cache = model.run_with_cache(tokens, names_filter=names)
+        return {name: cache[name].mean(0, keepdim=True) for name in names}
+    sums: dict[str, Tensor] = {}
+    for chunk in tokens.split(rows):
+        _, cache = model.run_with_cache(chunk, names_filter=names)
+        dtype = cache[names[0]].dtype
+        for name in names:
+            part = cache[name].sum(0, keepdim=True, dtype=torch.float64)
+            sums[name] = part if name not in sums else sums[name] + part
+        del cache
+    return {name: (total / len(tokens)).to(dtype) for name, total in sums.items()}
 
 
 def _writer(sites: list[tuple], reference: Tensor | None) -> Callable:

@@ -5,7 +5,8 @@ answer, per-neuron attribution and the top-k neuron curves, and the early MLP's 
 The study's heuristics (scheme, classification, knockouts) are in `helpers.heuristics`; the generic tools this
 module calls are `helpers.patching` (batched activation and attribution patching), `helpers.ablation` (the
 `CircuitEvaluator`), `helpers.neurons.fit_probe` and `helpers.attention`. Nothing here imports a task module:
-prompts arrive as tokens `[N, 5]` (BOS, op1, operator, op2, `=`) and answers as token ids `[N]`.
+prompts arrive as tokens `[N, seq]` ending in op1, operator, op2, `=` (BOS and a few-shot prefix may come first)
+and answers as token ids `[N]`.
 
 Two averages, the paper's and ours (both are computed, so a real-model run can be set beside the paper's figures):
 - head IE: the paper ranks heads by `log1p(mean IE)` (mean over prompts, then over positions); we rank by the mean
@@ -28,10 +29,11 @@ from helpers.attribution import logit_diff
 from helpers.eap import PromptSet
 from helpers.components import Component, all_mlps, hook_name
 from helpers.neurons import fit_probe
-from helpers.patching import attribution_patch_neurons, normalised_logit_diff, run_patched_variants
+from helpers.patching import (Sweep, SweepResult, attribution_patch_neurons, normalised_logit_diff,
+                              run_patched_variants, run_sweep)
 
 Metric = Callable[[Tensor], Tensor]
-PROMPT_POSITIONS = (1, 2, 3, 4)  # op1, operator, op2, '=' (0 is BOS)
+PROMPT_POSITIONS = (-4, -3, -2, -1)  # op1, operator, op2, '=': the last four positions, whatever precedes them
 
 # ---- seeds: every random draw of the notebook from its one `seed` ---------------------------------------------------
 SEED_OFFSETS = {
@@ -83,8 +85,9 @@ def indirect_effect(pre: Float[Tensor, "batch vocab"], post: Float[Tensor, "batc
 
 def signed_log(values: Tensor) -> Tensor:
     """`sign * log(1 + |values|)`, elementwise: a log scale that keeps negative effects (log1p alone gives NaN
-    below -1)."""
-    return torch.sign(values) * torch.log1p(values.abs())
+    below -1). Its gradient is 1 at 0, as its slope (`sign(x) * log1p(|x|)` would give autograd 0 there, and
+    attribution patching at the unpatched run, where every IE is 0, would estimate nothing)."""
+    return torch.where(values >= 0, torch.log1p(values.clamp(min=0)), -torch.log1p((-values).clamp(min=0)))
 
 
 def indirect_effect_metric(clean_logits: Tensor, clean_answers: Int[Tensor, "batch"],
@@ -108,21 +111,31 @@ def indirect_effect_metric(clean_logits: Tensor, clean_answers: Int[Tensor, "bat
 
 # ---- localisation: IE maps and the circuit ---------------------------------------------------------------------------
 @torch.no_grad()
-def ie_maps(model, clean: Int[Tensor, "N 5"], corrupt: Int[Tensor, "N 5"], clean_answers: Int[Tensor, "N"],
-            corrupt_answers: Int[Tensor, "N"], log_scale: bool = True) -> Float[Tensor, "4 n_layers n_heads_plus_1"]:
+def ie_sweep(model, clean: Int[Tensor, "N seq"], corrupt: Int[Tensor, "N seq"], clean_answers: Int[Tensor, "N"],
+             corrupt_answers: Int[Tensor, "N"], log_scale: bool = True, exact_top: int | None = None) -> SweepResult:
     """The IE of patching each head (`hook_z`, column h) and each MLP (`hook_mlp_out`, the last column) from the
     counterfactual prompts into the clean ones, at each prompt position (op1, operator, op2, `=`), averaged over
-    prompts as `indirect_effect_metric` does (`log_scale`: ours; False: the plain mean, the paper's). Batched."""
+    prompts as `indirect_effect_metric` does (`log_scale`: ours; False: the plain mean, the paper's); `values` laid
+    out `[4, n_layers, n_heads + 1]`. Batched. `exact_top` (`patching.run_sweep`): None patches every site; n ranks
+    the sites by attribution patching and patches the n largest exactly (a 30-layer model has thousands of sites)."""
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     heads = [Component.head(l, 0).hook_name() for l in range(n_layers)]
     mlps = [m.hook_name() for m in all_mlps(n_layers)]
     names = set(heads + mlps)
-    _, corrupt_cache = model.run_with_cache(corrupt, names_filter=lambda n: n in names)
+    _, corrupt_cache = model.run_with_cache(corrupt, names_filter=list(names))
     metric = indirect_effect_metric(model(clean), clean_answers, corrupt_answers, log_scale=log_scale)
-    variants = [[(heads[l], (p, h))] if h < n_heads else [(mlps[l], (p,))]
-                for p in PROMPT_POSITIONS for l in range(n_layers) for h in range(n_heads + 1)]
-    values = run_patched_variants(model, clean, {n: corrupt_cache[n] for n in names}, variants, metric)
-    return values.view(len(PROMPT_POSITIONS), n_layers, n_heads + 1)
+    positions = [clean.shape[1] + p for p in PROMPT_POSITIONS]
+    sites = [(heads[l], (p, h)) if h < n_heads else (mlps[l], (p,))
+             for p in positions for l in range(n_layers) for h in range(n_heads + 1)]
+    sweep = Sweep(sites, lambda flat: flat.view(len(PROMPT_POSITIONS), n_layers, n_heads + 1))
+    return run_sweep(model, clean, {n: corrupt_cache[n] for n in names}, metric, sweep, exact_top=exact_top)
+
+
+def ie_maps(model, clean: Int[Tensor, "N seq"], corrupt: Int[Tensor, "N seq"], clean_answers: Int[Tensor, "N"],
+            corrupt_answers: Int[Tensor, "N"], log_scale: bool = True
+            ) -> Float[Tensor, "4 n_layers n_heads_plus_1"]:
+    """`ie_sweep`'s maps, every site patched exactly."""
+    return ie_sweep(model, clean, corrupt, clean_answers, corrupt_answers, log_scale).values
 
 
 def head_scores(maps: Float[Tensor, "4 n_layers n_heads_plus_1"], paper: bool = False
@@ -156,7 +169,7 @@ def smallest_faithful_circuit(evaluate: CircuitEvaluator, ranked: Sequence[tuple
 
 # ---- where is the answer: linear probes ------------------------------------------------------------------------------
 @torch.no_grad()
-def answer_probe_accuracy(model, tokens: Int[Tensor, "N 5"], labels: Int[Tensor, "N"], seed: int = 0
+def answer_probe_accuracy(model, tokens: Int[Tensor, "N seq"], labels: Int[Tensor, "N"], seed: int = 0
                           ) -> Float[Tensor, "4 n_layers_plus_1"]:
     """Held-out accuracy of a multinomial logistic probe (`fit_probe`) predicting `labels` from the residual stream
     at each prompt position (op1, operator, op2, `=`) after each layer (`hook_resid_post`; column 0 is the embedding
@@ -178,8 +191,8 @@ def first_answer_layer(probe_at_last: Float[Tensor, "n_layers_plus_1"], fraction
 
 
 # ---- neurons: attribution, its check, top-k curves ------------------------------------------------------------------
-def neuron_attribution(model, clean: Int[Tensor, "N 5"], corrupt: Int[Tensor, "N 5"], clean_answers: Int[Tensor, "N"],
-                       corrupt_answers: Int[Tensor, "N"]) -> Float[Tensor, "n_layers 5 d_mlp"]:
+def neuron_attribution(model, clean: Int[Tensor, "N seq"], corrupt: Int[Tensor, "N seq"], clean_answers: Int[Tensor, "N"],
+                       corrupt_answers: Int[Tensor, "N"]) -> Float[Tensor, "n_layers seq d_mlp"]:
     """Attribution-patching estimate of each neuron's IE at each position: `(corrupt - clean) . dIE/dact` at the
     clean run, one backward pass for all neurons (CPU, float32)."""
     metric = indirect_effect_metric(model(clean), clean_answers, corrupt_answers)
@@ -187,7 +200,7 @@ def neuron_attribution(model, clean: Int[Tensor, "N 5"], corrupt: Int[Tensor, "N
 
 
 @torch.no_grad()
-def patch_neurons_at_last(model, clean: Int[Tensor, "N 5"], corrupt: Int[Tensor, "N 5"],
+def patch_neurons_at_last(model, clean: Int[Tensor, "N seq"], corrupt: Int[Tensor, "N seq"],
                           clean_answers: Int[Tensor, "N"], corrupt_answers: Int[Tensor, "N"],
                           neurons: Sequence[tuple[int, int]]) -> Float[Tensor, "n_neurons"]:
     """Activation patching of single neurons at `=` from the counterfactual run, scored as the IE maps are (mean of
@@ -232,12 +245,13 @@ def saturation(curve: Float[Tensor, "n_k"], k_values: Sequence[int], d_mlp: int,
 # ---- the early MLP: token responses ---------------------------------------------------------------------------------
 @torch.no_grad()
 def token_responses(model, token_ids: Int[Tensor, "T"], layer: int, neurons: Sequence[int],
-                    bos: int | None = None) -> Float[Tensor, "n_neurons T"]:
-    """Activation of MLP neurons of `layer` on each single token (the prompt BOS + token, read at the token): how
-    the early MLP responds to a number by itself (the paper's "effective embedding", App. B.1)."""
+                    prepend_bos: bool = True) -> Float[Tensor, "n_neurons T"]:
+    """Activation of MLP neurons of `layer` on each single token (the prompt BOS + token where the model takes a
+    BOS, else the token alone; read at the token): how the early MLP responds to a number by itself (the paper's
+    "effective embedding", App. B.1)."""
     token_ids = torch.as_tensor(token_ids).long()
-    bos = model.tokenizer.bos_token_id if bos is None else bos
-    tokens = torch.stack([torch.full_like(token_ids, bos), token_ids], dim=1)
+    bos = model.tokenizer.bos_token_id
+    tokens = torch.stack([torch.full_like(token_ids, bos), token_ids], dim=1) if prepend_bos else token_ids[:, None]
     name = Component.neuron(layer, 0).hook_name()
     _, cache = model.run_with_cache(tokens, names_filter=lambda n: n == name)
     return cache[name][:, -1, list(neurons)].float().T.cpu()

@@ -411,9 +411,10 @@ def token_attribution_at(model, cache, answers: Int[Tensor, "batch"], positions:
     if len(components) == 2:
         pos_embed = cache[hook_name("pos_embed")]
         pieces.append(project(pos_embed[rows, positions] if pos_embed.ndim == 3 else pos_embed[positions]))
+    W_O = model.W_O  # [layer, head, d_head, d_model], stacked once (the bridge stacks it anew on each access)
     for layer in range(model.cfg.n_layers):
         z = cache[hook_name("head", layer)][rows, positions]  # [batch, head, d_head]
-        results = torch.einsum("bhd,hdm->hbm", z, model.W_O[layer].to(z.dtype))
+        results = torch.einsum("bhd,hdm->hbm", z, W_O[layer].to(z.dtype))
         pieces.extend(project(results).unbind(0))
         components += [Component.head(layer, head) for head in range(model.cfg.n_heads)]
         pieces.append(project(_attn_bias(model, layer, results[0])))
@@ -444,14 +445,15 @@ def direction_writes(model, cache, direction: Float[Tensor, "d_model"]
     `MLP{l}`. Summed over components they give `final_resid @ direction`. Used to ask which component carries a
     feature such as the document's language.
     """
-    direction = direction.to(model.W_O.device, model.W_O.dtype)
+    W_O = model.W_O  # stacked once (the bridge stacks it anew on each access)
+    direction = direction.to(W_O.device, W_O.dtype)
     components = _embeddings(cache)
     values = [cache[hook_name("embed")] @ direction]
     if len(components) == 2:
         values.append((cache[hook_name("pos_embed")] @ direction).expand_as(values[0]))
     for layer in range(model.cfg.n_layers):
         z = cache[hook_name("head", layer)]                                        # [batch, pos, head, d_head]
-        per_head = torch.einsum("bphd,hd->hbp", z, model.W_O[layer] @ direction)
+        per_head = torch.einsum("bphd,hd->hbp", z, W_O[layer] @ direction)
         attn_bias = cache[hook_name("attn", layer)] @ direction - per_head.sum(0)
         values += [*per_head, attn_bias, cache[hook_name("mlp", layer)] @ direction]
         components += [Component.head(layer, head) for head in range(model.cfg.n_heads)]

@@ -579,11 +579,11 @@ def neuron_answer_logits(model, neurons: Sequence[Neuron], answer_ids: Int[Tenso
                          ) -> Float[Tensor, "n_neurons N"]:
     """The logit lens of each neuron's value vector at each prompt's answer token: `(W_out[l, n] @ W_U)[answer]`,
     `[n_neurons, N]`."""
-    W_U = model.W_U.float()
+    W_U, W_out = model.W_U.float(), model.W_out   # the bridge stacks W_out anew on each access: once here
     answer_ids = torch.as_tensor(answer_ids).long()
     rows = []
     for layer, neuron in neurons:
-        logits = (model.W_out[layer, neuron].float() @ W_U).cpu()
+        logits = (W_out[layer, neuron].float() @ W_U).cpu()
         rows.append(logits[answer_ids])
     return torch.stack(rows) if rows else torch.zeros(0, len(answer_ids))
 
@@ -600,7 +600,8 @@ def value_logits(model, neurons: Sequence[Neuron], token_ids: Int[Tensor, "T"] |
     """The logit lens of each neuron's value vector: `W_out[layer, neuron] @ W_U`, what the neuron promotes when it
     fires (positive activation), over `token_ids` (default the whole vocabulary): `[n_neurons, T]` (CPU)."""
     W_U = model.W_U.float() if token_ids is None else model.W_U.float()[:, torch.as_tensor(token_ids).long()]
-    rows = torch.stack([model.W_out[layer, neuron].float() for layer, neuron in neurons]) if neurons else None
+    W_out = model.W_out   # stacked once (the bridge stacks every layer's W_out anew on each access)
+    rows = torch.stack([W_out[layer, neuron].float() for layer, neuron in neurons]) if neurons else None
     return (rows @ W_U).cpu() if rows is not None else torch.zeros(0, W_U.shape[1])
 
 

@@ -12,6 +12,7 @@ The declarations are plain data, so tests check them without running a notebook.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -73,6 +74,13 @@ def choice(*options: Any) -> Rule:
 
 def text(*, optional: bool = False) -> Rule:
     return _optional(Rule(lambda v: isinstance(v, (str, Path)) and str(v) != "", "a non-empty string"), optional)
+
+
+def worked_examples() -> Rule:
+    """A few-shot prefix: arithmetic examples `{x}{op}{y}={result}`, each ending in a newline ("" for none)."""
+    lines = re.compile(r"(\d+[+\-*/]\d+=\d+\n)*")
+    return Rule(lambda v: isinstance(v, str) and lines.fullmatch(v) is not None,
+                'worked examples "{x}{op}{y}={result}", each ending in a newline ("" for none), e.g. "3+4=7\\n"')
 
 
 def sequence(each: Rule, *, min_items: int = 1, unique: bool = False, optional: bool = False) -> Rule:
@@ -190,7 +198,9 @@ ARITHMETIC_HEURISTICS = NotebookParameters(
     rules=dict(
         model_name=text(), device=device(), dtype=dtype(), device_map=text(optional=True),
         operators=sequence(choice(*OPERATORS), unique=True), max_op=integer(2), max_single_token=integer(1),
-        n_discovery=integer(1), n_eval=integer(1), require_correct=flag(), n_mean_reference=integer(1),
+        few_shot_prefix=worked_examples(),
+        n_discovery=integer(1), n_eval=integer(1), require_correct=flag(), exact_top=integer(1, optional=True),
+        n_mean_reference=integer(1),
         faithfulness_target=number(0, 1, low_open=True), max_circuit_head_fraction=number(0, 1, low_open=True),
         probe_operators=sequence(choice(*OPERATORS), unique=True), probe_prompts=integer(2),
         n_attribution_check=integer(1), top_neuron_fraction=number(0, 1, low_open=True),

@@ -50,6 +50,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from helpers import cache as result_cache
 from helpers.components import Component, all_heads, device_of, hook_name, hooks_on, run_with_hooks
 
 Metric = Callable[[Tensor], Tensor]
@@ -917,6 +918,7 @@ class Sweep:
     arrange: Callable[[Tensor], Tensor]
 
 
+@result_cache.storable
 @dataclass(frozen=True)
 class SweepResult:
     """The metric after each site's patch, laid out as the sweep's tensor.

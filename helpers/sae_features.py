@@ -143,9 +143,10 @@ def mlp_input_pieces(model, cache, layer: int, rows: Int[Tensor, "batch"], posit
         pos_embed = cache[hook_name("pos_embed")]
         pieces.append(pos_embed[rows, positions] if pos_embed.ndim == 3 else pos_embed[positions])
         components.append(Component.pos_embed())
+    W_O = model.W_O  # stacked once (the bridge stacks it anew on each access)
     for source in range(layer + (0 if parallel else 1)):
         z = cache[hook_name("head", source)][rows, positions]  # [batch, head, d_head]
-        heads = torch.einsum("bhd,hdm->hbm", z, model.W_O[source].to(z.dtype))  # [head, batch, d_model]
+        heads = torch.einsum("bhd,hdm->hbm", z, W_O[source].to(z.dtype))  # [head, batch, d_model]
         pieces += [*heads, cache[hook_name("attn", source)][rows, positions] - heads.sum(0)]
         components += [Component.head(source, head) for head in range(model.cfg.n_heads)]
         components.append(Component.attn_bias(source))

@@ -42,6 +42,18 @@ def test_mean_ablation_writes_reference_mean(setup):
     assert torch.allclose(post[:, 3, 7], post[0, 3, 7].expand(len(tokens)))
 
 
+def test_reference_means_streamed_in_chunks_equal_the_whole_batchs(setup, monkeypatch):
+    model, tokens, _ = setup
+    components = [Component.mlp(0), Component.head(1, 2), Component.neuron(1, 7)]
+    whole = ablation.reference_activations(model, tokens, components, "mean")
+    monkeypatch.setattr(ablation, "REFERENCE_BUDGET", 1)   # one row per chunk
+    streamed = ablation.reference_activations(model, tokens, components, "mean")
+    assert whole.keys() == streamed.keys()
+    for name, mean in whole.items():
+        assert streamed[name].shape == mean.shape and streamed[name].dtype == mean.dtype
+        assert torch.allclose(streamed[name], mean, atol=1e-6), name
+
+
 def test_resample_is_seeded_permutation(setup):
     model, tokens, _ = setup
     components = [Component.head(0, 1)]

@@ -57,6 +57,46 @@ def test_ie_maps_are_zero_without_a_change_and_match_a_hand_made_patch(tiny, pro
     assert not torch.allclose(log_maps, maps)  # the two averages differ once any IE is large
 
 
+def test_ie_maps_patch_the_last_four_positions_after_a_prefix(tiny, prompts):
+    """With tokens before the prompt (a few-shot prefix, the same in both runs) the maps still cover op1, operator,
+    op2 and `=`, counted from the end: op2 is the second-last position."""
+    model, _ = tiny
+    clean, corrupt, clean_answers, corrupt_answers = prompts
+    prefix = torch.tensor([[7, 3, 9, 5, 8, 2]]).expand(len(clean), -1)
+    clean, corrupt = torch.cat([prefix, clean], dim=1), torch.cat([prefix, corrupt], dim=1)
+    maps = AC.ie_maps(model, clean, corrupt, clean_answers, corrupt_answers, log_scale=False)
+    assert maps.shape == (4, 2, 5)
+    _, cache = model.run_with_cache(corrupt)
+    metric = AC.indirect_effect_metric(model(clean), clean_answers, corrupt_answers)
+    op2 = clean.shape[1] - 2
+
+    def patch(act, hook=None):  # noqa: ARG001
+        act = act.clone()
+        act[:, op2, 2] = cache["blocks.1.attn.hook_z"][:, op2, 2]
+        return act
+
+    by_hand = float(metric(model.run_with_hooks(clean, fwd_hooks=[("blocks.1.attn.hook_z", patch)])))
+    assert float(maps[2, 1, 2]) == pytest.approx(by_hand, rel=1e-4, abs=1e-6)
+
+
+def test_a_screened_ie_sweep_is_exact_on_its_top_sites(tiny, prompts):
+    model, _ = tiny
+    full = AC.ie_maps(model, *prompts)
+    screened = AC.ie_sweep(model, *prompts, exact_top=6)
+    assert int(screened.exact.sum()) == 6 and screened.values.shape == full.shape
+    assert torch.allclose(screened.values[screened.exact], full[screened.exact], atol=1e-5)
+    assert "6 of 40 sites patched exactly" in screened.describe()
+    assert float(screened.estimate.abs().max()) > 0   # the log scale's slope at IE = 0 reaches attribution patching
+
+
+def test_signed_log_keeps_the_sign_and_has_slope_one_at_zero():
+    x = torch.tensor([-3.0, -0.5, 0.0, 0.5, 3.0], requires_grad=True)
+    y = AC.signed_log(x)
+    y.sum().backward()
+    assert torch.equal(y.detach(), torch.sign(x.detach()) * torch.log1p(x.detach().abs()))
+    assert torch.allclose(x.grad, 1 / (1 + x.detach().abs()))
+
+
 def test_rankings_and_the_circuit_search():
     maps = torch.zeros(4, 2, 3)                      # two layers, two heads, MLP column last
     maps[:, 1, 0], maps[:, 0, 1], maps[:, 0, 2] = 3.0, 1.0, 9.0
@@ -116,6 +156,9 @@ def test_neuron_attribution_check_and_token_responses(tiny, prompts):
     responses = AC.token_responses(model, numbers, 0, [3, 7])
     _, cache = model.run_with_cache(torch.stack([torch.full_like(numbers, tokenizer.bos_token_id), numbers], 1))
     assert torch.allclose(responses, cache["blocks.0.mlp.hook_post"][:, 1, [3, 7]].T, atol=1e-6)
+    alone = AC.token_responses(model, numbers, 0, [3, 7], prepend_bos=False)   # a model trained without BOS
+    _, cache = model.run_with_cache(numbers[:, None])
+    assert torch.allclose(alone, cache["blocks.0.mlp.hook_post"][:, 0, [3, 7]].T, atol=1e-6)
 
 
 def test_counterfactual_prompt_set_scores_clean_as_one_and_partners_as_zero(tiny, prompts):

@@ -62,6 +62,25 @@ def test_arithmetic_answers_are_single_llama_3_tokens(real_tokenizer):
         arithmetic.number_token_ids(tokenizer, 1000)
 
 
+def test_a_few_shot_prefix_comes_first_and_the_prompt_stays_last(real_tokenizer):
+    """BOS, the prefix's own tokens, then the prompt's four (the same tokens as the whole text tokenized at once);
+    a position name for each; a prefix that would merge into the prompt is refused, naming the parameter."""
+    tokenizer = real_tokenizer("llama-3")
+    prompts = arithmetic.all_prompts("+", max_op=10, max_single_token=9)
+    for prepend_bos in (True, False):
+        prompt_format = arithmetic.PromptFormat("3+4=7\n1+5=6\n", prepend_bos=prepend_bos)
+        tokens = arithmetic.prompt_tokens(tokenizer, prompts, prompt_format)
+        bare = arithmetic.prompt_tokens(tokenizer, prompts, arithmetic.PromptFormat(prepend_bos=False))
+        assert bare.shape == (len(prompts), 4) and torch.equal(tokens[:, -4:], bare)
+        whole = tokenizer(prompt_format.prefix + prompts.texts[5], add_special_tokens=False)["input_ids"]
+        assert tokens[5, int(prepend_bos):].tolist() == whole
+        names = prompt_format.position_names(tokenizer)
+        assert len(names) == tokens.shape[1] and names[-4:] == arithmetic.PROMPT_POSITION_NAMES
+        assert (names[0] == "BOS") == prepend_bos and (tokens[:, 0] == 128000).all() == prepend_bos
+    with pytest.raises(ValueError, match="few_shot_prefix"):  # "=7" + "3+..." tokenizes as "=", "73", "+"
+        arithmetic.prompt_tokens(tokenizer, prompts.subset([30]), arithmetic.PromptFormat("1+6=7"))
+
+
 def test_closing_quote_is_one_gpt2_token(real_tokenizer):
     tokenizer = real_tokenizer("gpt2")
     for closing in stories.CLOSING_QUOTES:

@@ -1,10 +1,13 @@
 """Single-token arithmetic prompts `{x}{op}{y}=` for `+ - * /` (Nikankin et al., "Arithmetic Without Algorithms").
 
-A prompt is the text `f"{x}{op}{y}="` with no spaces and no few-shot prefix. With a tokenizer in which every number
-0..max_single_token is one token (Llama-3, the `toy-arithmetic` zoo model) and BOS prepended, every prompt is exactly
-five tokens:
+A prompt is the text `f"{x}{op}{y}="` with no spaces. With a tokenizer in which every number 0..max_single_token
+is one token (Llama-3, the `toy-arithmetic` zoo model), a prompt is four tokens, preceded by what its
+`PromptFormat` puts first: a BOS token where the model takes one, and optionally a few-shot prefix text
+("3+4=7\n1+5=6\n", tokenized on its own). The four prompt positions are therefore counted from the end:
 
-    position 0: BOS   1: op1   2: operator   3: op2   4: "="      (the answer is predicted at position 4)
+    position -4: op1   -3: operator   -2: op2   -1: "="      (the answer is predicted at the last position)
+
+With BOS and no prefix (the default, and the paper's layout) that is five tokens, BOS at position 0.
 
 One integer convention is used everywhere (the seed mixed float `eval` and `int(eval)`):
     +  x + y            -  x - y (only y <= x, so no negative results)
@@ -30,9 +33,7 @@ from helpers.components import run_with_hooks
 
 OPERATORS: tuple[str, ...] = ("+", "-", "*", "/")
 OPERATOR_NAMES: dict[str, str] = {"+": "addition", "-": "subtraction", "*": "multiplication", "/": "division"}
-POSITIONS: dict[str, int] = {"op1": 1, "operator": 2, "op2": 3, "=": 4}
-POSITION_NAMES: tuple[str, ...] = ("BOS", "op1", "operator", "op2", "=")
-SEQ_LEN = 5
+PROMPT_POSITION_NAMES: tuple[str, ...] = ("op1", "operator", "op2", "=")  # the last four positions of a prompt
 _PROMPT = re.compile(r"^\s*(\d+)\s*([+\-*/])\s*(\d+)\s*=\s*$")
 
 
@@ -220,7 +221,7 @@ def number_token_ids(tokenizer, max_single_token: int = 999) -> Tensor:
 
 def check_single_token_numbers(tokenizer, max_single_token: int) -> None:
     """Refuse, naming the tokenizer property, a tokenizer that does not keep every number of [0, max_single_token]
-    whole: the prompt layout (BOS, operand, operator, operand, `=`) and the answer read one token per number.
+    whole: the prompt (operand, operator, operand, `=`) and the answer read one token per number.
 
     Most small open models' tokenizers split numbers into digits (SmolLM2: `"12"` -> `"1"`, `"2"`); Llama-3's keeps
     0..999 whole. Such a tokenizer can still run the notebook on the numbers it keeps whole (its single digits)."""
@@ -247,22 +248,48 @@ def max_single_token_number(tokenizer, limit: int = 100_000) -> int:
     return n
 
 
-def prompt_tokens(tokenizer, prompts: PromptSet) -> Tensor:
-    """Token ids `[n, 5]`: BOS, op1, operator, op2, `=` (built from the vocabulary, checked against the tokenizer on
-    the first prompt)."""
+@dataclass(frozen=True)
+class PromptFormat:
+    """What comes before the four prompt tokens: BOS (`prepend_bos`, where the model was trained with one) and a
+    few-shot `prefix` text, e.g. `"3+4=7\n1+5=6\n"` (default none: the paper's zero-shot prompts)."""
+
+    prefix: str = ""
+    prepend_bos: bool = True
+
+    def lead_tokens(self, tokenizer) -> list[int]:
+        """The token ids before the prompt: BOS (if any), then the prefix tokenized on its own."""
+        bos = tokenizer.bos_token_id
+        if self.prepend_bos and bos is None:
+            raise ValueError("prepend_bos: the tokenizer has no BOS token")
+        prefix = tokenizer(self.prefix, add_special_tokens=False)["input_ids"] if self.prefix else []
+        return ([bos] if self.prepend_bos else []) + list(prefix)
+
+    def position_names(self, tokenizer) -> tuple[str, ...]:
+        """A name for every position of a prompt in this format: `BOS`, `prefix 0..`, then `PROMPT_POSITION_NAMES`."""
+        lead = self.lead_tokens(tokenizer)
+        bos = ("BOS",) if self.prepend_bos else ()
+        return bos + tuple(f"prefix {i}" for i in range(len(lead) - len(bos))) + PROMPT_POSITION_NAMES
+
+
+def prompt_tokens(tokenizer, prompts: PromptSet, prompt_format: PromptFormat = PromptFormat()) -> Tensor:
+    """Token ids `[n, lead + 4]`: what `prompt_format` puts first, then op1, operator, op2, `=` (built from the
+    vocabulary, checked against the tokenizer on the first prompt: the prefix and the prompt tokenized together must
+    give the same tokens)."""
     vocab = tokenizer.get_vocab()
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        raise ValueError("the tokenizer has no BOS token")
+    lead = prompt_format.lead_tokens(tokenizer)
     numbers = number_token_ids(tokenizer, int(max(prompts.x.max(), prompts.y.max())) if len(prompts) else 0)
     op_id, eq_id = _single_token(tokenizer, vocab, prompts.op), _single_token(tokenizer, vocab, "=")
     n = len(prompts)
-    tokens = torch.stack([torch.full((n,), bos), numbers[prompts.x], torch.full((n,), op_id), numbers[prompts.y],
-                          torch.full((n,), eq_id)], dim=1)
+    tokens = torch.stack([numbers[prompts.x], torch.full((n,), op_id), numbers[prompts.y], torch.full((n,), eq_id)],
+                         dim=1)
+    tokens = torch.cat([torch.tensor(lead, dtype=torch.long).expand(n, -1), tokens], dim=1)
     if n:
-        reference = tokenizer(prompts.texts[0], add_special_tokens=False)["input_ids"]
-        if reference != tokens[0, 1:].tolist():
-            raise ValueError(f"the tokenizer splits {prompts.texts[0]!r} as {reference}, not into 4 single tokens")
+        text = prompt_format.prefix + prompts.texts[0]
+        reference = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if reference != tokens[0, int(prompt_format.prepend_bos):].tolist():
+            raise ValueError(f"the tokenizer splits {text!r} as {reference}, not into the prefix's tokens and 4 "
+                             f"single tokens" + (" (few_shot_prefix: end it with a newline or a space)"
+                                                 if prompt_format.prefix else ""))
     return tokens
 
 
@@ -290,27 +317,33 @@ def last_logits(model, tokens: Tensor, batch_size: int = 512, fwd_hooks: list | 
 
 
 def predict_numbers(model, tokenizer, prompts: PromptSet, batch_size: int = 512, fwd_hooks: list | None = None,
-                    max_single_token: int = 999) -> Tensor:
-    """The model's greedy answer as a number `[n]` (long; -1 where the argmax token is not a number 0..S)."""
-    logits = last_logits(model, prompt_tokens(tokenizer, prompts), batch_size, fwd_hooks)
+                    max_single_token: int | None = None, prompt_format: PromptFormat = PromptFormat()) -> Tensor:
+    """The model's greedy answer as a number `[n]` (long; -1 where the argmax token is not a number 0..S; S:
+    `max_single_token`, default every number the tokenizer keeps whole, up to 999)."""
+    logits = last_logits(model, prompt_tokens(tokenizer, prompts, prompt_format), batch_size, fwd_hooks)
     top = logits.argmax(-1)
+    if max_single_token is None:
+        max_single_token = max_single_token_number(tokenizer, limit=1000)
     ids = number_token_ids(tokenizer, max_single_token)
     lookup = torch.full((max(int(ids.max()), int(top.max())) + 1,), -1, dtype=torch.long)
     lookup[ids] = torch.arange(len(ids))
     return lookup[top]
 
 
-def accuracy(model, tokenizer, prompts: PromptSet, batch_size: int = 512, fwd_hooks: list | None = None) -> float:
+def accuracy(model, tokenizer, prompts: PromptSet, batch_size: int = 512, fwd_hooks: list | None = None,
+             prompt_format: PromptFormat = PromptFormat()) -> float:
     """Fraction of prompts whose greedy answer token is the true result."""
     if len(prompts) == 0:
         return float("nan")
-    return float((predict_numbers(model, tokenizer, prompts, batch_size, fwd_hooks) == prompts.results).float().mean())
+    predicted = predict_numbers(model, tokenizer, prompts, batch_size, fwd_hooks, prompt_format=prompt_format)
+    return float((predicted == prompts.results).float().mean())
 
 
-def split_by_correctness(model, tokenizer, prompts: PromptSet, batch_size: int = 512) -> tuple[PromptSet, PromptSet]:
+def split_by_correctness(model, tokenizer, prompts: PromptSet, batch_size: int = 512,
+                         prompt_format: PromptFormat = PromptFormat()) -> tuple[PromptSet, PromptSet]:
     """(correct, incorrect) prompts by the model's own greedy prediction. Incorrect prompts are those where the
     model predicts a *number* that is wrong (the seed's `validate_numerals=True`); `predictions` holds the guesses."""
-    predictions = predict_numbers(model, tokenizer, prompts, batch_size)
+    predictions = predict_numbers(model, tokenizer, prompts, batch_size, prompt_format=prompt_format)
     prompts = PromptSet(prompts.op, prompts.x, prompts.y, prompts.results, predictions, dict(prompts.meta))
     correct = predictions == prompts.results
     wrong = (~correct) & (predictions >= 0)
@@ -342,10 +375,12 @@ def corrupt_partners(clean: PromptSet, pool: Sequence[PromptSet], seed: int) -> 
     return ops, torch.tensor(pairs, dtype=torch.long), torch.tensor(results, dtype=torch.long)
 
 
-def mixed_tokens(tokenizer, ops: Sequence[str], pairs: Tensor) -> Tensor:
-    """Tokens `[n, 5]` of prompts with per-row operators (e.g. the corrupt prompts of `corrupt_partners`)."""
+def mixed_tokens(tokenizer, ops: Sequence[str], pairs: Tensor, prompt_format: PromptFormat = PromptFormat()
+                 ) -> Tensor:
+    """Tokens `[n, lead + 4]` of prompts with per-row operators (e.g. the corrupt prompts of `corrupt_partners`)."""
     rows = []
     for op, (a, b) in zip(ops, pairs.tolist()):
         one = PromptSet(op, torch.tensor([a]), torch.tensor([b]), torch.tensor([apply(op, a, b) or 0]))
-        rows.append(prompt_tokens(tokenizer, one))
-    return torch.cat(rows) if rows else torch.zeros(0, SEQ_LEN, dtype=torch.long)
+        rows.append(prompt_tokens(tokenizer, one, prompt_format))
+    width = len(prompt_format.lead_tokens(tokenizer)) + len(PROMPT_POSITION_NAMES)
+    return torch.cat(rows) if rows else torch.zeros(0, width, dtype=torch.long)

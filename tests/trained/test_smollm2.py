@@ -14,7 +14,7 @@ import torch
 
 from helpers import attribution, context_neuron, neurons, realdata, realsize
 from helpers.models import gguf_checkpoint, load_model
-from helpers.tasks import bilingual, syllogisms
+from helpers.tasks import arithmetic, bilingual, syllogisms
 
 SYLLOGISM = "All cats are animals. All animals are alive. Therefore all cats are"
 
@@ -92,6 +92,18 @@ def test_syllogism_dla_sums_to_the_logit_difference(smollm2):
     per_prompt = per_prompt + attribution.unembed_bias_diff(smollm2, answers)
     expected = attribution.logit_diff(logits[:, -1], answers, per_prompt=True)
     assert torch.allclose(per_prompt, expected, atol=1e-3 * max(1.0, float(expected.abs().max())))
+
+
+def test_worked_examples_teach_one_digit_addition(smollm2):
+    """SmolLM2 answers few one-digit additions zero-shot and most after four worked examples (measured: 5% and 76%
+    of 55 prompts); its tokenizer keeps numbers whole only up to 9, so these are all the prompts notebook 02 can ask."""
+    tokenizer = smollm2.tokenizer
+    assert arithmetic.max_single_token_number(tokenizer) == 9
+    prompts = arithmetic.all_prompts("+", max_op=10, max_single_token=9)
+    bos = smollm2.cfg.default_prepend_bos
+    zero_shot = arithmetic.accuracy(smollm2, tokenizer, prompts, prompt_format=arithmetic.PromptFormat(prepend_bos=bos))
+    worked = arithmetic.PromptFormat("3+4=7\n9-5=4\n2*3=6\n8/2=4\n", prepend_bos=bos)
+    assert zero_shot < 0.25 < 0.5 < arithmetic.accuracy(smollm2, tokenizer, prompts, prompt_format=worked)
 
 
 def test_an_sae_on_one_mlp_layer_explains_most_of_its_variance(smollm2):

@@ -1,0 +1,114 @@
+"""Notebook 02's heaviest steps on a trained model, each beside its floor: plain passes over the same prompts.
+
+    python benchmarks/realscale_arithmetic.py [--model smollm2-135m-instruct] [--max-op 10] [--max-single-token 9]
+                                              [--operator +] [--n-discovery 40] [--n-check 2]
+
+The prompts are the notebook's (`tasks.arithmetic`): every operand pair below `max_op` whose result is a single
+token, for the filter all four operators, for the rest `n_discovery` of `operator`'s prompts drawn at random (answered or not:
+the benchmark times the steps, whatever the model answers) and their counterfactuals. SmolLM2 keeps numbers whole
+only up to 9, so its prompts have one-digit operands. The floor of a step is the plain work it cannot do without
+(listed in `FLOORS`): forward passes (and one forward and backward pass, for attribution) over the same prompts,
+timed first in the same run. Peak memory is the largest resident set sampled every 10 ms during the step, the model
+included. Run it alone.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from realscale_context_neuron import timed  # noqa: E402  (the same timer and memory sampler)
+
+from helpers import arithmetic_circuit as AC  # noqa: E402
+from helpers import heuristics as H  # noqa: E402
+from helpers.models import load_model  # noqa: E402
+from helpers.tasks import arithmetic as task  # noqa: E402
+
+FLOORS = {  # step: what its floor counts
+    "filter (greedy answer of every prompt, four operators)": "one pass over them",
+    "IE maps (every head and MLP at op1, operator, op2, =)": "one pass over the discovery prompts per site",
+    "neuron attribution (every neuron at every position)": "one forward and backward pass over them",
+    "activation patching of the checked neurons at =": "one pass per neuron",
+    "heuristic analysis of the top neurons (K and KV maps, classification)": "one pass over every prompt of the "
+                                                                             "operator",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--max-op", type=int, default=10)
+    parser.add_argument("--max-single-token", type=int, default=9)
+    parser.add_argument("--operator", default="+")
+    parser.add_argument("--n-discovery", type=int, default=40)
+    parser.add_argument("--n-check", type=int, default=2, help="top and random neurons per layer patched exactly")
+    parser.add_argument("--top-neurons", type=int, default=20, help="top neurons per layer analysed")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    model = load_model(args.model)
+    tokenizer = model.tokenizer
+    task.check_single_token_numbers(tokenizer, args.max_single_token)
+    numbers = task.number_token_ids(tokenizer, args.max_single_token)
+    prompts = {op: task.all_prompts(op, None, args.max_op, args.max_single_token) for op in task.OPERATORS}
+    every = torch.cat([task.prompt_tokens(tokenizer, prompts[op]) for op in task.OPERATORS])
+    chosen = prompts[args.operator]
+    discovery = chosen.sample(min(args.n_discovery, len(chosen)), seed=0)
+    c_ops, c_pairs, c_results = task.corrupt_partners(discovery, list(prompts.values()), seed=0)
+    clean = task.prompt_tokens(tokenizer, discovery)
+    inputs = (clean, task.mixed_tokens(tokenizer, c_ops, c_pairs), numbers[discovery.results], numbers[c_results])
+    operator_tokens = task.prompt_tokens(tokenizer, chosen)
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    n_sites = 4 * n_layers * (n_heads + 1)
+
+    def forward_backward():
+        with torch.enable_grad():
+            model(clean)[:, -1].logsumexp(-1).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    model(every)  # warm-up
+    every_pass, every_memory, _ = timed(lambda: model(every))
+    unit, _, _ = timed(lambda: model(clean))
+    unit_grad, _, _ = timed(forward_backward)
+    operator_pass, _, _ = timed(lambda: model(operator_tokens))
+    rows = [("one plain pass over the discovery prompts (the unit)", unit, unit, every_memory)]
+    state = {}
+
+    def attribution():
+        state["attribution"] = AC.neuron_attribution(model, *inputs)
+
+    def check():
+        state["sample"] = AC.check_sample(state["attribution"][:, -1].abs(), args.n_check, seed=0)
+        AC.patch_neurons_at_last(model, *inputs, state["sample"])
+
+    def analysis():
+        top = H.top_neurons_per_layer(state["attribution"][:, -1].abs(), args.top_neurons, range(n_layers))
+        H.analyse_neurons(model, operator_tokens, numbers[chosen.results], chosen.pairs, chosen.results,
+                          args.operator, top)
+
+    steps = [("filter (greedy answer of every prompt, four operators)",
+              lambda: [task.split_by_correctness(model, tokenizer, prompts[op]) for op in task.OPERATORS],
+              every_pass),
+             ("IE maps (every head and MLP at op1, operator, op2, =)", lambda: AC.ie_maps(model, *inputs),
+              n_sites * unit),
+             ("neuron attribution (every neuron at every position)", attribution, unit_grad),
+             ("activation patching of the checked neurons at =", check, None),
+             ("heuristic analysis of the top neurons (K and KV maps, classification)", analysis, operator_pass)]
+    for name, step, floor in steps:
+        elapsed, peak, _ = timed(step)
+        rows.append((name, elapsed, len(state.get("sample", ())) * unit if floor is None else floor, peak))
+    print(f"{args.model}: {len(every)} prompts of {every.shape[1]} tokens over four operators (operands below "
+          f"{args.max_op}, results up to {args.max_single_token}); {len(discovery)} discovery prompts of "
+          f"{args.operator!r}; {n_sites} IE sites; {len(state['sample'])} checked neurons; {args.top_neurons} top "
+          f"neurons per layer analysed over {len(chosen)} prompts; {torch.get_num_threads()} threads")
+    print("| step | ours (s) | floor (s) | ratio | peak memory (GB) |\n|---|---:|---:|---:|---:|")
+    for name, ours, floor_s, peak in rows:
+        print(f"| {name} | {ours:.2f} | {floor_s:.2f} | {ours / floor_s:.2f} | {peak / 2 ** 30:.2f} |")
+    for name, what in FLOORS.items():
+        print(f"floor of {name}: {what}")
+
+
+if __name__ == "__main__":
+    main()
