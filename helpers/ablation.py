@@ -56,6 +56,8 @@ REFERENCE_BUDGET = 2 ** 27  # floats of cached activations per chunk of referenc
 def _streamed_means(model, tokens: Tensor, names: list[str]) -> dict[str, Tensor]:
     """`{name: [1, pos, ...]}`: each hook's mean over the rows of `tokens`, a chunk of rows at a time (no more than
     about `REFERENCE_BUDGET` floats cached at once), summed in float64 where there is more than one chunk."""
+    if not names:
+        return {}
     cfg = model.cfg
     widest = max(cfg.d_model, cfg.d_mlp or 0, cfg.n_heads * cfg.d_head)
     rows = max(1, REFERENCE_BUDGET // (tokens.shape[1] * len(names) * widest))

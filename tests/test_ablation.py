@@ -49,6 +49,7 @@ def test_reference_means_streamed_in_chunks_equal_the_whole_batchs(setup, monkey
     monkeypatch.setattr(ablation, "REFERENCE_BUDGET", 1)   # one row per chunk
     streamed = ablation.reference_activations(model, tokens, components, "mean")
     assert whole.keys() == streamed.keys()
+    assert ablation.reference_activations(model, tokens, [], "mean") == {}   # nothing to ablate, nothing to run
     for name, mean in whole.items():
         assert streamed[name].shape == mean.shape and streamed[name].dtype == mean.dtype
         assert torch.allclose(streamed[name], mean, atol=1e-6), name
