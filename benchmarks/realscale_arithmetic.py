@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from realscale_context_neuron import timed  # noqa: E402  (the same timer and memory sampler)
+from realscale_context_neuron import print_table, timed  # noqa: E402  (the same timer, sampler, table)
 
 from helpers import arithmetic_circuit as AC  # noqa: E402
 from helpers import heuristics as H  # noqa: E402
@@ -103,11 +103,7 @@ def main() -> None:
           f"{args.max_op}, results up to {args.max_single_token}); {len(discovery)} discovery prompts of "
           f"{args.operator!r}; {n_sites} IE sites; {len(state['sample'])} checked neurons; {args.top_neurons} top "
           f"neurons per layer analysed over {len(chosen)} prompts; {torch.get_num_threads()} threads")
-    print("| step | ours (s) | floor (s) | ratio | peak memory (GB) |\n|---|---:|---:|---:|---:|")
-    for name, ours, floor_s, peak in rows:
-        print(f"| {name} | {ours:.2f} | {floor_s:.2f} | {ours / floor_s:.2f} | {peak / 2 ** 30:.2f} |")
-    for name, what in FLOORS.items():
-        print(f"floor of {name}: {what}")
+    print_table(rows, FLOORS, digits=2)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,17 @@ def timed(function):
     return elapsed, memory.peak, result
 
 
+def print_table(rows, floors: dict[str, str], digits: int = 1) -> None:
+    """The benchmark's table (step, ours, floor, ratio, peak memory) from `(name, ours s, floor s, peak bytes)` rows,
+    then what each step's floor counts."""
+    print("| step | ours (s) | floor (s) | ratio | peak memory (GB) |\n|---|---:|---:|---:|---:|")
+    for name, ours, floor_s, peak in rows:
+        print(f"| {name} | {ours:.{digits}f} | {floor_s:.{digits}f} | {ours / floor_s:.{digits}f} | "
+              f"{peak / 2 ** 30:.2f} |")
+    for name, what in floors.items():
+        print(f"floor of {name}: {what}")
+
+
 def documents(model, n_docs: int, max_tokens: int, batch_size: int):
     bos = model.cfg.default_prepend_bos
     return [context_neuron.Documents.from_tokens(

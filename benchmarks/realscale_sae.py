@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from realscale_context_neuron import timed  # noqa: E402  (the same timer and memory sampler)
+from realscale_context_neuron import print_table, timed  # noqa: E402  (the same timer, sampler, table)
 
 from helpers import quote_features as Q  # noqa: E402
 from helpers import sae as S  # noqa: E402
@@ -126,11 +126,7 @@ def main() -> None:
           f"rows, {len(prompts)} prompts of {prompts.tokens.shape[1]} tokens; {torch.get_num_threads()} threads")
     print(f"floor parts: passes to layer {args.layer} over the rows read {to_layer:.1f} s, {config.steps} plain SAE "
           f"steps {sae_floor:.1f} s, one pass over the evaluation rows {eval_pass:.1f} s")
-    print("| step | ours (s) | floor (s) | ratio | peak memory (GB) |\n|---|---:|---:|---:|---:|")
-    for name, ours, floor_s, peak in rows:
-        print(f"| {name} | {ours:.1f} | {floor_s:.1f} | {ours / floor_s:.1f} | {peak / 2 ** 30:.2f} |")
-    for name, what in FLOORS.items():
-        print(f"floor of {name}: {what}")
+    print_table(rows, FLOORS, digits=1)
 
 
 if __name__ == "__main__":
