@@ -20,7 +20,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from helpers.components import all_heads, all_mlps, Component, run_with_hooks
-from helpers.patching import replayed_logits
+from helpers.patching import PositionalMetric, replayed_logits, unembedding_reads
 from helpers.uncertainty import Interval, bootstrap_interval, faithfulness_statistic
 
 Hook = tuple[str, Callable]
@@ -320,17 +320,18 @@ def losses_from_logits(logits: Tensor, tokens: Tensor) -> Tensor:
 
 
 # ---- normalised logit (Nikankin et al. Eq. 2) ---------------------------------------------------------------------
-def normalized_logits(answer_tokens: Int[Tensor, "batch"], pos: int = -1) -> Callable[[Tensor], Tensor]:
+def normalized_logits(answer_tokens: Int[Tensor, "batch"], pos: int = -1) -> PositionalMetric:
     """`metric(logits)` = per prompt `logit[answer] / max(logit)` at `pos`: `[batch]` (Nikankin et al. Eq. 2's NL).
 
     Works on logits `[batch, pos, vocab]` or `[batch, vocab]`, and on batches that are several copies of the prompts
-    (as in batched sweeps: the answers are repeated)."""
-    def metric(logits: Tensor) -> Float[Tensor, "batch"]:
-        last = (logits[:, pos] if logits.ndim == 3 else logits).float()
+    (as in batched sweeps: the answers are repeated). A `PositionalMetric` reading `pos` only, so runs for it
+    unembed that position alone."""
+    def read(logits: Float[Tensor, "batch 1 vocab"]) -> Float[Tensor, "batch"]:
+        last = logits[:, 0].float()
         answers = answer_tokens.to(last.device).repeat(len(last) // len(answer_tokens))
         return last.gather(1, answers[:, None])[:, 0] / last.max(dim=-1).values
 
-    return metric
+    return PositionalMetric([pos], read)
 
 
 def normalized_logit(answer_tokens: Int[Tensor, "batch"], pos: int = -1) -> Metric:
@@ -403,13 +404,14 @@ class CircuitEvaluator:
             reference = reference_activations(model, tokens if reference_tokens is None else reference_tokens, sites,
                                               method, seed)
         self.reference = reference
-        with torch.no_grad():
-            self.full = metric(model(tokens)).float().cpu()
-            self.empty = self._run(ablation_hooks(self.universe, method, reference))
+        self.full = self._run([])
+        self.empty = self._run(ablation_hooks(self.universe, method, reference))
 
     @torch.no_grad()
     def _run(self, hooks: list[Hook]) -> Float[Tensor, "batch"]:
-        return self.metric(run_with_hooks(self.model, self.tokens, fwd_hooks=hooks)).float().cpu()
+        """The metric under `hooks`, unembedding only the positions it reads (`patching.unembedding_reads`)."""
+        reads, value = unembedding_reads(self.model, self.metric, self.tokens.shape[1])
+        return value(run_with_hooks(self.model, self.tokens, fwd_hooks=[*hooks, *reads])).float().cpu()
 
     def neuron_hooks(self, kept_neurons: dict[int, Sequence[int]]) -> list[Hook]:
         """Hooks that ablate every neuron of each layer in `kept_neurons` except the listed ones."""

@@ -60,7 +60,7 @@ from torch import Tensor
 
 from helpers.ablation import neuron_mask_hooks
 from helpers.cache import storable
-from helpers.components import device_of, hook_name, run_with_hooks
+from helpers.components import device_of, hook_name, run_with_hooks, unembed_only_at
 
 PAPER_MODULI: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8, 9, 11, 13, 15)
 OPERAND_RANGE_SIZES: dict[str, tuple[int, ...]] = {"+": (10, 30, 50, 100), "-": (10, 30, 50, 100),
@@ -679,7 +679,8 @@ def correct_under(model, tokens: Int[Tensor, "N seq"], answers: Int[Tensor, "N"]
         batch = tokens[sl].to(device_of(model))
         fill = None if method == "zero" else means
         hooks = neuron_mask_hooks({l: m[sl] for l, m in masks.items()}, fill) if masks else []
-        logits = run_with_hooks(model, batch, fwd_hooks=hooks) if hooks else model(batch)
+        last = torch.full((len(batch),), batch.shape[1] - 1)
+        logits = run_with_hooks(model, batch, fwd_hooks=[*hooks, *unembed_only_at(model, last)])
         out.append(logits[:, -1].argmax(-1).cpu() == answers[sl].cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
 
@@ -728,29 +729,34 @@ def heuristic_knockout(model, scores: HeuristicScores, threshold: float, tokens:
             neuron count (ties by name), at most `max_heuristics`.
         n_prompts: related and unrelated prompts are each sampled (seeded) down to this many; unrelated prompts are
             those the heuristic does not concern at all.
+
+    Every sampled prompt runs once clean; each heuristic then costs one ablated run of its related and unrelated
+    prompts together.
     """
     classes = scores.classes(threshold)
     order = sorted(classes, key=lambda name: (-len(classes[name]), name))
     order = [name for name in order if len(classes[name]) >= min_neurons][: max_heuristics]
-    d_mlp = model.cfg.d_mlp
     generator = torch.Generator().manual_seed(seed)
-    out = []
+    samples = {}                                   # heuristic -> (related rows, unrelated rows) of the prompts
     for name in order:
         related = relevant_mask(name, pairs, results)
         rel_idx, unrel_idx = related.nonzero().flatten(), (~related).nonzero().flatten()
-        if len(rel_idx) == 0 or len(unrel_idx) == 0:
-            continue
-        rel_idx = rel_idx[torch.randperm(len(rel_idx), generator=generator)[:n_prompts]]
-        unrel_idx = unrel_idx[torch.randperm(len(unrel_idx), generator=generator)[:n_prompts]]
+        if len(rel_idx) and len(unrel_idx):
+            samples[name] = (rel_idx[torch.randperm(len(rel_idx), generator=generator)[:n_prompts]],
+                             unrel_idx[torch.randperm(len(unrel_idx), generator=generator)[:n_prompts]])
+    used = sorted({int(i) for rows in samples.values() for idx in rows for i in idx})
+    baseline = torch.zeros(len(tokens), dtype=torch.bool)         # one clean run of every sampled prompt
+    baseline[used] = correct_under(model, tokens[used], answers[used])
+    out = []
+    for name, (rel_idx, unrel_idx) in samples.items():
         neurons = [(l, n) for l, n, _ in classes[name]]
-        accs = []
-        for idx in (rel_idx, unrel_idx):
-            base = correct_under(model, tokens[idx], answers[idx]).float().mean()
-            ablated = correct_under(model, tokens[idx], answers[idx], _masks_for(neurons, len(idx), d_mlp), method,
-                                    means).float().mean()
-            accs += [float(base), float(ablated)]
+        rows = torch.cat([rel_idx, unrel_idx])
+        ablated = correct_under(model, tokens[rows], answers[rows], _masks_for(neurons, len(rows), model.cfg.d_mlp),
+                                method, means).float()
         out.append(KnockoutResult(name, neurons, float(sum(s for _, _, s in classes[name])), len(rel_idx),
-                                  len(unrel_idx), accs[0], accs[1], accs[2], accs[3]))
+                                  len(unrel_idx), float(baseline[rel_idx].float().mean()),
+                                  float(ablated[:len(rel_idx)].mean()), float(baseline[unrel_idx].float().mean()),
+                                  float(ablated[len(rel_idx):].mean())))
     return out
 
 

@@ -206,6 +206,38 @@ def test_knockouts_are_well_formed(tiny):
     assert int(profile.n_associated[0]) == 6  # 0+0: op1 in [0, 10) and op2 even -> all six classified neurons
 
 
+def test_a_knockout_with_every_prompt_sampled_equals_ablating_by_hand(tiny):
+    """With `n_prompts` above every prompt count, related / unrelated are all the prompts the heuristic does / does
+    not concern: the accuracies must equal greedy answers of the model run with the neurons zeroed by a plain hook."""
+    model, tokenizer = tiny
+    prompts = task.all_prompts("+", max_op=12)
+    tokens = task.prompt_tokens(tokenizer, prompts)
+    answers = model(tokens)[:, -1].argmax(-1)          # the random model's own answers: all correct before ablation
+    answers[::3] = (answers[::3] + 1) % model.cfg.d_vocab                     # and a third wrong
+    neurons = [(1, n) for n in range(0, 40, 2)] + [(0, 2)]
+    scores = _scores_for(neurons, [[("op1_range_0_5", 0.9)]] * len(neurons))
+    (result,) = H.heuristic_knockout(model, scores, 0.6, tokens, answers, prompts.pairs, prompts.results,
+                                     min_neurons=3, n_prompts=10_000)
+    assert len(result.neurons) == len(neurons)
+
+    def zero(layer):
+        def hook(act, hook=None):
+            act[..., [n for l, n in neurons if l == layer]] = 0
+            return act
+        return hook
+
+    clean = model(tokens)[:, -1].argmax(-1) == answers
+    ablated = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{l}.mlp.hook_post", zero(l)) for l in (0, 1)]
+                                   )[:, -1].argmax(-1) == answers
+    related = prompts.pairs[:, 0] < 5
+    assert (result.n_related, result.n_unrelated) == (int(related.sum()), int((~related).sum()))
+    assert result.baseline_related == pytest.approx(float(clean[related].float().mean()))
+    assert result.baseline_unrelated == pytest.approx(float(clean[~related].float().mean()))
+    assert result.ablated_related == pytest.approx(float(ablated[related].float().mean()))
+    assert result.ablated_unrelated == pytest.approx(float(ablated[~related].float().mean()))
+    assert result.ablated_related != result.baseline_related or result.ablated_unrelated != result.baseline_unrelated
+
+
 def test_faithfulness_is_one_for_the_full_model_and_zero_for_the_empty_circuit(tiny):
     from helpers.ablation import circuit_universe, faithfulness, normalized_logit
 
