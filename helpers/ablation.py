@@ -20,7 +20,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from helpers.components import all_heads, all_mlps, Component, run_with_hooks
-from helpers.patching import PositionalMetric, replayed_logits, unembedding_reads
+from helpers.patching import PositionalMetric, kept_run_available, replayed_logits, unembedding_reads
 from helpers.uncertainty import Interval, bootstrap_interval, faithfulness_statistic
 
 Hook = tuple[str, Callable]
@@ -278,9 +278,19 @@ def neuron_value_hooks(values: dict, from_position: int = 0) -> list[Hook]:
 @torch.no_grad()
 def token_losses(model, tokens: Tensor, fwd_hooks: Sequence[Hook] = ()) -> Tensor:
     """Next-token cross-entropy at every position: tokens `[batch, pos]` -> `[batch, pos - 1]` (entry `i` is the loss
-    of predicting `tokens[:, i + 1]`), under `fwd_hooks`."""
+    of predicting `tokens[:, i + 1]`), under `fwd_hooks`. Runs from a clean run `patching.keep_clean_block_inputs`
+    kept, where it can (rows taken as `token_losses_each` takes them)."""
+    chunks = tokens.split(_logit_rows(model, tokens))
+    if fwd_hooks and all(kept_run_available(model, chunk, fwd_hooks) for chunk in chunks):
+        return torch.cat([losses_from_logits(next(replayed_logits(model, chunk, [fwd_hooks], clean=False)), chunk)
+                          for chunk in chunks])
     logits = run_with_hooks(model, tokens, fwd_hooks=list(fwd_hooks)) if fwd_hooks else model(tokens)
     return losses_from_logits(logits, tokens)
+
+
+def _logit_rows(model, tokens: Tensor) -> int:
+    """Rows of `tokens` whose logits fit `LOGIT_ROWS_BUDGET`."""
+    return max(1, LOGIT_ROWS_BUDGET // max(1, tokens.shape[1] * model.cfg.d_vocab))
 
 
 @torch.no_grad()
@@ -289,9 +299,8 @@ def token_losses_each(model, tokens: Int[Tensor, "batch pos"], variants: Sequenc
     """`token_losses` without hooks (row 0) and under each of `variants` (rows 1..), sharing one clean pass: each
     hooked run starts at the first block its hooks sit in (`patching.replayed_logits`). Rows of `tokens` are taken
     a few at a time, so no more than about `LOGIT_ROWS_BUDGET` floats of logits are held at once."""
-    rows = max(1, LOGIT_ROWS_BUDGET // max(1, tokens.shape[1] * model.cfg.d_vocab))
     parts = [torch.stack([losses_from_logits(logits, chunk) for logits in replayed_logits(model, chunk, variants)])
-             for chunk in tokens.split(rows)]
+             for chunk in tokens.split(_logit_rows(model, tokens))]
     return torch.cat(parts, dim=1)
 
 

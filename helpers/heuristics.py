@@ -649,9 +649,12 @@ def analyse_neurons(model, tokens: Int[Tensor, "N seq"], answer_ids: Int[Tensor,
 
 def value_scheme(values: Int[Tensor, "T"]) -> Scheme:
     """The operand heuristics (ranges, moduli, patterns, values) over single numbers, e.g. to classify how an early
-    MLP neuron responds to a number token by itself: `build_scheme` with the number as op1 (op2 fixed at 0)."""
+    MLP neuron responds to a number token by itself: `build_scheme` with the number as op1 (op2 fixed at 0). A
+    heuristic must concern 10 of the numbers, or half of them where there are fewer than 20 (one-digit operands:
+    of 0-9, the odd or even ones, 0-4, 5-9; a smaller set matches a random response perfectly too often)."""
     values = torch.as_tensor(values).long()
-    return build_scheme(torch.stack([values, torch.zeros_like(values)], dim=1), values, "+")
+    return build_scheme(torch.stack([values, torch.zeros_like(values)], dim=1), values, "+",
+                        min_relevant=max(2, min(10, len(values) // 2)))
 
 
 def top_neurons_per_layer(scores: Tensor | dict[int, Tensor], k: int, layers: Iterable[int]) -> list[Neuron]:

@@ -17,7 +17,7 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 
 from helpers.components import hook_name, layers_needed, run_with_hooks
-from helpers.patching import replayed_runs
+from helpers.patching import kept_run_available, replayed_runs
 
 
 @dataclass
@@ -358,7 +358,8 @@ def mlp_activations(model, tokens: Tensor, layers: Sequence[int], *, hook: str =
     """MLP activations `{layer: [batch, pos, d_mlp]}` (or `[batch, pos, len(neurons)]`) of one forward pass.
 
     `fwd_hooks` (TransformerLens `(name, fn)` pairs, e.g. an ablation) are applied during the pass. Only the asked
-    layers (and neuron columns) are kept, and the pass stops after the last of them.
+    layers (and neuron columns) are kept, and the pass stops after the last of them. Under hooks, it starts at a
+    clean run `patching.keep_clean_block_inputs` kept, where it can.
     """
     captured: dict[int, Tensor] = {}
 
@@ -369,6 +370,10 @@ def mlp_activations(model, tokens: Tensor, layers: Sequence[int], *, hook: str =
         return capture
 
     hooks = list(fwd_hooks) + [(hook_name("neuron", layer, hook), make_capture(layer)) for layer in layers]
+    if fwd_hooks and kept_run_available(model, tokens, hooks):     # start at the kept clean run's block
+        for _ in replayed_runs(model, tokens, [hooks]):
+            pass
+        return captured
     with torch.no_grad():   # the blocks after the last layer read, and the unembedding, are not run
         run_with_hooks(model, tokens, fwd_hooks=hooks, return_type=None,
                              stop_at_layer=layers_needed([hook_name("neuron", layer, hook) for layer in layers]))

@@ -608,29 +608,112 @@ def _first_hooked_layer(hooks: Sequence[tuple[str, Callable]], n_layers: int) ->
     return min(layers)
 
 
+# ---- clean runs kept between calls: a run under hooks in a late block starts there ---------------------------------
+class _KeptInputs:
+    """What `keep_clean_block_inputs` keeps per batch of tokens: the input of block `layer` and the arguments of
+    the blocks from there on (the other blocks' inputs are dropped: `None`)."""
+
+    def __init__(self, layer: int):
+        self.layer, self.runs = layer, {}
+
+    @staticmethod
+    def key(tokens: Tensor) -> tuple:
+        return tuple(tokens.shape), str(tokens.device), tokens.cpu().numpy().tobytes()
+
+    def keep(self, tokens: Tensor, calls: list[dict]) -> None:
+        hidden_name = next(iter(calls[self.layer]))
+
+        def kept(layer: int, name: str, value):
+            if name == hidden_name and layer != self.layer:
+                return None
+            if hasattr(value, "update") and not isinstance(value, Tensor):   # the run's key/value cache: all of its
+                return _KeyValueCache({}, 1)                                 # keys and values; a replay brings its own
+            return value
+
+        self.runs[self.key(tokens)] = [None] * self.layer + [
+            {name: kept(layer, name, value) for name, value in call.items()}
+            for layer, call in enumerate(calls[self.layer:], start=self.layer)]
+
+    def calls(self, tokens: Tensor) -> list[dict | None] | None:
+        return self.runs.get(self.key(tokens))
+
+
+_KEPT: WeakKeyDictionary = WeakKeyDictionary()
+
+
+def keep_clean_block_inputs(model, layer: int | None) -> None:
+    """From now on, keep each clean run that `replayed_logits` and `replayed_runs` make (and so
+    `ablation.token_losses_each`, `neurons.mlp_activations_each`, `neurons.mlp_activations` under hooks) at the
+    input of block `layer`, per batch of tokens: a later run of the same tokens under hooks in block `layer` or after
+    starts there, without re-running the blocks before it (exact: a hook cannot change the blocks before its own).
+    Notebook 04 keeps the residual stream at its context neuron's layer, where every later ablation starts. Memory:
+    one `[batch, pos, d_model]` tensor per batch seen. `None` drops what was kept; a new `layer` starts afresh."""
+    if layer is None:
+        _KEPT.pop(model, None)
+    elif not 0 <= layer < model.cfg.n_layers:
+        raise ValueError(f"layer must be in [0, {model.cfg.n_layers}), got {layer}")
+    elif model not in _KEPT or _KEPT[model].layer != layer:
+        _KEPT[model] = _KeptInputs(layer)
+
+
+def _kept_calls(model, tokens: Tensor, first: int | None) -> list[dict | None] | None:
+    """The kept clean run of `tokens` where one is kept and every run starts at or after its block (`first`)."""
+    kept = _KEPT.get(model)
+    if kept is None or first is None or first < kept.layer:
+        return None
+    return kept.calls(tokens)
+
+
+def _recorded_calls(model, tokens: Tensor, stop_at_layer: int | None) -> tuple[list[dict], Tensor]:
+    """`_block_calls`, keeping the run (every block's, so it runs to the end) where `keep_clean_block_inputs` asks."""
+    kept = _KEPT.get(model)
+    if kept is None:
+        return _block_calls(model, tokens, stop_at_layer)
+    calls, output = _block_calls(model, tokens)
+    kept.keep(tokens, calls)
+    return calls, output
+
+
+def _start_of(calls: list[dict | None], first: int) -> tuple[int, Tensor]:
+    """Where a run from block `first` starts on `calls`: at `first`, or at the kept block before it."""
+    start = next(layer for layer in range(first, -1, -1) if calls[layer] is not None
+                 and next(iter(calls[layer].values())) is not None)
+    return start, next(iter(calls[start].values()))
+
+
 @torch.no_grad()
-def replayed_logits(model, tokens: Int[Tensor, "batch pos"], variants: Sequence[Sequence[tuple[str, Callable]]]
-                    ) -> Iterator[Float[Tensor, "batch pos d_vocab"]]:
-    """The logits of `tokens` without hooks, then under each variant's forward hooks (`[(hook_name, fn)]`, as
-    `model.run_with_hooks` takes them), one `[batch, pos, d_vocab]` tensor at a time.
+def replayed_logits(model, tokens: Int[Tensor, "batch pos"], variants: Sequence[Sequence[tuple[str, Callable]]],
+                    *, clean: bool = True) -> Iterator[Float[Tensor, "batch pos d_vocab"]]:
+    """The logits of `tokens` without hooks (unless `clean=False`), then under each variant's forward hooks
+    (`[(hook_name, fn)]`, as `model.run_with_hooks` takes them), one `[batch, pos, d_vocab]` tensor at a time.
 
     A hook cannot change the layers before the block it sits in. So the run without hooks keeps every block's
     input, and each hooked run starts at its first hooked block from there (the sweeps' replay of the bridge's
-    blocks, see `_Trace`): an ablation in layer 23 of 30 costs 7 blocks, not 30. A variant with a hook outside the
-    blocks' `FAST_HOOKS`, and every variant of a model whose blocks cannot be replayed (`fast_path`), runs from
-    the embedding.
+    blocks, see `_Trace`): an ablation in layer 23 of 30 costs 7 blocks, not 30. Where `keep_clean_block_inputs`
+    kept these tokens' clean run, the run without hooks starts there too. A variant with a hook outside the blocks'
+    `FAST_HOOKS`, and every variant of a model whose blocks cannot be replayed (`fast_path`), runs from the embedding.
     """
     replay = fast_path(model)
-    calls, logits = _block_calls(model, tokens)
-    yield logits
-    del logits
-    for hooks in variants:
-        first = _first_hooked_layer(hooks, model.cfg.n_layers) if replay else None
+    firsts = [_first_hooked_layer(hooks, model.cfg.n_layers) if replay else None for hooks in variants]
+    kept = _kept_calls(model, tokens, min((f for f in firsts if f is not None), default=None))
+    if kept is not None:
+        calls = kept
+        if clean:
+            start, hidden = _start_of(kept, model.cfg.n_layers - 1)
+            yield _unembed(model, _run_blocks(model, kept, hidden, start, 0, 1, {})[0])
+    elif clean:
+        calls, logits = _recorded_calls(model, tokens, None)
+        yield logits
+        del logits
+    else:
+        calls, firsts = None, [None] * len(variants)   # nothing to start from: each variant from the embedding
+    for hooks, first in zip(variants, firsts):
         if first is None or first == model.cfg.n_layers:
             yield run_with_hooks(model, tokens, fwd_hooks=list(hooks))
             continue
+        start, hidden = _start_of(calls, first)
         with hooks_on(model, list(hooks)):
-            final = _run_blocks(model, calls, next(iter(calls[first].values())), first, 0, 1, {})[0]
+            final = _run_blocks(model, calls, hidden, start, 0, 1, {})[0]
         yield _unembed(model, final)
 
 
@@ -642,9 +725,10 @@ def replayed_runs(model, tokens: Int[Tensor, "batch pos"], variants: Sequence[Se
 
     Blocks past the last one any hook sits in are not run. A shared run without hooks keeps every block's input up
     to there, and each variant starts at its own first hooked block (see `replayed_logits`): reading layers 24-29
-    under a pin in layer 23 costs one shared pass through block 29 and six blocks per variant. Variants with a hook
-    outside the blocks' `FAST_HOOKS`, and every variant of a model whose blocks cannot be replayed (`fast_path`), run
-    from the embedding.
+    under a pin in layer 23 costs one shared pass through block 29 and six blocks per variant; where
+    `keep_clean_block_inputs` kept these tokens' clean run, no shared pass at all. Variants with a hook outside the
+    blocks' `FAST_HOOKS`, and every variant of a model whose blocks cannot be replayed (`fast_path`), run from the
+    embedding.
     """
     n_layers = model.cfg.n_layers
     firsts = [_first_hooked_layer(hooks, n_layers) if fast_path(model) else None for hooks in variants]
@@ -652,14 +736,23 @@ def replayed_runs(model, tokens: Int[Tensor, "batch pos"], variants: Sequence[Se
     last = (max(int(name.removeprefix("blocks.").partition(".")[0]) for name in names)
             if names and all(name.startswith("blocks.") for name in names) else n_layers - 1)
     stop = last + 1 if last + 1 < n_layers else None
-    calls = _block_calls(model, tokens, stop)[0] if any(first is not None for first in firsts) else None
+    calls = None
+    if any(first is not None for first in firsts):
+        calls = (_kept_calls(model, tokens, min(first for first in firsts if first is not None))
+                 or _recorded_calls(model, tokens, stop)[0])
     for index, (hooks, first) in enumerate(zip(variants, firsts)):
         if first is None:
             run_with_hooks(model, tokens, fwd_hooks=list(hooks), return_type=None, stop_at_layer=stop)
         elif first <= last:
+            start, hidden = _start_of(calls, first)
             with hooks_on(model, list(hooks)):
-                _run_blocks(model, calls, next(iter(calls[first].values())), first, 0, 1, {}, last_layer=last)
+                _run_blocks(model, calls, hidden, start, 0, 1, {}, last_layer=last)
         yield index
+
+
+def kept_run_available(model, tokens: Tensor, hooks: Sequence[tuple[str, Callable]]) -> bool:
+    """Whether `keep_clean_block_inputs` kept a clean run of `tokens` that a run under `hooks` can start from."""
+    return fast_path(model) and _kept_calls(model, tokens, _first_hooked_layer(hooks, model.cfg.n_layers)) is not None
 
 
 class SuffixReplay:

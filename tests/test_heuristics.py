@@ -328,3 +328,15 @@ def test_value_logits_and_their_agreement_with_the_heuristic(tiny):
                                                      [("op1_range_0_10", 0.9)]])
     agreement = H.value_lens_agreement(scores, 0.6, lens, top=10)
     assert agreement == {(1, 0): 1.0, (1, 1): 0.0}  # the indirect-only neuron (1, 2) has no direct heuristic
+
+
+def test_a_parity_detector_on_one_digit_numbers_is_classified_as_parity():
+    """On the numbers 0-9 (a digit-by-digit tokenizer's operands) a neuron firing on odd numbers matches a mod-2
+    heuristic, and no heuristic concerning fewer than half of the numbers is scored (each would match by chance)."""
+    values = torch.arange(10)
+    response = (values % 2 == 1).float()[None] + 0.01 * torch.randn(1, 10, generator=torch.Generator().manual_seed(0))
+    scheme = H.value_scheme(values)
+    scores = H.classify(response, torch.zeros_like(response), scheme, [(0, 7)])
+    assert scores.best()[0] == ("op1_1mod2", pytest.approx(1.0))
+    assert all(int(H.relevant_mask(name, torch.stack([values, 0 * values], 1), values).sum()) >= 5
+               for name in scores.names)
