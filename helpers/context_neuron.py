@@ -23,6 +23,7 @@ from torch import Tensor
 from helpers import ablation, attribution, neurons
 from helpers.ablation import Hook
 from helpers.components import Component, device_of, final_resid_hook_name, hooks_on, layers_needed
+from helpers.patching import clean_activations
 from helpers.tasks.bilingual import tokenize_documents
 from helpers.uncertainty import Interval, bootstrap_interval, f1_statistic, percent_change_statistic
 
@@ -360,8 +361,8 @@ def masked_mean(model, documents: Documents, hook: str, select=lambda act: act, 
     `d_model`, or `d_head` for one head's `z`)."""
     stats = neurons.RunningStats()
     for tokens, mask in documents.batches(mask):
-        _, cache = model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=layers_needed([hook]))
-        stats.update(select(cache[hook])[mask.to(tokens.device)].cpu())
+        act = clean_activations(model, tokens, [hook])[hook]
+        stats.update(select(act)[mask.to(tokens.device)].cpu())
     return stats.mean.float()
 
 

@@ -358,8 +358,8 @@ def mlp_activations(model, tokens: Tensor, layers: Sequence[int], *, hook: str =
     """MLP activations `{layer: [batch, pos, d_mlp]}` (or `[batch, pos, len(neurons)]`) of one forward pass.
 
     `fwd_hooks` (TransformerLens `(name, fn)` pairs, e.g. an ablation) are applied during the pass. Only the asked
-    layers (and neuron columns) are kept, and the pass stops after the last of them. Under hooks, it starts at a
-    clean run `patching.keep_clean_block_inputs` kept, where it can.
+    layers (and neuron columns) are kept, and the pass stops after the last of them. It starts at a clean run
+    `patching.keep_clean_block_inputs` kept, where it can.
     """
     captured: dict[int, Tensor] = {}
 
@@ -370,7 +370,7 @@ def mlp_activations(model, tokens: Tensor, layers: Sequence[int], *, hook: str =
         return capture
 
     hooks = list(fwd_hooks) + [(hook_name("neuron", layer, hook), make_capture(layer)) for layer in layers]
-    if fwd_hooks and kept_run_available(model, tokens, hooks):     # start at the kept clean run's block
+    if kept_run_available(model, tokens, hooks):     # start at the kept clean run's block
         for _ in replayed_runs(model, tokens, [hooks]):
             pass
         return captured

@@ -51,7 +51,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from helpers import cache as result_cache
-from helpers.components import Component, all_heads, device_of, hook_name, hooks_on, run_with_hooks
+from helpers.components import Component, all_heads, device_of, hook_name, hooks_on, layers_needed, run_with_hooks
 
 Metric = Callable[[Tensor], Tensor]
 Site = tuple[str, tuple]  # (hook name, index into the activation after the batch dimension)
@@ -753,6 +753,28 @@ def replayed_runs(model, tokens: Int[Tensor, "batch pos"], variants: Sequence[Se
 def kept_run_available(model, tokens: Tensor, hooks: Sequence[tuple[str, Callable]]) -> bool:
     """Whether `keep_clean_block_inputs` kept a clean run of `tokens` that a run under `hooks` can start from."""
     return fast_path(model) and _kept_calls(model, tokens, _first_hooked_layer(hooks, model.cfg.n_layers)) is not None
+
+
+@torch.no_grad()
+def clean_activations(model, tokens: Int[Tensor, "batch pos"], names: Sequence[str]) -> dict[str, Tensor]:
+    """`{name: activation}` of the clean run of `tokens` at the hook points `names`: from the clean run
+    `keep_clean_block_inputs` kept for these tokens where every name is in its block or after (reading layer 29
+    of 30 then costs one block), else `run_with_cache` stopped after the last block read."""
+    captured: dict[str, Tensor] = {}
+
+    def capture(name: str) -> Callable:
+        def hook(act: Tensor, hook=None) -> None:  # noqa: ARG001
+            captured[name] = act.detach().clone()
+        return hook
+
+    captures = [(name, capture(name)) for name in names]
+    if kept_run_available(model, tokens, captures):
+        for _ in replayed_runs(model, tokens, [captures]):
+            pass
+        return captured
+    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names,
+                                    stop_at_layer=layers_needed(names))
+    return {name: cache[name] for name in names}
 
 
 class SuffixReplay:
