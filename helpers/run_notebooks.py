@@ -139,6 +139,11 @@ def describe_failure(error: BaseException, executed: Path) -> str:
     return f"{name}: {message[0] if message else ''}{where}"
 
 
+# seconds a cell's last outputs may take to arrive after it finished: papermill stops the notebook past it, and
+# nbclient's default (4 s) killed a 30-minute run on a busy 2-core machine ("CellTimeoutError ... after 4 seconds")
+IOPUB_TIMEOUT_S = 120
+
+
 def execute(notebook: Path, output: Path, parameters: dict, cell_timeout: int) -> RunResult:
     """Run `notebook` with papermill into `output`, the kernel started in the notebook's folder. A failure is
     caught and described (the executed copy keeps the outputs up to it), so a sweep can go on."""
@@ -149,7 +154,8 @@ def execute(notebook: Path, output: Path, parameters: dict, cell_timeout: int) -
     error = None
     try:
         papermill.execute_notebook(str(notebook), str(output), parameters=parameters, cwd=str(notebook.parent),
-                                   kernel_name="python3", progress_bar=False, execution_timeout=cell_timeout)
+                                   kernel_name="python3", progress_bar=False, execution_timeout=cell_timeout,
+                                   iopub_timeout=IOPUB_TIMEOUT_S)
     except Exception as failure:  # noqa: BLE001 - whatever the kernel raised ends this run, not the runner
         error = describe_failure(failure, output)
     elapsed = time.perf_counter() - start
