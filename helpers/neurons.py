@@ -371,9 +371,7 @@ def mlp_activations(model, tokens: Tensor, layers: Sequence[int], *, hook: str =
 
     hooks = list(fwd_hooks) + [(hook_name("neuron", layer, hook), make_capture(layer)) for layer in layers]
     if kept_run_available(model, tokens, hooks):     # start at the kept clean run's block
-        for _ in replayed_runs(model, tokens, [hooks]):
-            pass
-        return captured
+        return mlp_activations_each(model, tokens, layers, [fwd_hooks], hook=hook, neurons=neurons)[0]
     with torch.no_grad():   # the blocks after the last layer read, and the unembedding, are not run
         run_with_hooks(model, tokens, fwd_hooks=hooks, return_type=None,
                              stop_at_layer=layers_needed([hook_name("neuron", layer, hook) for layer in layers]))
