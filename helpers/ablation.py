@@ -20,7 +20,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from helpers.components import all_heads, all_mlps, Component, run_with_hooks
-from helpers.patching import PositionalMetric, kept_run_available, replayed_logits, unembedding_reads
+from helpers.patching import (PositionalMetric, clean_activations, hooked_logits, kept_run_available,
+                              replayed_logits, unembedding_reads)
 from helpers.uncertainty import Interval, bootstrap_interval, faithfulness_statistic
 
 Hook = tuple[str, Callable]
@@ -55,18 +56,19 @@ REFERENCE_BUDGET = 2 ** 27  # floats of cached activations per chunk of referenc
 
 def _streamed_means(model, tokens: Tensor, names: list[str]) -> dict[str, Tensor]:
     """`{name: [1, pos, ...]}`: each hook's mean over the rows of `tokens`, a chunk of rows at a time (no more than
-    about `REFERENCE_BUDGET` floats cached at once), summed in float64 where there is more than one chunk."""
+    about `REFERENCE_BUDGET` floats cached at once), summed in float64 where there is more than one chunk. The clean
+    runs are `patching.clean_activations`' (after a shared prefix, where one is registered)."""
     if not names:
         return {}
     cfg = model.cfg
     widest = max(cfg.d_model, cfg.d_mlp or 0, cfg.n_heads * cfg.d_head)
     rows = max(1, REFERENCE_BUDGET // (tokens.shape[1] * len(names) * widest))
     if rows >= len(tokens):
-        _, cache = model.run_with_cache(tokens, names_filter=names)
+        cache = clean_activations(model, tokens, names)
         return {name: cache[name].mean(0, keepdim=True) for name in names}
     sums: dict[str, Tensor] = {}
     for chunk in tokens.split(rows):
-        _, cache = model.run_with_cache(chunk, names_filter=names)
+        cache = clean_activations(model, chunk, names)
         dtype = cache[names[0]].dtype
         for name in names:
             part = cache[name].sum(0, keepdim=True, dtype=torch.float64)
@@ -418,9 +420,10 @@ class CircuitEvaluator:
 
     @torch.no_grad()
     def _run(self, hooks: list[Hook]) -> Float[Tensor, "batch"]:
-        """The metric under `hooks`, unembedding only the positions it reads (`patching.unembedding_reads`)."""
+        """The metric under `hooks`, unembedding only the positions it reads (`patching.unembedding_reads`), after
+        a prefix the prompts share where one is registered (`patching.share_prefix`)."""
         reads, value = unembedding_reads(self.model, self.metric, self.tokens.shape[1])
-        return value(run_with_hooks(self.model, self.tokens, fwd_hooks=[*hooks, *reads])).float().cpu()
+        return value(hooked_logits(self.model, self.tokens, [*hooks, *reads])).float().cpu()
 
     def neuron_hooks(self, kept_neurons: dict[int, Sequence[int]]) -> list[Hook]:
         """Hooks that ablate every neuron of each layer in `kept_neurons` except the listed ones."""

@@ -37,8 +37,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from helpers.components import hook_name, run_with_hooks
-from helpers.patching import PositionalMetric, learn_reads, unembedding_reads
+from helpers.components import hook_name
+from helpers.patching import PositionalMetric, hooked_logits, learn_reads, unembedding_reads
 
 Metric = Callable[[Tensor], Tensor]
 
@@ -218,14 +218,17 @@ def sender_activations(model, tokens: Int[Tensor, "batch pos"], graph: Graph
 
 
 # ---- exact edge patching ------------------------------------------------------------------------------------------
-def _patching_hooks(model, graph: Graph, corrupted: Tensor, patched: Tensor, alpha: float, n_copies: int):
+def _patching_hooks(model, graph: Graph, corrupted: Tensor, patched: Tensor, alpha: float, n_copies: int,
+                    first: int = 0):
     """Forward hooks that make each receiver read, on its patched edges, `alpha` of the way from the current
     sender output to the corrupted one. `corrupted [batch, pos, S, d]`; `patched [n_copies, S, R]` (the batch is
-    `n_copies` stacked copies of the prompts, one per circuit).
+    `n_copies` stacked copies of the prompts, one per circuit). Positions before `first`, where the clean and
+    corrupted prompts are the same tokens (so every sender's output is the same), are left as they are.
 
     Each sender's difference (corrupted - current) is written once, as the run reaches it, into
-    `differences [c, S, batch * pos * d]`; a receiver hook adds `patched[:, :S_written, its receivers]^T @
-    differences[:, :S_written]`, one batched matrix product for all its receivers and circuits."""
+    `differences [c, S, batch * pos * d]` (positions `first:`); a receiver hook adds `patched[:, :S_written, its
+    receivers]^T @ differences[:, :S_written]`, one batched matrix product for all its receivers and circuits."""
+    corrupted = corrupted[:, first:]
     batch, n_pos, n_senders, d_model = corrupted.shape
     differences = corrupted.new_empty((n_copies, n_senders, batch * n_pos * d_model))
     written = [0, 0]                 # senders written so far, hooks that wrote them
@@ -235,7 +238,7 @@ def _patching_hooks(model, graph: Graph, corrupted: Tensor, patched: Tensor, alp
         if written[1] != position:
             raise RuntimeError(f"{name} ran out of order; edge patching needs senders written layer by layer")
         start, n = written[0], now.shape[2]
-        change = corrupted[None, :, :, start:start + n].to(now.dtype) - now.unflatten(0, (n_copies, -1))
+        change = corrupted[None, :, :, start:start + n].to(now.dtype) - now[:, first:].unflatten(0, (n_copies, -1))
         differences[:, start:start + n] = change.permute(0, 3, 1, 2, 4).reshape(n_copies, n, -1)
         written[0], written[1] = start + n, position + 1
 
@@ -264,7 +267,8 @@ def _patching_hooks(model, graph: Graph, corrupted: Tensor, patched: Tensor, alp
             if kept.get("written") != written[0]:
                 mask = patched[:, :written[0], group].to(differences.dtype)          # [c, S_written, R_group]
                 product = torch.bmm(mask.transpose(1, 2), differences[:, :written[0]])   # [c, R_group, b*pos*d]
-                kept.update(written=written[0], value=product.view(n_copies, -1, batch, n_pos, d_model))
+                value = product.view(n_copies, product.shape[1], batch, n_pos, d_model)
+                kept.update(written=written[0], value=value)
             value = kept["value"][:, columns.start - group.start:columns.stop - group.start]
             return value.permute(0, 2, 3, 1, 4)
 
@@ -272,8 +276,9 @@ def _patching_hooks(model, graph: Graph, corrupted: Tensor, patched: Tensor, alp
 
     def patch(columns: slice, change):
         def hook(act, hook):
-            out = _as_receivers(act).unflatten(0, (n_copies, -1)) + alpha * change(columns).to(act.dtype)
-            out = out.flatten(0, 1)
+            receivers = _as_receivers(act).unflatten(0, (n_copies, -1))                # [c, b, pos, R_here, d]
+            out = torch.cat([receivers[:, :, :first],
+                             receivers[:, :, first:] + alpha * change(columns).to(act.dtype)], dim=2).flatten(0, 1)
             return out if act.ndim == 4 else out[:, :, 0]
         return hook
 
@@ -299,11 +304,14 @@ def _edge_patched_passes(model, clean_tokens: Tensor, corrupted_tokens: Tensor, 
     masks = masks & graph.edges
     if corrupted_senders is None:
         corrupted_senders = sender_activations(model, corrupted_tokens, graph)
-    per_pass = max(1, EDGE_PATCH_BUDGET // (corrupted_senders.numel() * corrupted_senders.element_size()))
+    differing = (clean_tokens != corrupted_tokens.to(clean_tokens.device)).any(0).nonzero()
+    first = int(differing[0]) if len(differing) else clean_tokens.shape[1]     # the prompts' first differing token
+    patched_senders = corrupted_senders[:, first:]
+    per_pass = max(1, EDGE_PATCH_BUDGET // max(1, patched_senders.numel() * patched_senders.element_size()))
     with _split_inputs(model, graph.per_head_inputs), torch.no_grad():
         for chunk in masks.split(per_pass):
-            hooks = _patching_hooks(model, graph, corrupted_senders, chunk, alpha, len(chunk))
-            logits = run_with_hooks(model, clean_tokens.repeat(len(chunk), 1), fwd_hooks=[*hooks, *read_hooks])
+            hooks = _patching_hooks(model, graph, corrupted_senders, chunk, alpha, len(chunk), first)
+            logits = hooked_logits(model, clean_tokens.repeat(len(chunk), 1), [*hooks, *read_hooks])
             yield logits.unflatten(0, (len(chunk), -1))
 
 
@@ -364,7 +372,7 @@ def _receiver_gradients(model, tokens: Tensor, graph: Graph, metric: Metric, emb
     if rows < len(tokens):
         embed_hooks = [] if embed is None else [(hook_name("embed"), lambda act, hook: embed.to(act.dtype))]
         with torch.no_grad():
-            everything = run_with_hooks(model, tokens, fwd_hooks=[*embed_hooks, *read_hooks])
+            everything = hooked_logits(model, tokens, [*embed_hooks, *read_hooks])
     for start in range(0, len(tokens), rows):
         end = min(start + rows, len(tokens))
         inputs: dict[str, Tensor] = {}
@@ -388,7 +396,7 @@ def _receiver_gradients(model, tokens: Tensor, graph: Graph, metric: Metric, emb
         hooks = [(hook_name("embed"), leaf_embedding)] + [(name, keep(name)) for name in names] + read_hooks
         hooks += [(name, record(name)) for name in sender_names] if with_senders else []
         with _split_inputs(model, graph.per_head_inputs), torch.enable_grad():
-            logits = run_with_hooks(model, tokens[start:end], fwd_hooks=hooks)
+            logits = hooked_logits(model, tokens[start:end], hooks)
             if everything is not None:
                 logits = torch.cat([everything[:start], logits, everything[end:]])
             grads = torch.autograd.grad(value(logits).sum(), [inputs[name] for name in names])

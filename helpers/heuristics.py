@@ -60,7 +60,8 @@ from torch import Tensor
 
 from helpers.ablation import neuron_mask_hooks
 from helpers.cache import storable
-from helpers.components import device_of, hook_name, run_with_hooks, unembed_only_at
+from helpers.components import device_of, hook_name, unembed_only_at
+from helpers.patching import clean_activations, hooked_logits
 
 PAPER_MODULI: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8, 9, 11, 13, 15)
 OPERAND_RANGE_SIZES: dict[str, tuple[int, ...]] = {"+": (10, 30, 50, 100), "-": (10, 30, 50, 100),
@@ -556,8 +557,9 @@ def uncorrected(scores: HeuristicScores, scheme: Scheme) -> HeuristicScores:
 # ---- maps from a model ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def neuron_activations(model, tokens: Int[Tensor, "N seq"], neurons: Sequence[Neuron], position: int = -1,
-                       batch_size: int = 1024, fwd_hooks: Sequence = ()) -> Float[Tensor, "n_neurons N"]:
-    """K maps: `blocks.l.mlp.hook_post[:, position, n]` for each (l, n) over the prompts: `[n_neurons, N]` (CPU)."""
+                       batch_size: int = 1024) -> Float[Tensor, "n_neurons N"]:
+    """K maps: `blocks.l.mlp.hook_post[:, position, n]` for each (l, n) over the prompts: `[n_neurons, N]` (CPU),
+    from clean runs after a shared prefix where one is registered (`patching.clean_activations`)."""
     neurons = [tuple(map(int, nn)) for nn in neurons]
     layers = sorted({l for l, _ in neurons})
     names = {hook_name("neuron", l) for l in layers}
@@ -566,8 +568,7 @@ def neuron_activations(model, tokens: Int[Tensor, "N seq"], neurons: Sequence[Ne
     out = torch.zeros(len(neurons), len(tokens))
     for start in range(0, len(tokens), batch_size):
         batch = tokens[start : start + batch_size].to(device_of(model))
-        with model.hooks(fwd_hooks=list(fwd_hooks)):
-            _, cache = model.run_with_cache(batch, names_filter=lambda name: name in names)
+        cache = clean_activations(model, batch, sorted(names))
         for l in layers:
             act = cache[hook_name("neuron", l)][:, position].float().cpu()
             out[rows[l], start : start + len(batch)] = act[:, index[l]].T
@@ -578,14 +579,15 @@ def neuron_activations(model, tokens: Int[Tensor, "N seq"], neurons: Sequence[Ne
 def neuron_answer_logits(model, neurons: Sequence[Neuron], answer_ids: Int[Tensor, "N"]
                          ) -> Float[Tensor, "n_neurons N"]:
     """The logit lens of each neuron's value vector at each prompt's answer token: `(W_out[l, n] @ W_U)[answer]`,
-    `[n_neurons, N]`."""
-    W_U, W_out = model.W_U.float(), model.W_out   # the bridge stacks W_out anew on each access: once here
+    `[n_neurons, N]`, from the unembedding's columns of the answers alone."""
     answer_ids = torch.as_tensor(answer_ids).long()
-    rows = []
-    for layer, neuron in neurons:
-        logits = (W_out[layer, neuron].float() @ W_U).cpu()
-        rows.append(logits[answer_ids])
-    return torch.stack(rows) if rows else torch.zeros(0, len(answer_ids))
+    if not len(neurons):
+        return torch.zeros(0, len(answer_ids))
+    answers, column = answer_ids.unique(return_inverse=True)
+    W_U, W_out = model.W_U, model.W_out   # the bridge stacks W_out anew on each access: once here
+    W_U = W_U[:, answers.to(W_U.device)].float()                                        # [d_model, n_answers]
+    values = torch.stack([W_out[layer, neuron] for layer, neuron in neurons]).float()   # [n_neurons, d_model]
+    return (values @ W_U).cpu()[:, column]
 
 
 def kv_maps(model, k_maps: Float[Tensor, "n_neurons N"], neurons: Sequence[Neuron], answer_ids: Int[Tensor, "N"]
@@ -670,10 +672,12 @@ def top_neurons_per_layer(scores: Tensor | dict[int, Tensor], k: int, layers: It
 @torch.no_grad()
 def correct_under(model, tokens: Int[Tensor, "N seq"], answers: Int[Tensor, "N"],
                   masks: dict[int, Bool[Tensor, "N d_mlp"]] | None = None, method: str = "zero",
-                  means: dict[int, Float[Tensor, "*pos d_mlp"]] | None = None, batch_size: int = 512
-                  ) -> Bool[Tensor, "N"]:
-    """Is the greedy answer still right with the per-prompt neuron masks `{layer: [N, d_mlp]}` (True = ablate) zero-
-    or mean-ablated (`means[layer]`, `[pos, d_mlp]` or `[d_mlp]`) at every position?"""
+                  means: dict[int, Float[Tensor, "*pos d_mlp"]] | None = None, batch_size: int = 512,
+                  from_position: int = 0) -> Bool[Tensor, "N"]:
+    """Is the greedy answer still right with the neuron masks `{layer: [N, d_mlp] or [d_mlp]}` (True = ablate; per
+    prompt or the same for all) zero- or mean-ablated (`means[layer]`, `[pos, d_mlp]` or `[d_mlp]`) at every
+    position from `from_position` on (e.g. the prompt after a few-shot prefix, which then runs once:
+    `patching.share_prefix`)?"""
     if method not in ("zero", "mean"):
         raise ValueError(f"method must be 'zero' or 'mean', got {method!r}")
     out = []
@@ -681,9 +685,10 @@ def correct_under(model, tokens: Int[Tensor, "N seq"], answers: Int[Tensor, "N"]
         sl = slice(start, start + batch_size)
         batch = tokens[sl].to(device_of(model))
         fill = None if method == "zero" else means
-        hooks = neuron_mask_hooks({l: m[sl] for l, m in masks.items()}, fill) if masks else []
+        hooks = neuron_mask_hooks({l: m if m.dim() == 1 else m[sl] for l, m in masks.items()}, fill,
+                                  from_position) if masks else []
         last = torch.full((len(batch),), batch.shape[1] - 1)
-        logits = run_with_hooks(model, batch, fwd_hooks=[*hooks, *unembed_only_at(model, last)])
+        logits = hooked_logits(model, batch, [*hooks, *unembed_only_at(model, last)])
         out.append(logits[:, -1].argmax(-1).cpu() == answers[sl].cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
 
@@ -711,10 +716,11 @@ class KnockoutResult:
         return self.baseline_unrelated - self.ablated_unrelated
 
 
-def _masks_for(neurons: Sequence[Neuron], n_rows: int, d_mlp: int) -> dict[int, Tensor]:
+def _masks_for(neurons: Sequence[Neuron], d_mlp: int) -> dict[int, Bool[Tensor, "d_mlp"]]:
+    """`{layer: [d_mlp]}`, True at `neurons`: the same knockout for every prompt."""
     masks: dict[int, Tensor] = {}
     for layer, neuron in neurons:
-        masks.setdefault(layer, torch.zeros(n_rows, d_mlp, dtype=torch.bool))[:, neuron] = True
+        masks.setdefault(layer, torch.zeros(d_mlp, dtype=torch.bool))[neuron] = True
     return masks
 
 
@@ -722,7 +728,7 @@ def heuristic_knockout(model, scores: HeuristicScores, threshold: float, tokens:
                        answers: Int[Tensor, "N"], pairs: Int[Tensor, "N 2"], results: Int[Tensor, "N"], *,
                        min_neurons: int = 3, n_prompts: int = 100, seed: int = 0,
                        method: str = "zero", means: dict[int, Tensor] | None = None,
-                       max_heuristics: int | None = None) -> list[KnockoutResult]:
+                       max_heuristics: int | None = None, from_position: int = 0) -> list[KnockoutResult]:
     """Knock out one heuristic at a time and measure accuracy on related vs unrelated prompts (paper §4.2).
 
     Args:
@@ -732,6 +738,7 @@ def heuristic_knockout(model, scores: HeuristicScores, threshold: float, tokens:
             neuron count (ties by name), at most `max_heuristics`.
         n_prompts: related and unrelated prompts are each sampled (seeded) down to this many; unrelated prompts are
             those the heuristic does not concern at all.
+        from_position: the first position ablated (e.g. the prompt's, after a few-shot prefix); default every one.
 
     Every sampled prompt runs once clean; each heuristic then costs one ablated run of its related and unrelated
     prompts together.
@@ -754,8 +761,8 @@ def heuristic_knockout(model, scores: HeuristicScores, threshold: float, tokens:
     for name, (rel_idx, unrel_idx) in samples.items():
         neurons = [(l, n) for l, n, _ in classes[name]]
         rows = torch.cat([rel_idx, unrel_idx])
-        ablated = correct_under(model, tokens[rows], answers[rows], _masks_for(neurons, len(rows), model.cfg.d_mlp),
-                                method, means).float()
+        ablated = correct_under(model, tokens[rows], answers[rows], _masks_for(neurons, model.cfg.d_mlp), method,
+                                means, from_position=from_position).float()
         out.append(KnockoutResult(name, neurons, float(sum(s for _, _, s in classes[name])), len(rel_idx),
                                   len(unrel_idx), float(baseline[rel_idx].float().mean()),
                                   float(ablated[:len(rel_idx)].mean()), float(baseline[unrel_idx].float().mean()),
@@ -812,13 +819,13 @@ class PromptKnockoutResult:
 def prompt_guided_knockout(model, scores: HeuristicScores, threshold: float, tokens: Int[Tensor, "N seq"],
                            answers: Int[Tensor, "N"], pairs: Int[Tensor, "N 2"], results: Int[Tensor, "N"],
                            top_neurons: Sequence[Neuron], limits: Sequence[int], *,
-                           seed: int = 0, method: str = "zero", means: dict[int, Tensor] | None = None
-                           ) -> PromptKnockoutResult:
+                           seed: int = 0, method: str = "zero", means: dict[int, Tensor] | None = None,
+                           from_position: int = 0) -> PromptKnockoutResult:
     """For each prompt ablate (per layer) up to `limit` of its associated heuristic neurons, ranked by their
     classification score, and compare with ablating exactly as many random neurons of that layer not associated
     with the prompt: drawn from the layer's `top_neurons` (the paper's control) and, where too few of those are left,
-    topped up from the layer's other neurons, so both arms always ablate the same number. Seeded; batched over
-    prompts."""
+    topped up from the layer's other neurons, so both arms always ablate the same number. Positions from
+    `from_position` on are ablated. Seeded; batched over prompts."""
     best, _ = associated_neurons(scores, threshold, pairs, results)
     d_mlp = model.cfg.d_mlp
     layers = sorted({l for l, _ in top_neurons})
@@ -849,8 +856,10 @@ def prompt_guided_knockout(model, scores: HeuristicScores, threshold: float, tok
                     mask_a[l][p, chosen] = True
                 if drawn:
                     mask_c[l][p, drawn] = True
-        ablated.append(float(correct_under(model, tokens, answers, mask_a, method, means).float().mean()))
-        control.append(float(correct_under(model, tokens, answers, mask_c, method, means).float().mean()))
+        ablated.append(float(correct_under(model, tokens, answers, mask_a, method, means,
+                                           from_position=from_position).float().mean()))
+        control.append(float(correct_under(model, tokens, answers, mask_c, method, means,
+                                           from_position=from_position).float().mean()))
         n_abl.append(float(sum(m.sum() for m in mask_a.values())) / max(n, 1))
         n_ctl.append(float(sum(m.sum() for m in mask_c.values())) / max(n, 1))
     return PromptKnockoutResult(list(limits), baseline, torch.tensor(ablated), torch.tensor(control),

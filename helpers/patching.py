@@ -760,7 +760,8 @@ def kept_run_available(model, tokens: Tensor, hooks: Sequence[tuple[str, Callabl
 def clean_activations(model, tokens: Int[Tensor, "batch pos"], names: Sequence[str]) -> dict[str, Tensor]:
     """`{name: activation}` of the clean run of `tokens` at the hook points `names`: from the clean run
     `keep_clean_block_inputs` kept for these tokens where every name is in its block or after (reading layer 29
-    of 30 then costs one block), else `run_with_cache` stopped after the last block read."""
+    of 30 then costs one block), or after the prefix `share_prefix` registered where the rows begin with it (the
+    prefix's positions from its one clean run), else `run_with_cache`; none runs past the last block read."""
     captured: dict[str, Tensor] = {}
 
     def capture(name: str) -> Callable:
@@ -773,6 +774,15 @@ def clean_activations(model, tokens: Int[Tensor, "batch pos"], names: Sequence[s
         for _ in replayed_runs(model, tokens, [captures]):
             pass
         return captured
+    shared = _shared_prefix_of(model, tokens)
+    last = layers_needed(names)
+    if shared is not None and last is not None:
+        try:
+            _run_after_prefix(model, shared, tokens, captures, last_layer=max(0, last - 1))
+            if all(name in captured for name in names):
+                return captured
+        except _NoFastPath:
+            pass
     _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names,
                                     stop_at_layer=layers_needed(names))
     return {name: cache[name] for name in names}
@@ -807,6 +817,200 @@ class SuffixReplay:
             return self.trace.logits
         hidden = self.trace.run(first, self.start, 1, list(hooks))
         return self.trace.logits_at_read(hidden, self.start, 1)
+
+
+# ---- a prefix every prompt begins with, run once ------------------------------------------------------------------
+MIN_SHARED_PREFIX = 8  # tokens: a shorter prefix saves less than running it separately costs
+PREFIX_TOLERANCE = 1e-4  # a hook may change the shared positions by this fraction of the activation's largest value
+
+
+class _PrefixWritten(Exception):
+    """A hook changed an activation at the shared prefix's positions: the run must start at the embedding."""
+
+
+class _SharedPrefix:
+    """The clean run of one row of prefix tokens `[n]`, kept so that runs of prompts that begin with it compute only
+    the positions after it: each attention layer's keys and values (`keys_values[layer]`, `[1, n_kv, n, d_head]`),
+    the last block's output (`final`, `[1, n, d_model]`), the clean activation at each hook point a run has hooked
+    (`activations`, `[1, n, ...]`, recorded on first use) and, per prompt length, the block arguments of one prompt
+    (`templates`, None where running that way does not give the model's logits)."""
+
+    def __init__(self, model, prefix: Int[Tensor, " n"]):
+        self.model, self.tokens = model, prefix
+        self.calls, _ = _block_calls(model, prefix[None])
+        self.embedded = next(iter(self.calls[0].values()))
+        self.final, cache = _run_blocks(model, self.calls, self.embedded, 0, 0, 1, {})
+        self.keys_values = cache.seen
+        self.activations: dict[str, Tensor] = {}
+        self.templates: dict[int, list[dict] | None] = {}
+
+    @torch.no_grad()
+    def activation(self, names: Sequence[str]) -> dict[str, Tensor]:
+        """`{name: [1, n, ...]}` the clean prefix's activations at `names` (hook points inside the blocks)."""
+        missing = [name for name in dict.fromkeys(names) if name not in self.activations]
+        if missing:
+            def capture(name: str) -> Callable:
+                def hook(act: Tensor, hook=None) -> None:  # noqa: ARG001
+                    self.activations[name] = act.detach().clone()
+                return hook
+
+            with hooks_on(self.model, [(name, capture(name)) for name in missing]):
+                _run_blocks(self.model, self.calls, self.embedded, 0, 0, 1, {})
+        return {name: self.activations[name] for name in names}
+
+    @torch.no_grad()
+    def template(self, tokens: Tensor) -> list[dict] | None:
+        """The block arguments of the first prompt of `tokens [batch, pos]` (one per prompt length), where running its
+        positions after the prefix from them gives the model's logits; None where it does not."""
+        length = tokens.shape[1]
+        if length not in self.templates:
+            calls, logits = _block_calls(self.model, tokens[:1])
+            final = _run_blocks(self.model, calls, next(iter(calls[0].values()))[:, len(self.tokens):], 0,
+                                len(self.tokens), 1, self.keys_values)[0]
+            suffix = _unembed(self.model, final)
+            self.templates[length] = calls if _close(suffix, logits[:, len(self.tokens):]) else None
+        return self.templates[length]
+
+
+_SHARED_PREFIX: WeakKeyDictionary = WeakKeyDictionary()
+
+
+@torch.no_grad()
+def share_prefix(model, prefix: Int[Tensor, " n"] | None) -> int:
+    """From now on, `hooked_logits` runs prompts that all begin with `prefix` (token ids, e.g. few-shot examples
+    before every arithmetic prompt) from the end of one clean run of it: only the positions after it are computed,
+    attending to its kept keys and values. Exact where the hooks leave the prefix's positions as they are (up to
+    `PREFIX_TOLERANCE`: a mean over prompts that share the prefix is its clean value); a run whose hook changes them
+    runs again from the embedding. Returns the length shared: 0 (nothing kept) for `None`, a prefix shorter than
+    `MIN_SHARED_PREFIX`, or a model whose blocks cannot be replayed (`fast_path`)."""
+    _SHARED_PREFIX.pop(model, None)
+    if prefix is None or len(prefix) < MIN_SHARED_PREFIX or not fast_path(model):
+        return 0
+    _SHARED_PREFIX[model] = _SharedPrefix(model, torch.as_tensor(prefix).to(device_of(model)))
+    return len(prefix)
+
+
+class _BlockInput(Exception):
+    """Raised by a pre-hook on block 0 once it holds the block's input: the embedding is all that was needed."""
+
+    def __init__(self, call: dict):
+        self.call = call
+
+
+def _block_input(model, tokens: Tensor) -> dict:
+    """Block 0's arguments on `tokens`, by name (the residual stream first), under the hooks already on (those
+    outside the blocks, e.g. `hook_embed`); no block runs."""
+    names = [name for name, p in inspect.signature(model.blocks[0].original_component.forward).parameters.items()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+    def stop(module, args, kwargs):  # noqa: ARG001
+        raise _BlockInput({**dict(zip(names, args)), **kwargs})
+
+    handle = model.blocks[0].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        model(tokens)
+    except _BlockInput as reached:
+        return reached.call
+    finally:
+        handle.remove()
+    raise _NoFastPath("the model did not call its first block")
+
+
+def _same_for_every_row(call: dict, template: dict) -> bool:
+    """Whether block 0's tensor arguments of a batch (apart from the residual stream) are the template prompt's."""
+    for name, value in list(call.items())[1:]:
+        values = zip(value, template[name]) if isinstance(value, tuple) else [(value, template.get(name))]
+        for mine, theirs in values:
+            if isinstance(mine, Tensor) and not (isinstance(theirs, Tensor) and mine.shape[1:] == theirs.shape[1:]
+                                                 and torch.equal(mine, theirs.expand_as(mine))):
+                return False
+    return True
+
+
+def _after_prefix(fn: Callable, clean: Tensor, n: int) -> Callable:
+    """Hook `fn` on a run of the positions after an `n`-token prefix: it sees the prompt's whole activation (the
+    clean prefix, `clean [1, n, ...]`, then the run's positions) and must leave the prefix's positions as they are."""
+    def wrapped(act: Tensor, hook=None) -> Tensor:
+        whole = torch.cat([clean.expand(len(act), *clean.shape[1:]).to(act.dtype), act], dim=1)
+        out = fn(whole, hook=hook)
+        out = whole if out is None else out
+        if out.shape != whole.shape:
+            raise _PrefixWritten(f"a hook changed the shape of {tuple(whole.shape)}")
+        with torch.no_grad():
+            if not torch.equal(out[:, :n], whole[:, :n]):
+                scale = float(clean.abs().max().clamp(min=1e-12))
+                if float((out[:, :n] - whole[:, :n]).abs().max()) > PREFIX_TOLERANCE * scale:
+                    raise _PrefixWritten("a hook changed the shared prefix")
+        return out[:, n:].contiguous()
+
+    return wrapped
+
+
+def _run_after_prefix(model, shared: _SharedPrefix, tokens: Tensor, fwd_hooks: Sequence[tuple[str, Callable]],
+                      last_layer: int | None = None) -> Tensor | None:
+    """The logits of `tokens [batch, pos]`, which begin with `shared`'s prefix, under `fwd_hooks`, computing only the
+    positions after the prefix (raises `_NoFastPath` or `_PrefixWritten` where that cannot give the model's run).
+    With `last_layer`, the blocks after it and the unembedding do not run, and nothing is returned."""
+    n = len(shared.tokens)
+    inside = [(name, hook) for name, hook in fwd_hooks if name.startswith("blocks.")]
+    if any(name.endswith(QUERY_AXIS_HOOKS) for name, _ in inside):
+        raise _NoFastPath("a hook on an attention pattern")
+    template = shared.template(tokens)
+    if template is None:
+        raise _NoFastPath("running after the prefix does not give the model's logits")
+    clean = shared.activation([name for name, _ in inside])
+    with hooks_on(model, [(name, hook) for name, hook in fwd_hooks if not name.startswith("blocks.")]):
+        call = _block_input(model, tokens)
+        if not _same_for_every_row(call, template[0]):
+            raise _NoFastPath("the prompts' block arguments differ (padding?)")
+        with hooks_on(model, [(name, _after_prefix(hook, clean[name], n)) for name, hook in inside]):
+            final, cache = _run_blocks(model, template, next(iter(call.values()))[:, n:], 0, n, len(tokens),
+                                       shared.keys_values, last_layer=last_layer)
+        if len(cache.seen) != (model.cfg.n_layers if last_layer is None else last_layer + 1):
+            raise _NoFastPath("an attention layer did not use the prefix's keys and values")
+        if last_layer is not None:
+            return None
+        final = torch.cat([shared.final.expand(len(tokens), -1, -1).to(final.dtype), final], dim=1)
+        return _unembed(model, final)
+
+
+def hooked_logits(model, tokens: Int[Tensor, "batch pos"], fwd_hooks: Sequence[tuple[str, Callable]] = ()
+                  ) -> Float[Tensor, "batch pos_read d_vocab"]:
+    """`components.run_with_hooks(model, tokens, fwd_hooks)`, computing only the positions after the prefix that
+    `share_prefix` registered where every prompt begins with it (see there): a few-shot prefix of 24 tokens before
+    4-token prompts then costs a seventh of the run. Hooks see each prompt's whole activation, prefix included;
+    gradients do not reach the prefix's positions (its run's activations are constants). Elsewhere, and where a
+    hook changes the prefix, the whole run from the embedding."""
+    shared = _shared_prefix_of(model, tokens)
+    if shared is not None:
+        try:
+            return _run_after_prefix(model, shared, tokens, fwd_hooks)
+        except (_NoFastPath, _PrefixWritten):
+            pass
+    return run_with_hooks(model, tokens, fwd_hooks=list(fwd_hooks))
+
+
+def _sources_match_prefix(model, tokens: Tensor, sources: dict[str, Tensor]) -> bool:
+    """Whether a run of `tokens` starts after a shared prefix and `sources` (activations of other prompts, by hook
+    name inside the blocks) hold its clean activations at its positions: a difference there is then 0, and the
+    gradient a run after the prefix does not compute at those positions is not needed."""
+    shared = _shared_prefix_of(model, tokens)
+    if shared is None or not all(name.startswith("blocks.") and not name.endswith(QUERY_AXIS_HOOKS)
+                                 for name in sources):
+        return False
+    n, clean = len(shared.tokens), shared.activation(list(sources))
+    return all(float((source[:, :n] - clean[name].to(source.dtype)).abs().max())
+               <= PREFIX_TOLERANCE * float(clean[name].abs().max().clamp(min=1e-12))
+               for name, source in sources.items())
+
+
+def _shared_prefix_of(model, tokens: Tensor) -> _SharedPrefix | None:
+    """The prefix `share_prefix` registered for `model` where every row of `tokens` begins with it and goes on."""
+    shared = _SHARED_PREFIX.get(model)
+    n = 0 if shared is None else len(shared.tokens)
+    if n and tokens.shape[1] > n and bool((tokens[:, :n] == shared.tokens.to(tokens.device)).all()):
+        return shared
+    return None
 
 
 def _fast_path_problem(model) -> str | None:
@@ -1442,8 +1646,9 @@ def _read_metric(model, metric: Metric, logits: Tensor, final_resid: Tensor) -> 
 def _attribution(model, sources: dict[str, Tensor], tokens: Tensor, metric: Metric, names: Sequence[str]
                  ) -> tuple[float, dict[str, Tensor]]:
     """The metric of the run on `tokens` and, per hook name, `(sources[name] - act) * d metric / d act` summed over
-    the batch (one forward and one backward pass). Where the model does not read `hook_pattern` back
-    (`pattern_route` "z"), a pattern's gradient is taken through `z = pattern @ v`."""
+    the batch (one forward and one backward pass; after a shared prefix, where one is registered and `sources` hold
+    its clean activations, so that its positions count 0: `share_prefix`). Where the model does not read
+    `hook_pattern` back (`pattern_route` "z"), a pattern's gradient is taken through `z = pattern @ v`."""
     names = list(dict.fromkeys(names))
     rerouted = [name for name in names if _is_pattern(name)]
     if rerouted and pattern_route(model) == "pattern":
@@ -1464,8 +1669,9 @@ def _attribution(model, sources: dict[str, Tensor], tokens: Tensor, metric: Metr
     hooks = [(name, keep(name)) for name in kept]
     if final not in kept:
         hooks.append((final, keep(final)))
+    after_prefix = _sources_match_prefix(model, tokens, {name: sources[name] for name in names})
     with torch.enable_grad():
-        logits = run_with_hooks(model, tokens, fwd_hooks=hooks)
+        logits = hooked_logits(model, tokens, hooks) if after_prefix else run_with_hooks(model, tokens, fwd_hooks=hooks)
         value = _read_metric(model, metric, logits, acts[final])
         grads = dict(zip(kept, torch.autograd.grad(value, [acts[name] for name in kept], allow_unused=True)))
     for name in rerouted:

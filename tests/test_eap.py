@@ -205,7 +205,7 @@ def test_node_circuits_round_trip_and_evaluate(setups):
 
 
 def test_circuit_drawing_places_every_edge(setups):
-    from helpers.plotting import circuit_graph
+    from helpers.plotting import EDGE_WIDTHS, circuit_graph
 
     _, graph, _, _ = setups("gpt2")
     scores = torch.randn(graph.edges.shape, generator=torch.Generator().manual_seed(0))
@@ -215,7 +215,10 @@ def test_circuit_drawing_places_every_edge(setups):
     assert len(edges) == int(circuit.sum())                 # no GQA here: one drawn line per edge
     assert positions[labels.index("INPUT")][1] == -1 and positions[labels.index("LOGITS")][1] == graph.n_layers
     figure = circuit_graph(labels, positions, edges, show=False)
-    assert len(figure.data) == len(edges) + 1
+    drawn = [(x, y) for trace in figure.data[:-1] for x, y in zip(trace.x[::3], trace.y[::3])]   # each edge's start
+    assert sorted(drawn) == sorted(positions[start] for start, _, _ in edges)
+    assert {trace.line.color for trace in figure.data[:-1]} == {"#2166ac", "#b2182b"}   # both signs drawn
+    assert len(figure.data) <= 2 * (EDGE_WIDTHS + 1) + 1
 
 
 def test_size_grid_and_smallest_faithful():

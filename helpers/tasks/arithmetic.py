@@ -264,6 +264,11 @@ class PromptFormat:
         prefix = tokenizer(self.prefix, add_special_tokens=False)["input_ids"] if self.prefix else []
         return ([bos] if self.prepend_bos else []) + list(prefix)
 
+    def knockout_start(self, tokenizer) -> int:
+        """The first position a neuron knockout ablates: the prompt's where worked examples come first (what the
+        model computes on them is context, not this prompt's arithmetic), else 0 (every position: the paper's)."""
+        return len(self.lead_tokens(tokenizer)) if self.prefix else 0
+
     def position_names(self, tokenizer) -> tuple[str, ...]:
         """A name for every position of a prompt in this format: `BOS`, `prefix 0..`, then `PROMPT_POSITION_NAMES`."""
         lead = self.lead_tokens(tokenizer)
