@@ -20,7 +20,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from helpers.components import all_heads, all_mlps, Component, run_with_hooks
-from helpers.patching import (PositionalMetric, clean_activations, hooked_logits, kept_run_available,
+from helpers.patching import (PositionalMetric, activations, hooked_logits, kept_run_available,
                               replayed_logits, unembedding_reads)
 from helpers.uncertainty import Interval, bootstrap_interval, faithfulness_statistic
 
@@ -57,18 +57,18 @@ REFERENCE_BUDGET = 2 ** 27  # floats of cached activations per chunk of referenc
 def _streamed_means(model, tokens: Tensor, names: list[str]) -> dict[str, Tensor]:
     """`{name: [1, pos, ...]}`: each hook's mean over the rows of `tokens`, a chunk of rows at a time (no more than
     about `REFERENCE_BUDGET` floats cached at once), summed in float64 where there is more than one chunk. The clean
-    runs are `patching.clean_activations`' (after a shared prefix, where one is registered)."""
+    runs are `patching.activations`' (after a shared prefix, where one is registered)."""
     if not names:
         return {}
     cfg = model.cfg
     widest = max(cfg.d_model, cfg.d_mlp or 0, cfg.n_heads * cfg.d_head)
     rows = max(1, REFERENCE_BUDGET // (tokens.shape[1] * len(names) * widest))
     if rows >= len(tokens):
-        cache = clean_activations(model, tokens, names)
+        cache = activations(model, tokens, names)
         return {name: cache[name].mean(0, keepdim=True) for name in names}
     sums: dict[str, Tensor] = {}
     for chunk in tokens.split(rows):
-        cache = clean_activations(model, chunk, names)
+        cache = activations(model, chunk, names)
         dtype = cache[names[0]].dtype
         for name in names:
             part = cache[name].sum(0, keepdim=True, dtype=torch.float64)

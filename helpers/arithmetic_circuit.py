@@ -29,7 +29,7 @@ from helpers.attribution import logit_diff
 from helpers.eap import PromptSet
 from helpers.components import Component, all_mlps, hook_name
 from helpers.neurons import fit_probe
-from helpers.patching import (Sweep, SweepResult, attribution_patch_neurons, clean_activations,
+from helpers.patching import (Sweep, SweepResult, attribution_patch_neurons, activations,
                               normalised_logit_diff, run_patched_variants, run_sweep)
 
 Metric = Callable[[Tensor], Tensor]
@@ -175,7 +175,7 @@ def answer_probe_accuracy(model, tokens: Int[Tensor, "N seq"], labels: Int[Tenso
     at each prompt position (op1, operator, op2, `=`) after each layer (`hook_resid_post`; column 0 is the embedding
     `hook_embed`). Features and labels come from the same rows."""
     names = [hook_name("embed")] + [hook_name("resid_post", l) for l in range(model.cfg.n_layers)]
-    cache = clean_activations(model, tokens, names)
+    cache = activations(model, tokens, names)
     acc = torch.zeros(len(PROMPT_POSITIONS), len(names))
     for i, p in enumerate(PROMPT_POSITIONS):
         for j, name in enumerate(names):

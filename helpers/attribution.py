@@ -37,8 +37,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from helpers import patching
 from helpers.ablation import loss_chunk_rows, losses_from_logits
-from helpers.components import as_components, Component, final_resid_hook_name, hook_name, hooks_on
+from helpers.components import as_components, Component, final_resid_hook_name, hook_name
 
 Position = int | slice
 
@@ -352,38 +353,41 @@ def direct_patch_losses(model, tokens: Int[Tensor, "batch pos"], fwd_hooks,
                                    Float[Tensor, "batch pos_minus_1"], Float[Tensor, "batch pos_minus_1"]]:
     """Direct effect of an intervention through each writer of the final residual stream, on the next-token loss.
 
-    Runs `tokens [batch, pos]` clean and under `fwd_hooks`. For each component (`EMBED`, `ATTN{l}`, `MLP{l}`; all,
-    or those given in `components`, as Components or labels) the clean final residual stream gets
+    Runs `tokens [batch, pos]` clean and under `fwd_hooks`. For each component (`EMBED`, (`POS_EMBED`), `ATTN{l}`,
+    `MLP{l}`; all, or those given in `components`, as Components or labels) the clean final residual stream gets
     that component's output from the hooked run instead of its clean one; the final LayerNorm and unembedding are
     recomputed (the seed's `get_direct_loss_increase_for_component`). The effects of different components are not
-    additive.
+    additive. Both runs read only the final residual stream and the components' outputs (`patching.activations`:
+    from a kept clean run where the hooks and components are all in its block or after).
 
     Returns `(patched [n_components, batch, pos - 1], components, clean [batch, pos - 1], hooked [batch, pos - 1])`,
     all per-token losses.
     """
+    requested = _writers(model) if components is None else as_components(components)
     final = final_resid_hook_name(model)
-    names = [hook_name("embed"), final] + [hook_name(kind, layer) for layer in range(model.cfg.n_layers)
-                                           for kind in ("attn", "mlp")]
-    keep = lambda name: name in names  # noqa: E731
-    clean_logits, clean = model.run_with_cache(tokens, names_filter=keep)
-    clean_losses = losses_from_logits(clean_logits, tokens)
-    del clean_logits  # one [batch, pos, d_vocab] tensor at a time
-    with hooks_on(model, list(fwd_hooks)):
-        hooked_logits, hooked = model.run_with_cache(tokens, names_filter=keep)
-    hooked_losses = losses_from_logits(hooked_logits, tokens)
-    del hooked_logits
-    clean_stack, writers = decompose_resid(model, clean, pos=slice(None))
-    hooked_stack, _ = decompose_resid(model, hooked, pos=slice(None))
-    chosen = writers if components is None else as_components(components)
-    patched = []
+    names = [final, *dict.fromkeys(component.hook_name() for component in requested)]
+    clean = patching.activations(model, tokens, names)
+    hooked = patching.activations(model, tokens, names, fwd_hooks)
+    chosen = [component for component in requested if component.hook_name() in clean]   # POS_EMBED: learned only
+    patched = [_losses_of_resid(model, clean[final] - clean[c.hook_name()] + hooked[c.hook_name()], tokens)
+               for c in chosen]
+    return (torch.stack(patched), chosen, _losses_of_resid(model, clean[final], tokens),
+            _losses_of_resid(model, hooked[final], tokens))
+
+
+def _writers(model) -> list[Component]:
+    """Every writer of the final residual stream, in `decompose_resid`'s order: `EMBED`, `POS_EMBED`, `ATTN0`,
+    `MLP0`, ... (`POS_EMBED` is dropped by the reads of a model without learned positions)."""
+    return [Component.embed(), Component.pos_embed()] + [component for layer in range(model.cfg.n_layers)
+                                                         for component in (Component.attn(layer), Component.mlp(layer))]
+
+
+def _losses_of_resid(model, resid: Float[Tensor, "batch pos d_model"], tokens: Int[Tensor, "batch pos"]
+                     ) -> Float[Tensor, "batch pos_minus_1"]:
+    """Next-token losses of the final residual stream `resid` (final norm and unembedding), a few rows at a time."""
     rows = loss_chunk_rows(tokens.shape[1], model.cfg.d_vocab)
-    for component in chosen:
-        i = writers.index(component)
-        resid = clean[final] - clean_stack[i] + hooked_stack[i]
-        patched.append(torch.cat([losses_from_logits(model.unembed(model.ln_final(resid[start:start + rows])),
-                                                     tokens[start:start + rows])
-                                  for start in range(0, len(resid), rows)]))
-    return torch.stack(patched), chosen, clean_losses, hooked_losses
+    return torch.cat([losses_from_logits(model.unembed(model.ln_final(resid[start:start + rows])),
+                                         tokens[start:start + rows]) for start in range(0, len(resid), rows)])
 
 
 # ---- one answer token at one position per prompt (SAE quotation notebook) ----------------------------------------

@@ -20,10 +20,9 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from helpers import ablation, attribution, neurons
+from helpers import ablation, attribution, neurons, patching
 from helpers.ablation import Hook
 from helpers.components import Component, device_of, final_resid_hook_name, hooks_on, layers_needed
-from helpers.patching import clean_activations
 from helpers.tasks.bilingual import tokenize_documents
 from helpers.uncertainty import Interval, bootstrap_interval, f1_statistic, percent_change_statistic
 
@@ -361,7 +360,7 @@ def masked_mean(model, documents: Documents, hook: str, select=lambda act: act, 
     `d_model`, or `d_head` for one head's `z`)."""
     stats = neurons.RunningStats()
     for tokens, mask in documents.batches(mask):
-        act = clean_activations(model, tokens, [hook])[hook]
+        act = patching.activations(model, tokens, [hook])[hook]
         stats.update(select(act)[mask.to(tokens.device)].cpu())
     return stats.mean.float()
 

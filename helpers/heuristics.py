@@ -61,7 +61,7 @@ from torch import Tensor
 from helpers.ablation import neuron_mask_hooks
 from helpers.cache import storable
 from helpers.components import device_of, hook_name, unembed_only_at
-from helpers.patching import clean_activations, hooked_logits
+from helpers.patching import activations, hooked_logits
 
 PAPER_MODULI: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8, 9, 11, 13, 15)
 OPERAND_RANGE_SIZES: dict[str, tuple[int, ...]] = {"+": (10, 30, 50, 100), "-": (10, 30, 50, 100),
@@ -559,7 +559,7 @@ def uncorrected(scores: HeuristicScores, scheme: Scheme) -> HeuristicScores:
 def neuron_activations(model, tokens: Int[Tensor, "N seq"], neurons: Sequence[Neuron], position: int = -1,
                        batch_size: int = 1024) -> Float[Tensor, "n_neurons N"]:
     """K maps: `blocks.l.mlp.hook_post[:, position, n]` for each (l, n) over the prompts: `[n_neurons, N]` (CPU),
-    from clean runs after a shared prefix where one is registered (`patching.clean_activations`)."""
+    from clean runs after a shared prefix where one is registered (`patching.activations`)."""
     neurons = [tuple(map(int, nn)) for nn in neurons]
     layers = sorted({l for l, _ in neurons})
     names = {hook_name("neuron", l) for l in layers}
@@ -568,7 +568,7 @@ def neuron_activations(model, tokens: Int[Tensor, "N seq"], neurons: Sequence[Ne
     out = torch.zeros(len(neurons), len(tokens))
     for start in range(0, len(tokens), batch_size):
         batch = tokens[start : start + batch_size].to(device_of(model))
-        cache = clean_activations(model, batch, sorted(names))
+        cache = activations(model, batch, sorted(names))
         for l in layers:
             act = cache[hook_name("neuron", l)][:, position].float().cpu()
             out[rows[l], start : start + len(batch)] = act[:, index[l]].T

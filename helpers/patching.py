@@ -41,7 +41,6 @@ import math
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
-from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 from weakref import WeakKeyDictionary
 
@@ -646,7 +645,7 @@ def keep_clean_block_inputs(model, layer: int | None) -> None:
     `ablation.token_losses_each`, `neurons.mlp_activations_each`) at the input of block `layer`, per batch of tokens:
     a later run of the same tokens whose hooks and reads all sit in block `layer` or after starts there, without
     re-running the blocks before it (exact: a hook cannot change the blocks before its own). Those two, and
-    `ablation.token_losses`, `neurons.mlp_activations` and `clean_activations`, start there where they can.
+    `ablation.token_losses`, `neurons.mlp_activations` and `activations`, start there where they can.
     Notebook 04 keeps the residual stream at its context neuron's layer, where every later ablation starts. Memory:
     one `[batch, pos, d_model]` tensor per batch seen. `None` drops what was kept; a new `layer` starts afresh."""
     if layer is None:
@@ -757,11 +756,14 @@ def kept_run_available(model, tokens: Tensor, hooks: Sequence[tuple[str, Callabl
 
 
 @torch.no_grad()
-def clean_activations(model, tokens: Int[Tensor, "batch pos"], names: Sequence[str]) -> dict[str, Tensor]:
-    """`{name: activation}` of the clean run of `tokens` at the hook points `names`: from the clean run
-    `keep_clean_block_inputs` kept for these tokens where every name is in its block or after (reading layer 29
-    of 30 then costs one block), or after the prefix `share_prefix` registered where the rows begin with it (the
-    prefix's positions from its one clean run), else `run_with_cache`; none runs past the last block read."""
+def activations(model, tokens: Int[Tensor, "batch pos"], names: Sequence[str],
+                fwd_hooks: Sequence[tuple[str, Callable]] = ()) -> dict[str, Tensor]:
+    """`{name: activation}` at the hook points `names` of the run of `tokens` under `fwd_hooks` (default: the clean
+    run): from the clean run `keep_clean_block_inputs` kept for these tokens where every hook and name is in its
+    block or after (reading layer 29 of 30 then costs one block), or after the prefix `share_prefix` registered
+    where the rows begin with it (the prefix's positions from its one clean run), else `run_with_cache`; none runs
+    past the last block read. A name the run never reaches (`hook_pos_embed` of a model without learned positions)
+    is left out, as `run_with_cache` leaves it."""
     captured: dict[str, Tensor] = {}
 
     def capture(name: str) -> Callable:
@@ -769,23 +771,22 @@ def clean_activations(model, tokens: Int[Tensor, "batch pos"], names: Sequence[s
             captured[name] = act.detach().clone()
         return hook
 
-    captures = [(name, capture(name)) for name in names]
-    if kept_run_available(model, tokens, captures):
-        for _ in replayed_runs(model, tokens, [captures]):
+    hooks = [*fwd_hooks, *((name, capture(name)) for name in names)]
+    if kept_run_available(model, tokens, hooks):
+        for _ in replayed_runs(model, tokens, [hooks]):
             pass
         return captured
     shared = _shared_prefix_of(model, tokens)
     last = layers_needed(names)
     if shared is not None and last is not None:
         try:
-            _run_after_prefix(model, shared, tokens, captures, last_layer=max(0, last - 1))
-            if all(name in captured for name in names):
-                return captured
-        except _NoFastPath:
-            pass
-    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names,
-                                    stop_at_layer=layers_needed(names))
-    return {name: cache[name] for name in names}
+            _run_after_prefix(model, shared, tokens, hooks, last_layer=max(0, last - 1))
+            return captured
+        except (_NoFastPath, _PrefixWritten):
+            captured.clear()
+    with hooks_on(model, list(fwd_hooks)):
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names, stop_at_layer=last)
+    return {name: cache[name] for name in names if name in cache}
 
 
 class SuffixReplay:

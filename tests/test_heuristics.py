@@ -206,9 +206,11 @@ def test_knockouts_are_well_formed(tiny):
     assert int(profile.n_associated[0]) == 6  # 0+0: op1 in [0, 10) and op2 even -> all six classified neurons
 
 
-def test_a_knockout_with_every_prompt_sampled_equals_ablating_by_hand(tiny):
+@pytest.mark.parametrize("from_position", [0, 2])
+def test_a_knockout_with_every_prompt_sampled_equals_ablating_by_hand(tiny, from_position):
     """With `n_prompts` above every prompt count, related / unrelated are all the prompts the heuristic does / does
-    not concern: the accuracies must equal greedy answers of the model run with the neurons zeroed by a plain hook."""
+    not concern: the accuracies must equal greedy answers of the model run with the neurons zeroed by a plain hook
+    (from `from_position` on)."""
     model, tokenizer = tiny
     prompts = task.all_prompts("+", max_op=12)
     tokens = task.prompt_tokens(tokenizer, prompts)
@@ -217,12 +219,12 @@ def test_a_knockout_with_every_prompt_sampled_equals_ablating_by_hand(tiny):
     neurons = [(1, n) for n in range(0, 40, 2)] + [(0, 2)]
     scores = _scores_for(neurons, [[("op1_range_0_5", 0.9)]] * len(neurons))
     (result,) = H.heuristic_knockout(model, scores, 0.6, tokens, answers, prompts.pairs, prompts.results,
-                                     min_neurons=3, n_prompts=10_000)
+                                     min_neurons=3, n_prompts=10_000, from_position=from_position)
     assert len(result.neurons) == len(neurons)
 
     def zero(layer):
         def hook(act, hook=None):
-            act[..., [n for l, n in neurons if l == layer]] = 0
+            act[:, from_position:, [n for l, n in neurons if l == layer]] = 0
             return act
         return hook
 

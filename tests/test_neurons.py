@@ -254,7 +254,7 @@ def test_runs_from_a_kept_clean_run_skip_the_blocks_before_it_and_change_nothing
     expected = [neurons.mlp_activations(model, tokens, [1], fwd_hooks=hooks) for hooks in [*late, early]]
     read = ["blocks.1.hook_resid_post", "blocks.1.mlp.hook_post"]
     clean = model.run_with_cache(tokens, names_filter=lambda name: name in read)[1]
-    for name, act in patching.clean_activations(model, tokens, read).items():   # nothing kept: from the embedding
+    for name, act in patching.activations(model, tokens, read).items():   # nothing kept: from the embedding
         torch.testing.assert_close(act, clean[name])
     block_0_runs = []
     handle = model.blocks[0].register_forward_hook(lambda *args: block_0_runs.append(1))
@@ -270,7 +270,7 @@ def test_runs_from_a_kept_clean_run_skip_the_blocks_before_it_and_change_nothing
         for acts, alone in zip(each, expected):
             torch.testing.assert_close(acts[1], alone[1], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(token_losses(model, tokens, late[1]), expected_losses[2], rtol=1e-5, atol=1e-5)
-        for name, act in patching.clean_activations(model, tokens, read).items():
+        for name, act in patching.activations(model, tokens, read).items():
             torch.testing.assert_close(act, clean[name], rtol=1e-5, atol=1e-5)
         assert len(block_0_runs) == before
         kept = patching._KEPT[model].calls(tokens)   # one [batch, pos, d_model] input kept, no key/value cache

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import tomllib
 import zipfile
-from pathlib import Path
 
 from helpers import zoo
 from helpers.paths import MODELS_DIR, PACKAGE_DIR, REPO_ROOT

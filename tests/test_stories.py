@@ -4,7 +4,6 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
 
 from helpers.paths import MODELS_DIR
 from helpers.tasks.stories import (CLOSING_QUOTES, FORCED_TOKENS, closing_quote_prompts, generate_stories,
