@@ -26,7 +26,7 @@ from realscale_context_neuron import print_table, timed  # noqa: E402  (the same
 
 from helpers import arithmetic_circuit as AC  # noqa: E402
 from helpers import heuristics as H  # noqa: E402
-from helpers import patching  # noqa: E402
+from helpers import replay  # noqa: E402
 from helpers.ablation import CircuitEvaluator, circuit_universe, normalized_logits, reference_activations  # noqa: E402
 from helpers.models import load_model  # noqa: E402
 from helpers.tasks import arithmetic as task  # noqa: E402
@@ -83,11 +83,11 @@ def main() -> None:
                 for n in range(0, len(ranked) + 1, max(1, len(ranked) // (args.n_circuits - 1)))][:args.n_circuits]
 
     def faithfulness(prefix: list[int] | None):
-        patching.share_prefix(model, None if prefix is None else torch.tensor(prefix))
+        replay.share_prefix(model, None if prefix is None else torch.tensor(prefix))
         evaluate = CircuitEvaluator(model, prefixed, normalized_logits(numbers[discovery.results]),
                                     reference=means, universe=universe)
         [evaluate(circuit) for circuit in circuits]
-        patching.share_prefix(model, None)
+        replay.share_prefix(model, None)
 
     def forward_backward():
         with torch.enable_grad():

@@ -20,8 +20,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from helpers.components import all_heads, all_mlps, Component, run_with_hooks
-from helpers.patching import (PositionalMetric, activations, hooked_logits, kept_run_available,
-                              replayed_logits, unembedding_reads)
+from helpers.patching import PositionalMetric, unembedding_reads
+from helpers.replay import activations, hooked_logits, kept_run_available, replayed_logits
 from helpers.uncertainty import Interval, bootstrap_interval, faithfulness_statistic
 
 Hook = tuple[str, Callable]
@@ -57,7 +57,7 @@ REFERENCE_BUDGET = 2 ** 27  # floats of cached activations per chunk of referenc
 def _streamed_means(model, tokens: Tensor, names: list[str]) -> dict[str, Tensor]:
     """`{name: [1, pos, ...]}`: each hook's mean over the rows of `tokens`, a chunk of rows at a time (no more than
     about `REFERENCE_BUDGET` floats cached at once), summed in float64 where there is more than one chunk. The clean
-    runs are `patching.activations`' (after a shared prefix, where one is registered)."""
+    runs are `replay.activations`' (after a shared prefix, where one is registered)."""
     if not names:
         return {}
     cfg = model.cfg
@@ -280,7 +280,7 @@ def neuron_value_hooks(values: dict, from_position: int = 0) -> list[Hook]:
 @torch.no_grad()
 def token_losses(model, tokens: Tensor, fwd_hooks: Sequence[Hook] = ()) -> Tensor:
     """Next-token cross-entropy at every position: tokens `[batch, pos]` -> `[batch, pos - 1]` (entry `i` is the loss
-    of predicting `tokens[:, i + 1]`), under `fwd_hooks`. Runs from a clean run `patching.keep_clean_block_inputs`
+    of predicting `tokens[:, i + 1]`), under `fwd_hooks`. Runs from a clean run `replay.keep_clean_block_inputs`
     kept, where it can (rows taken as `token_losses_each` takes them)."""
     chunks = tokens.split(_logit_rows(model, tokens))
     if fwd_hooks and all(kept_run_available(model, chunk, fwd_hooks) for chunk in chunks):
@@ -299,7 +299,7 @@ def _logit_rows(model, tokens: Tensor) -> int:
 def token_losses_each(model, tokens: Int[Tensor, "batch pos"], variants: Sequence[Sequence[Hook]]
                       ) -> Float[Tensor, "variant batch pos_minus_1"]:
     """`token_losses` without hooks (row 0) and under each of `variants` (rows 1..), sharing one clean pass: each
-    hooked run starts at the first block its hooks sit in (`patching.replayed_logits`). Rows of `tokens` are taken
+    hooked run starts at the first block its hooks sit in (`replay.replayed_logits`). Rows of `tokens` are taken
     a few at a time, so no more than about `LOGIT_ROWS_BUDGET` floats of logits are held at once."""
     parts = [torch.stack([losses_from_logits(logits, chunk) for logits in replayed_logits(model, chunk, variants)])
              for chunk in tokens.split(_logit_rows(model, tokens))]
@@ -421,7 +421,7 @@ class CircuitEvaluator:
     @torch.no_grad()
     def _run(self, hooks: list[Hook]) -> Float[Tensor, "batch"]:
         """The metric under `hooks`, unembedding only the positions it reads (`patching.unembedding_reads`), after
-        a prefix the prompts share where one is registered (`patching.share_prefix`)."""
+        a prefix the prompts share where one is registered (`replay.share_prefix`)."""
         reads, value = unembedding_reads(self.model, self.metric, self.tokens.shape[1])
         return value(hooked_logits(self.model, self.tokens, [*hooks, *reads])).float().cpu()
 

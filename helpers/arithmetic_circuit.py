@@ -29,8 +29,9 @@ from helpers.attribution import logit_diff
 from helpers.eap import PromptSet
 from helpers.components import Component, all_mlps, hook_name
 from helpers.neurons import fit_probe
-from helpers.patching import (Sweep, SweepResult, attribution_patch_neurons, activations,
-                              normalised_logit_diff, run_patched_variants, run_sweep)
+from helpers.patching import (Sweep, SweepResult, attribution_patch_neurons, normalised_logit_diff,
+                              run_patched_variants, run_sweep)
+from helpers.replay import activations
 
 Metric = Callable[[Tensor], Tensor]
 PROMPT_POSITIONS = (-4, -3, -2, -1)  # op1, operator, op2, '=': the last four positions, whatever precedes them

@@ -37,7 +37,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from helpers import patching
+from helpers import replay
 from helpers.ablation import loss_chunk_rows, losses_from_logits
 from helpers.components import as_components, Component, final_resid_hook_name, hook_name
 
@@ -357,7 +357,7 @@ def direct_patch_losses(model, tokens: Int[Tensor, "batch pos"], fwd_hooks,
     `MLP{l}`; all, or those given in `components`, as Components or labels) the clean final residual stream gets
     that component's output from the hooked run instead of its clean one; the final LayerNorm and unembedding are
     recomputed (the seed's `get_direct_loss_increase_for_component`). The effects of different components are not
-    additive. Both runs read only the final residual stream and the components' outputs (`patching.activations`:
+    additive. Both runs read only the final residual stream and the components' outputs (`replay.activations`:
     from a kept clean run where the hooks and components are all in its block or after).
 
     Returns `(patched [n_components, batch, pos - 1], components, clean [batch, pos - 1], hooked [batch, pos - 1])`,
@@ -366,8 +366,8 @@ def direct_patch_losses(model, tokens: Int[Tensor, "batch pos"], fwd_hooks,
     requested = _writers(model) if components is None else as_components(components)
     final = final_resid_hook_name(model)
     names = [final, *dict.fromkeys(component.hook_name() for component in requested)]
-    clean = patching.activations(model, tokens, names)
-    hooked = patching.activations(model, tokens, names, fwd_hooks)
+    clean = replay.activations(model, tokens, names)
+    hooked = replay.activations(model, tokens, names, fwd_hooks)
     chosen = [component for component in requested if component.hook_name() in clean]   # POS_EMBED: learned only
     patched = [_losses_of_resid(model, clean[final] - clean[c.hook_name()] + hooked[c.hook_name()], tokens)
                for c in chosen]

@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from helpers import ablation, attribution, neurons, patching
+from helpers import ablation, attribution, neurons, replay
 from helpers.ablation import Hook
 from helpers.components import Component, device_of, final_resid_hook_name, hooks_on, layers_needed
 from helpers.tasks.bilingual import tokenize_documents
@@ -360,7 +360,7 @@ def masked_mean(model, documents: Documents, hook: str, select=lambda act: act, 
     `d_model`, or `d_head` for one head's `z`)."""
     stats = neurons.RunningStats()
     for tokens, mask in documents.batches(mask):
-        act = patching.activations(model, tokens, [hook])[hook]
+        act = replay.activations(model, tokens, [hook])[hook]
         stats.update(select(act)[mask.to(tokens.device)].cpu())
     return stats.mean.float()
 

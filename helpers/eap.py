@@ -38,7 +38,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from helpers.components import hook_name
-from helpers.patching import PositionalMetric, hooked_logits, learn_reads, unembedding_reads
+from helpers.patching import PositionalMetric, learn_reads, unembedding_reads
+from helpers.replay import hooked_logits
 
 Metric = Callable[[Tensor], Tensor]
 

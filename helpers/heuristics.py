@@ -61,7 +61,7 @@ from torch import Tensor
 from helpers.ablation import neuron_mask_hooks
 from helpers.cache import storable
 from helpers.components import device_of, hook_name, unembed_only_at
-from helpers.patching import activations, hooked_logits
+from helpers.replay import activations, hooked_logits
 
 PAPER_MODULI: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8, 9, 11, 13, 15)
 OPERAND_RANGE_SIZES: dict[str, tuple[int, ...]] = {"+": (10, 30, 50, 100), "-": (10, 30, 50, 100),
@@ -559,7 +559,7 @@ def uncorrected(scores: HeuristicScores, scheme: Scheme) -> HeuristicScores:
 def neuron_activations(model, tokens: Int[Tensor, "N seq"], neurons: Sequence[Neuron], position: int = -1,
                        batch_size: int = 1024) -> Float[Tensor, "n_neurons N"]:
     """K maps: `blocks.l.mlp.hook_post[:, position, n]` for each (l, n) over the prompts: `[n_neurons, N]` (CPU),
-    from clean runs after a shared prefix where one is registered (`patching.activations`)."""
+    from clean runs after a shared prefix where one is registered (`replay.activations`)."""
     neurons = [tuple(map(int, nn)) for nn in neurons]
     layers = sorted({l for l, _ in neurons})
     names = {hook_name("neuron", l) for l in layers}
@@ -677,7 +677,7 @@ def correct_under(model, tokens: Int[Tensor, "N seq"], answers: Int[Tensor, "N"]
     """Is the greedy answer still right with the neuron masks `{layer: [N, d_mlp] or [d_mlp]}` (True = ablate; per
     prompt or the same for all) zero- or mean-ablated (`means[layer]`, `[pos, d_mlp]` or `[d_mlp]`) at every
     position from `from_position` on (e.g. the prompt after a few-shot prefix, which then runs once:
-    `patching.share_prefix`)?"""
+    `replay.share_prefix`)?"""
     if method not in ("zero", "mean"):
         raise ValueError(f"method must be 'zero' or 'mean', got {method!r}")
     out = []

@@ -141,6 +141,10 @@ def resolve_source(name: str | Path) -> tuple[str, bool]:
         return str(gguf_checkpoint(Path(name).expanduser())), True
     if zoo.is_zoo_name(name):
         folder = zoo.checkpoint_dir(name)
+        left = zoo.stranded(folder)
+        if left is not None:
+            raise ModelNotFoundError(f"zoo model {name!r}: a killed save left its checkpoint at {left}; put it back "
+                                     f"with: python -m helpers.zoo repair {name}")
         if not (folder / "config.json").is_file():
             raise ModelNotFoundError(
                 f"zoo model {name!r} has no checkpoint at {folder}; rebuild it with: python -m helpers.zoo train {name}"

@@ -11,13 +11,14 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
+from jaxtyping import Float, Int, Shaped
 from sklearn.linear_model import LinearRegression, LogisticRegression
 from sklearn.metrics import accuracy_score, mean_squared_error, r2_score
 from sklearn.model_selection import train_test_split
 from torch import Tensor
 
 from helpers.components import hook_name, layers_needed, run_with_hooks
-from helpers.patching import kept_run_available, replayed_runs
+from helpers.replay import kept_run_available, replayed_runs
 
 
 @dataclass
@@ -89,7 +90,7 @@ def fit_probe(features: Tensor | np.ndarray, targets: Tensor | np.ndarray, *, ki
                        float("nan"), y_test, y_pred, f1, auc)
 
 
-def correlations(activations: Tensor, target: Tensor) -> Tensor:
+def correlations(activations: Float[Tensor, "n neurons"], target: Float[Tensor, " n"]) -> Float[Tensor, " neurons"]:
     """Pearson correlation of each neuron with a target.
 
     Args:
@@ -177,7 +178,7 @@ class RunningStats:
         return self.var.sqrt()
 
 
-def best_threshold_f1(scores: Tensor, labels: Tensor) -> tuple[float, float]:
+def best_threshold_f1(scores: Float[Tensor, " n"], labels: Shaped[Tensor, " n"]) -> tuple[float, float]:
     """Exact F1 (positive class = label 1) of the best rule `score >= t`, and that threshold.
 
     Args:
@@ -197,7 +198,7 @@ def best_threshold_f1(scores: Tensor, labels: Tensor) -> tuple[float, float]:
     return float(f1[best]), float(s[best])
 
 
-def auroc(scores: Tensor, labels: Tensor) -> float:
+def auroc(scores: Float[Tensor, " n"], labels: Shaped[Tensor, " n"]) -> float:
     """Exact area under the ROC curve of `scores [n]` for `labels [n]` (ties count half), as scikit-learn's."""
     scores, labels = scores.detach().double().flatten(), labels.detach().flatten().bool()
     ranks = _average_ranks(scores)
@@ -353,13 +354,14 @@ class NeuronClassifierAccumulator:
         return torch.where(up_better, best_up, best_down), threshold, torch.where(up_better, 1, -1), area
 
 
-def mlp_activations(model, tokens: Tensor, layers: Sequence[int], *, hook: str = "post",
-                    fwd_hooks: Sequence = (), neurons: Tensor | Sequence[int] | None = None) -> dict[int, Tensor]:
+def mlp_activations(model, tokens: Int[Tensor, "batch pos"], layers: Sequence[int], *, hook: str = "post",
+                    fwd_hooks: Sequence = (), neurons: Tensor | Sequence[int] | None = None
+                    ) -> dict[int, Float[Tensor, "batch pos neurons"]]:
     """MLP activations `{layer: [batch, pos, d_mlp]}` (or `[batch, pos, len(neurons)]`) of one forward pass.
 
     `fwd_hooks` (TransformerLens `(name, fn)` pairs, e.g. an ablation) are applied during the pass. Only the asked
     layers (and neuron columns) are kept, and the pass stops after the last of them. It starts at a clean run
-    `patching.keep_clean_block_inputs` kept, where it can.
+    `replay.keep_clean_block_inputs` kept, where it can.
     """
     captured: dict[int, Tensor] = {}
 
@@ -378,10 +380,11 @@ def mlp_activations(model, tokens: Tensor, layers: Sequence[int], *, hook: str =
     return captured
 
 
-def mlp_activations_each(model, tokens: Tensor, layers: Sequence[int], variants: Sequence[Sequence], *,
-                         hook: str = "post", neurons: Tensor | Sequence[int] | None = None) -> list[dict[int, Tensor]]:
+def mlp_activations_each(model, tokens: Int[Tensor, "batch pos"], layers: Sequence[int], variants: Sequence[Sequence],
+                         *, hook: str = "post", neurons: Tensor | Sequence[int] | None = None
+                         ) -> list[dict[int, Float[Tensor, "batch pos neurons"]]]:
     """`mlp_activations` under each of `variants` (lists of forward hooks; `[]` for the clean run), sharing the
-    blocks before each variant's first hooked or read block (`patching.replayed_runs`): `[{layer: [batch, pos,
+    blocks before each variant's first hooked or read block (`replay.replayed_runs`): `[{layer: [batch, pos,
     d_mlp or len(neurons)]}]`, one dict per variant."""
     captured: list[dict[int, Tensor]] = [{} for _ in variants]
     columns = None if neurons is None else torch.as_tensor(neurons, device=tokens.device)
@@ -496,13 +499,14 @@ class TopKAccumulator:
         return TopExamples(self.values.clone(), self.row.clone(), self.position.clone())
 
 
-def token_counts(tokens: Tensor, vocab_size: int, mask: Tensor | None = None) -> Tensor:
+def token_counts(tokens: Int[Tensor, "*shape"], vocab_size: int, mask: Shaped[Tensor, "*shape"] | None = None
+                 ) -> Int[Tensor, " vocab"]:
     """Occurrences of each token id (every repeat counts — not document frequency): `[vocab_size]` int64."""
     flat = tokens.flatten() if mask is None else tokens[mask.bool()]
     return torch.bincount(flat.cpu().long(), minlength=vocab_size)
 
 
-def neuron_unembed_effect(model, layer: int, neuron: int, active: float, inactive: float) -> Tensor:
+def neuron_unembed_effect(model, layer: int, neuron: int, active: float, inactive: float) -> Float[Tensor, " vocab"]:
     """Direct effect on the logits of moving neuron `(layer, neuron)` from `inactive` to `active`: `[d_vocab]`.
 
     `(active - inactive) * W_out[layer, neuron] @ W_U` (the unembedding bias cancels; the final layer norm is

@@ -15,15 +15,15 @@ Conventions (those of `transformer_lens.patching`, whose results these sweeps re
 
 How a sweep runs: a patch cannot change what comes before it, neither the layers before its first layer nor
 (attention being causal) the positions before its first position. So the corrupted tokens run once unpatched
-through the blocks (`_Trace`, the bridge's own blocks with its processed weights and hooks), and each variant starts
-at its first (layer, position): the residual stream there from that run, the run's keys and values for the earlier
-positions, only the later positions recomputed. Variants sharing a start run batched (the corrupted batch repeated
+through the blocks (`replay.Trace`, the bridge's own blocks with its processed weights and hooks), and each variant
+starts at its first (layer, position): the residual stream there from that run, the run's keys and values for the
+earlier positions, only the later positions recomputed. Variants sharing a start run batched (the corrupted batch repeated
 once per variant, `[n_variants * batch, pos - start]`, one hook per hook point writing each variant's clean slice
 into its own rows), and only the logits the metric reads are computed (those a `PositionalMetric` declares, or
 those `learn_reads` finds a plain `metric(logits)` depends on, from its gradient, checked; else every logit).
 `max_rows` bounds the rows of one pass; by default they fit `ACTIVATION_BUDGET`. Where a model's blocks cannot be
-run that way exactly (`fast_path`, probed once per model), every variant runs from the embedding instead, with full
-logits, and a warning says so once.
+run that way exactly (`replay.fast_path`, probed once per model), every variant runs from the embedding instead,
+with full logits, and a warning says so once.
 
 Attention patterns are patched at `hook_pattern` where the model reads that hook back; where it only reports it
 (transformer-lens 3.9's GPT-Neo bridge, see `pattern_route`), the same patch is applied exactly through each head's
@@ -36,12 +36,11 @@ corrupted run, per component or per neuron.
 """
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 from weakref import WeakKeyDictionary
 
 import torch
@@ -50,7 +49,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from helpers import cache as result_cache
-from helpers.components import Component, all_heads, device_of, hook_name, hooks_on, layers_needed, run_with_hooks
+from helpers.components import Component, all_heads, device_of, hook_name, run_with_hooks
+from helpers.replay import (FAST_HOOKS, QUERY_AXIS_HOOKS, NoFastPath, Trace, block_calls, equal_up_to_rounding,
+                            fast_path, hooked_logits, logits_of, repeat_rows, sources_match_prefix)
 
 Metric = Callable[[Tensor], Tensor]
 Site = tuple[str, tuple]  # (hook name, index into the activation after the batch dimension)
@@ -58,6 +59,7 @@ Variant = Sequence[Site]
 HEAD_SITES = ("z", "q", "k", "v", "pattern")
 BLOCK_HOOKS = ("resid_pre", "attn_out", "mlp_out")
 LOGIT_BUDGET = 2 ** 26  # floats of logits per forward pass (256 MB in float32) when max_rows is not given
+ACTIVATION_BUDGET = 2 ** 25  # floats of activations and logits per pass (128 MB in float32) when max_rows is not given
 
 
 def _default_rows(model, tokens: Tensor) -> int:
@@ -108,12 +110,6 @@ def _attend(pattern: Tensor, v: Tensor) -> Tensor:
     return torch.einsum("bhqk,bkhd->bqhd", pattern, v.to(pattern.dtype))
 
 
-def _close(value: Tensor, reference: Tensor) -> bool:
-    """Equal up to rounding in the reference's dtype."""
-    scale = float(reference.abs().max().clamp(min=1.0))
-    return float((value - reference).abs().max()) <= 64 * torch.finfo(reference.dtype).eps * scale
-
-
 def _uniform_pattern(pattern: Tensor, hook=None) -> Tensor:  # noqa: ARG001
     causal = torch.ones_like(pattern).tril()
     return causal / causal.sum(-1, keepdim=True)
@@ -142,8 +138,9 @@ def pattern_route(model) -> str:
                                                       for layer in layers])
     if not torch.equal(patched, logits):
         route = "pattern"
-    elif all(_close(_attend(cache[hook_name("head", layer, "pattern")], cache[hook_name("head", layer, "v")]),
-                    cache[hook_name("head", layer, "z")]) for layer in layers):
+    elif all(equal_up_to_rounding(
+            _attend(cache[hook_name("head", layer, "pattern")], cache[hook_name("head", layer, "v")]),
+            cache[hook_name("head", layer, "z")]) for layer in layers):
         route = "z"
     else:
         architecture = getattr(model.cfg, "architecture", None) or type(model).__name__
@@ -382,671 +379,6 @@ def unembedding_reads(model, metric: Metric, n_pos: int) -> tuple[list[tuple[str
     return [("unembed.hook_in", select)], value
 
 
-# ---- the fast engine: start each patched run where its patch starts -----------------------------------------------
-class _NoFastPath(Exception):
-    """The blocks of this model cannot be run from a layer and a position exactly as the model runs them."""
-
-
-FAST_HOOKS = {f"hook_{name}" for name in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")} | {
-    f"attn.hook_{name}" for name in ("q", "k", "v", "z", "pattern", "attn_scores")} | {"mlp.hook_pre", "mlp.hook_post"}
-BEFORE_MLP = ("hook_resid_pre", "ln1.", "attn.", "hook_attn_", "hook_q", "hook_k", "hook_v", "hook_z", "hook_pattern",
-              "hook_resid_mid")  # hook points of a block that its MLP's output does not reach
-QUERY_AXIS_HOOKS = ("attn.hook_pattern", "attn.hook_attn_scores")  # [batch, head, query_pos, key_pos]
-ACTIVATION_BUDGET = 2 ** 25  # floats of activations and logits per pass (128 MB in float32) when max_rows is not given
-_FAST_PATH: WeakKeyDictionary = WeakKeyDictionary()
-
-
-def _repeat_rows(tensor: Tensor, n: int) -> Tensor:
-    """`tensor [batch, ...]` repeated `n` times along the batch: `[n * batch, ...]`, variant-major."""
-    return tensor if n == 1 else tensor.repeat(n, *(1,) * (tensor.ndim - 1))
-
-
-def _broadcast_rows(tensor: Tensor, n: int) -> Tensor:
-    """A block argument `[batch or 1, ...]` for `n` copies of the batch (one row broadcasts as it is)."""
-    return tensor if tensor.shape[0] == 1 else _repeat_rows(tensor, n)
-
-
-class _KeyValueCache:
-    """Stands in for the model's key/value cache inside its attention layers during a run through the blocks.
-
-    Each attention layer calls `update(keys, values, layer_index)` with the keys and values of the positions it
-    computes (`[rows, n_kv, new_pos, d_head]`, rotary embeddings applied) and attends to what it returns: the kept
-    keys and values of the earlier positions (`prefix[layer_index]`, `[batch, n_kv, start, d_head]`, repeated for
-    the `repeats` variants of a pass) followed by its own. What each layer got back is kept in `seen`.
-    """
-
-    def __init__(self, prefix: dict[int, tuple[Tensor, Tensor]], repeats: int):
-        self.prefix, self.repeats, self.seen = prefix, repeats, {}
-
-    def update(self, keys: Tensor, values: Tensor, layer_index: int, *args, **kwargs):  # noqa: ARG002
-        if layer_index in self.prefix:
-            old_keys, old_values = self.prefix[layer_index]
-            keys = torch.cat([_repeat_rows(old_keys, self.repeats), keys], dim=-2)
-            values = torch.cat([_repeat_rows(old_values, self.repeats), values], dim=-2)
-        self.seen[layer_index] = (keys, values)
-        return keys, values
-
-
-def _block_calls(model, tokens: Tensor, stop_at_layer: int | None = None) -> tuple[list[dict], Tensor]:
-    """The arguments the model passes each block on `tokens`, by name (the hidden states first), and its logits (or,
-    with `stop_at_layer`, only the blocks before it run and the residual stream there is returned)."""
-    calls: list[dict] = []
-
-    def keep(block):
-        names = [name for name, p in inspect.signature(block.original_component.forward).parameters.items()
-                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-
-        def hook(module, args, kwargs):  # noqa: ARG001
-            calls.append({**dict(zip(names, args)), **kwargs})
-
-        return hook
-
-    handles = [block.register_forward_pre_hook(keep(block), with_kwargs=True) for block in model.blocks]
-    try:
-        logits = model(tokens, stop_at_layer=stop_at_layer)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return calls, logits
-
-
-def _suffix_argument(name: str, value, start: int, repeats: int, cache: _KeyValueCache):
-    """A block argument for a run of positions `start:` of `repeats` copies of the batch; raises `_NoFastPath` for
-    an argument it does not know how to cut."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if hasattr(value, "update") and not isinstance(value, Tensor):  # the model's key/value cache
-        return cache
-    if name == "attention_mask" and isinstance(value, Tensor) and value.ndim in (2, 4):
-        return _broadcast_rows(value[:, :, start:] if value.ndim == 4 else value, repeats)  # queries from start
-    if name in ("position_ids", "cache_position") and isinstance(value, Tensor):
-        return _broadcast_rows(value[..., start:], repeats) if value.ndim > 1 else value[start:]
-    if name == "position_embeddings" and isinstance(value, tuple):
-        return tuple(_broadcast_rows(part[:, start:], repeats) for part in value)
-    raise _NoFastPath(f"block argument {name!r} ({type(value).__name__})")
-
-
-def _run_blocks(model, calls: list[dict], hidden: Tensor, first_layer: int, start: int, repeats: int,
-                prefix: dict[int, tuple[Tensor, Tensor]], inputs: list | None = None,
-                last_layer: int | None = None) -> tuple[Tensor, _KeyValueCache]:
-    """Run blocks `first_layer..last_layer` (default: to the end) on `hidden [repeats * batch, pos - start, d_model]`,
-    the residual stream of positions `start:`, attending also to the `prefix` keys and values of positions before
-    `start`. Appends each block's input to `inputs` when given. Returns the last block's output and the cache."""
-    cache = _KeyValueCache(prefix, repeats)
-    last_layer = model.cfg.n_layers - 1 if last_layer is None else last_layer
-    for layer in range(first_layer, last_layer + 1):
-        if inputs is not None:
-            inputs.append(hidden)
-        first, *rest = calls[layer]
-        kwargs = {name: _suffix_argument(name, calls[layer][name], start, repeats, cache) for name in rest}
-        handle = model.blocks[layer].attn.register_forward_pre_hook(_cache_as_past_key_values(cache),
-                                                                    with_kwargs=True)
-        try:
-            output = model.blocks[layer](hidden, **kwargs)
-        finally:
-            handle.remove()
-        hidden = output[0] if isinstance(output, tuple) else output
-    return hidden, cache
-
-
-def _cache_as_past_key_values(cache: _KeyValueCache):
-    """A pre-hook on an attention bridge handing it `cache` as `past_key_values`, where it looks for the cache
-    (transformers 5's Llama and GPT-2 layers pass theirs on as `cache`, which transformer-lens 3.9's bridge ignores)."""
-    def hook(module, args, kwargs):  # noqa: ARG001
-        if any(value is cache for value in kwargs.values()) and "past_key_values" not in kwargs:
-            return args, {**kwargs, "past_key_values": cache}
-        return None
-
-    return hook
-
-
-def _unembed(model, hidden: Tensor, tokens: list[int] | None = None) -> Tensor:
-    """Logits of `hidden [..., d_model]` (the last block's output): every token's, or only `tokens`' (in that order),
-    from the unembedding's rows of those tokens."""
-    if tokens is None:
-        return model.unembed(model.ln_final(hidden))
-    unembed = model.unembed.original_component
-    bias = unembed.bias[tokens] if getattr(unembed, "bias", None) is not None else None
-    return torch.nn.functional.linear(model.ln_final(hidden), unembed.weight[tokens], bias)
-
-
-class _Trace:
-    """An unpatched run of `tokens [batch, pos]` through the blocks, kept to start patched runs from: each block's
-    arguments (`calls`) and input (`inputs[layer]`, `[batch, pos, d_model]`), each attention layer's keys and values
-    (`keys_values`, `[batch, n_kv, pos, d_head]`) and the logits at the `read` positions of the `vocab` tokens read
-    (`[batch, len(read), len(vocab) or d_vocab]`). `recorded`: `_block_calls(model, tokens)`, where already run.
-    Raises `_NoFastPath` when running the blocks this way does not give the model's own logits. Where the
-    unembedding's rows of the tokens read do not give the model's logits of those tokens, every token's logits are
-    computed (and then selected)."""
-
-    def __init__(self, model, tokens: Tensor, read: list[int], vocab: list[int] | None = None,
-                 recorded: tuple[list[dict], Tensor] | None = None):
-        self.model, self.tokens, self.read, self.vocab = model, tokens, read, vocab
-        self.calls, reference = recorded or _block_calls(model, tokens)
-        if len(self.calls) != model.cfg.n_layers:
-            raise _NoFastPath("the model does not call each block once")
-        self.inputs: list[Tensor] = []
-        embedded = next(iter(self.calls[0].values()))
-        hidden, cache = _run_blocks(model, self.calls, embedded, 0, 0, 1, {}, self.inputs)
-        self.keys_values = cache.seen
-        full = _unembed(model, hidden[:, read])
-        if not _close(full, reference[:, read]):
-            raise _NoFastPath("running the blocks directly does not give the model's logits")
-        self.rows_of_vocab = vocab is not None and _close(_unembed(model, hidden[:, read], vocab), full[..., vocab])
-        self.logits = full if vocab is None else full[..., vocab]
-        self.last_mlp_at_read = _close(_unembed(model, self._last_block_at_read()[:, read]), full)
-
-    def _last_mlp_hooks(self, start: int) -> list[tuple[str, Callable]]:
-        """Hooks that run the last block's MLP at the read positions only (those of `start:` run), its output
-        zero elsewhere: the last block's output is then right at the read positions, all the logits need."""
-        layer = self.model.cfg.n_layers - 1
-        rows = [p - start for p in self.read if p >= start]
-        n_new = self.tokens.shape[1] - start
-
-        def cut(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
-            return act[:, rows]
-
-        def put_back(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
-            full = act.new_zeros(act.shape[0], n_new, *act.shape[2:])
-            full[:, rows] = act
-            return full
-
-        return [(f"blocks.{layer}.mlp.hook_in", cut), (f"blocks.{layer}.mlp.hook_out", put_back)]
-
-    def _last_block_at_read(self) -> Tensor:
-        """The last block's output on the unpatched run with its MLP at the read positions only."""
-        layer = self.model.cfg.n_layers - 1
-        with hooks_on(self.model, self._last_mlp_hooks(0)):
-            return _run_blocks(self.model, self.calls, self.inputs[layer], layer, 0, 1, {})[0]
-
-    def _unembed(self, hidden: Tensor) -> Tensor:
-        """The logits the metric reads: of the `vocab` tokens (from their rows, or selected from all), or all."""
-        if self.vocab is None or self.rows_of_vocab:
-            return _unembed(self.model, hidden, self.vocab)
-        return _unembed(self.model, hidden)[..., self.vocab]
-
-    def run(self, first_layer: int, start: int, repeats: int, hooks, last_layer: int | None = None) -> Tensor:
-        """Blocks `first_layer` on, positions `start:` of `repeats` copies of the batch, under `hooks`: the residual
-        stream after `last_layer` (default: the last block), `[repeats * batch, pos - start, d_model]`."""
-        prefix = {index: (keys[:, :, :start], values[:, :, :start])
-                  for index, (keys, values) in self.keys_values.items()} if start else {}
-        hidden = _repeat_rows(self.inputs[first_layer][:, start:], repeats)
-        if last_layer is None and self._narrows_last_mlp(start, hooks):
-            hooks = [*hooks, *self._last_mlp_hooks(start)]
-        with hooks_on(self.model, hooks):
-            return _run_blocks(self.model, self.calls, hidden, first_layer, start, repeats, prefix,
-                               last_layer=last_layer)[0]
-
-    def _narrows_last_mlp(self, start: int, hooks) -> bool:
-        """Whether a run from `start` under `hooks` may compute the last block's MLP at the read positions only:
-        where that gave the model's logits on the unpatched run, some positions of the run are not read, and the
-        hooks in the last block are all before its MLP (`BEFORE_MLP`)."""
-        last = f"blocks.{self.model.cfg.n_layers - 1}."
-        return (self.last_mlp_at_read and sum(p >= start for p in self.read) < self.tokens.shape[1] - start
-                and all(not name.startswith(last) or name.removeprefix(last).startswith(BEFORE_MLP)
-                        for name, _ in hooks))
-
-    def logits_at_read(self, hidden: Tensor, start: int, repeats: int) -> Tensor:
-        """`[repeats * batch, len(read), len(vocab) or d_vocab]`: the read positions before `start` from this run (a
-        patch from `start` on cannot change them), the others unembedded from `hidden` (positions `start:`)."""
-        logits = self.logits.repeat(repeats, 1, 1)
-        late = [i for i, p in enumerate(self.read) if p >= start]
-        if late:
-            logits[:, late] = self._unembed(hidden[:, [self.read[i] - start for i in late]])
-        return logits
-
-
-def _first_hooked_layer(hooks: Sequence[tuple[str, Callable]], n_layers: int) -> int | None:
-    """The first block any of `hooks` sits in (`n_layers` for none); None where a hook is outside `FAST_HOOKS`."""
-    layers = [n_layers]
-    for name, _ in hooks:
-        layer, _, hook = name.removeprefix("blocks.").partition(".")
-        if not name.startswith("blocks.") or hook not in FAST_HOOKS:
-            return None
-        layers.append(int(layer))
-    return min(layers)
-
-
-# ---- clean runs kept between calls: a run under hooks in a late block starts there ---------------------------------
-class _KeptInputs:
-    """What `keep_clean_block_inputs` keeps per batch of tokens: the input of block `layer` and the arguments of
-    the blocks from there on (the other blocks' inputs are dropped: `None`)."""
-
-    def __init__(self, layer: int):
-        self.layer, self.runs = layer, {}
-
-    @staticmethod
-    def key(tokens: Tensor) -> tuple:
-        return tuple(tokens.shape), str(tokens.device), tokens.cpu().numpy().tobytes()
-
-    def keep(self, tokens: Tensor, calls: list[dict]) -> None:
-        hidden_name = next(iter(calls[self.layer]))
-
-        def kept(layer: int, name: str, value):
-            if name == hidden_name and layer != self.layer:
-                return None
-            if hasattr(value, "update") and not isinstance(value, Tensor):   # the run's key/value cache: all of its
-                return _KeyValueCache({}, 1)                                 # keys and values; a replay brings its own
-            return value
-
-        self.runs[self.key(tokens)] = [None] * self.layer + [
-            {name: kept(layer, name, value) for name, value in call.items()}
-            for layer, call in enumerate(calls[self.layer:], start=self.layer)]
-
-    def calls(self, tokens: Tensor) -> list[dict | None] | None:
-        return self.runs.get(self.key(tokens))
-
-
-_KEPT: WeakKeyDictionary = WeakKeyDictionary()
-
-
-def keep_clean_block_inputs(model, layer: int | None) -> None:
-    """From now on, keep each clean run that `replayed_logits` and `replayed_runs` make (and so
-    `ablation.token_losses_each`, `neurons.mlp_activations_each`) at the input of block `layer`, per batch of tokens:
-    a later run of the same tokens whose hooks and reads all sit in block `layer` or after starts there, without
-    re-running the blocks before it (exact: a hook cannot change the blocks before its own). Those two, and
-    `ablation.token_losses`, `neurons.mlp_activations` and `activations`, start there where they can.
-    Notebook 04 keeps the residual stream at its context neuron's layer, where every later ablation starts. Memory:
-    one `[batch, pos, d_model]` tensor per batch seen. `None` drops what was kept; a new `layer` starts afresh."""
-    if layer is None:
-        _KEPT.pop(model, None)
-    elif not 0 <= layer < model.cfg.n_layers:
-        raise ValueError(f"layer must be in [0, {model.cfg.n_layers}), got {layer}")
-    elif model not in _KEPT or _KEPT[model].layer != layer:
-        _KEPT[model] = _KeptInputs(layer)
-
-
-def _kept_calls(model, tokens: Tensor, first: int | None) -> list[dict | None] | None:
-    """The kept clean run of `tokens` where one is kept and every run starts at or after its block (`first`)."""
-    kept = _KEPT.get(model)
-    if kept is None or first is None or first < kept.layer:
-        return None
-    return kept.calls(tokens)
-
-
-def _recorded_calls(model, tokens: Tensor, stop_at_layer: int | None) -> tuple[list[dict], Tensor]:
-    """`_block_calls`, keeping the run (every block's, so it runs to the end) where `keep_clean_block_inputs` asks."""
-    kept = _KEPT.get(model)
-    if kept is None:
-        return _block_calls(model, tokens, stop_at_layer)
-    calls, output = _block_calls(model, tokens)
-    kept.keep(tokens, calls)
-    return calls, output
-
-
-def _start_of(calls: list[dict | None], first: int) -> tuple[int, Tensor]:
-    """Where a run from block `first` starts on `calls`: at `first`, or at the kept block before it."""
-    start = next(layer for layer in range(first, -1, -1) if calls[layer] is not None
-                 and next(iter(calls[layer].values())) is not None)
-    return start, next(iter(calls[start].values()))
-
-
-@torch.no_grad()
-def replayed_logits(model, tokens: Int[Tensor, "batch pos"], variants: Sequence[Sequence[tuple[str, Callable]]],
-                    *, clean: bool = True) -> Iterator[Float[Tensor, "batch pos d_vocab"]]:
-    """The logits of `tokens` without hooks (unless `clean=False`), then under each variant's forward hooks
-    (`[(hook_name, fn)]`, as `model.run_with_hooks` takes them), one `[batch, pos, d_vocab]` tensor at a time.
-
-    A hook cannot change the layers before the block it sits in. So the run without hooks keeps every block's
-    input, and each hooked run starts at its first hooked block from there (the sweeps' replay of the bridge's
-    blocks, see `_Trace`): an ablation in layer 23 of 30 costs 7 blocks, not 30. Where `keep_clean_block_inputs`
-    kept these tokens' clean run, the run without hooks starts there too. A variant with a hook outside the blocks'
-    `FAST_HOOKS`, and every variant of a model whose blocks cannot be replayed (`fast_path`), runs from the embedding.
-    """
-    replay = fast_path(model)
-    firsts = [_first_hooked_layer(hooks, model.cfg.n_layers) if replay else None for hooks in variants]
-    kept = _kept_calls(model, tokens, min((f for f in firsts if f is not None), default=None))
-    if kept is not None:
-        calls = kept
-        if clean:
-            start, hidden = _start_of(kept, model.cfg.n_layers - 1)
-            yield _unembed(model, _run_blocks(model, kept, hidden, start, 0, 1, {})[0])
-    elif clean:
-        calls, logits = _recorded_calls(model, tokens, None)
-        yield logits
-        del logits
-    else:
-        calls, firsts = None, [None] * len(variants)   # nothing to start from: each variant from the embedding
-    for hooks, first in zip(variants, firsts):
-        if first is None or first == model.cfg.n_layers:
-            yield run_with_hooks(model, tokens, fwd_hooks=list(hooks))
-            continue
-        start, hidden = _start_of(calls, first)
-        with hooks_on(model, list(hooks)):
-            final = _run_blocks(model, calls, hidden, start, 0, 1, {})[0]
-        yield _unembed(model, final)
-
-
-@torch.no_grad()
-def replayed_runs(model, tokens: Int[Tensor, "batch pos"], variants: Sequence[Sequence[tuple[str, Callable]]]
-                  ) -> Iterator[int]:
-    """Run `tokens` under each variant's forward hooks in turn, yielding the variant's index once its hooks have
-    fired: for hooks that read activations (a capture) as much as for hooks that write them.
-
-    Blocks past the last one any hook sits in are not run. A shared run without hooks keeps every block's input up
-    to there, and each variant starts at its own first hooked block (see `replayed_logits`): reading layers 24-29
-    under a pin in layer 23 costs one shared pass through block 29 and six blocks per variant; where
-    `keep_clean_block_inputs` kept these tokens' clean run, no shared pass at all. Variants with a hook outside the
-    blocks' `FAST_HOOKS`, and every variant of a model whose blocks cannot be replayed (`fast_path`), run from the
-    embedding.
-    """
-    n_layers = model.cfg.n_layers
-    firsts = [_first_hooked_layer(hooks, n_layers) if fast_path(model) else None for hooks in variants]
-    names = [name for hooks in variants for name, _ in hooks]
-    last = (max(int(name.removeprefix("blocks.").partition(".")[0]) for name in names)
-            if names and all(name.startswith("blocks.") for name in names) else n_layers - 1)
-    stop = last + 1 if last + 1 < n_layers else None
-    calls = None
-    if any(first is not None for first in firsts):
-        calls = (_kept_calls(model, tokens, min(first for first in firsts if first is not None))
-                 or _recorded_calls(model, tokens, stop)[0])
-    for index, (hooks, first) in enumerate(zip(variants, firsts)):
-        if first is None:
-            run_with_hooks(model, tokens, fwd_hooks=list(hooks), return_type=None, stop_at_layer=stop)
-        elif first <= last:
-            start, hidden = _start_of(calls, first)
-            with hooks_on(model, list(hooks)):
-                _run_blocks(model, calls, hidden, start, 0, 1, {}, last_layer=last)
-        yield index
-
-
-def kept_run_available(model, tokens: Tensor, hooks: Sequence[tuple[str, Callable]]) -> bool:
-    """Whether `keep_clean_block_inputs` kept a clean run of `tokens` that a run under `hooks` can start from."""
-    return fast_path(model) and _kept_calls(model, tokens, _first_hooked_layer(hooks, model.cfg.n_layers)) is not None
-
-
-@torch.no_grad()
-def activations(model, tokens: Int[Tensor, "batch pos"], names: Sequence[str],
-                fwd_hooks: Sequence[tuple[str, Callable]] = ()) -> dict[str, Tensor]:
-    """`{name: activation}` at the hook points `names` of the run of `tokens` under `fwd_hooks` (default: the clean
-    run): from the clean run `keep_clean_block_inputs` kept for these tokens where every hook and name is in its
-    block or after (reading layer 29 of 30 then costs one block), or after the prefix `share_prefix` registered
-    where the rows begin with it (the prefix's positions from its one clean run), else `run_with_cache`; none runs
-    past the last block read. A name the run never reaches (`hook_pos_embed` of a model without learned positions)
-    is left out, as `run_with_cache` leaves it."""
-    captured: dict[str, Tensor] = {}
-
-    def capture(name: str) -> Callable:
-        def hook(act: Tensor, hook=None) -> None:  # noqa: ARG001
-            captured[name] = act.detach().clone()
-        return hook
-
-    hooks = [*fwd_hooks, *((name, capture(name)) for name in names)]
-    if kept_run_available(model, tokens, hooks):
-        for _ in replayed_runs(model, tokens, [hooks]):
-            pass
-        return captured
-    shared = _shared_prefix_of(model, tokens)
-    last = layers_needed(names)
-    if shared is not None and last is not None:
-        try:
-            _run_after_prefix(model, shared, tokens, hooks, last_layer=max(0, last - 1))
-            return captured
-        except (_NoFastPath, _PrefixWritten):
-            captured.clear()
-    with hooks_on(model, list(fwd_hooks)):
-        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names, stop_at_layer=last)
-    return {name: cache[name] for name in names if name in cache}
-
-
-class SuffixReplay:
-    """One run of `tokens [batch, pos]` without hooks, kept to rerun only positions `start:` under hooks, each run
-    from its first hooked block (the sweeps' engine, `_Trace`), attending to the kept keys and values of the earlier
-    positions. Exact for hooks that write nothing before `start`; they see activations of positions `start:` only
-    (position `p` at index `p - start`). Raises `ValueError` where the model's blocks cannot be replayed
-    (`fast_path`, or the run does not reproduce the model's logits)."""
-
-    def __init__(self, model, tokens: Int[Tensor, "batch pos"], start: int):
-        if not fast_path(model):
-            raise ValueError("this model's blocks cannot be replayed")
-        try:
-            self.trace = _Trace(model, tokens, list(range(start, tokens.shape[1])))
-        except _NoFastPath as problem:
-            raise ValueError(str(problem)) from problem
-        self.model, self.start = model, start
-
-    @property
-    def clean_logits(self) -> Float[Tensor, "batch suffix d_vocab"]:
-        return self.trace.logits
-
-    def logits(self, hooks: Sequence[tuple[str, Callable]]) -> Float[Tensor, "batch suffix d_vocab"]:
-        """Logits of positions `start:` under `hooks` (names in `FAST_HOOKS`; `ValueError` otherwise)."""
-        first = _first_hooked_layer(hooks, self.model.cfg.n_layers)
-        if first is None:
-            raise ValueError(f"a hook outside the blocks' replayable hook points: {[name for name, _ in hooks]}")
-        if first == self.model.cfg.n_layers:
-            return self.trace.logits
-        hidden = self.trace.run(first, self.start, 1, list(hooks))
-        return self.trace.logits_at_read(hidden, self.start, 1)
-
-
-# ---- a prefix every prompt begins with, run once ------------------------------------------------------------------
-MIN_SHARED_PREFIX = 8  # tokens: a shorter prefix saves less than running it separately costs
-PREFIX_TOLERANCE = 1e-4  # a hook may change the shared positions by this fraction of the activation's largest value
-
-
-class _PrefixWritten(Exception):
-    """A hook changed an activation at the shared prefix's positions: the run must start at the embedding."""
-
-
-class _SharedPrefix:
-    """The clean run of one row of prefix tokens `[n]`, kept so that runs of prompts that begin with it compute only
-    the positions after it: each attention layer's keys and values (`keys_values[layer]`, `[1, n_kv, n, d_head]`),
-    the last block's output (`final`, `[1, n, d_model]`), the clean activation at each hook point a run has hooked
-    (`activations`, `[1, n, ...]`, recorded on first use) and, per prompt length, the block arguments of one prompt
-    (`templates`, None where running that way does not give the model's logits)."""
-
-    def __init__(self, model, prefix: Int[Tensor, " n"]):
-        self.model, self.tokens = model, prefix
-        self.calls, _ = _block_calls(model, prefix[None])
-        self.embedded = next(iter(self.calls[0].values()))
-        self.final, cache = _run_blocks(model, self.calls, self.embedded, 0, 0, 1, {})
-        self.keys_values = cache.seen
-        self.activations: dict[str, Tensor] = {}
-        self.templates: dict[int, list[dict] | None] = {}
-
-    @torch.no_grad()
-    def activation(self, names: Sequence[str]) -> dict[str, Tensor]:
-        """`{name: [1, n, ...]}` the clean prefix's activations at `names` (hook points inside the blocks)."""
-        missing = [name for name in dict.fromkeys(names) if name not in self.activations]
-        if missing:
-            def capture(name: str) -> Callable:
-                def hook(act: Tensor, hook=None) -> None:  # noqa: ARG001
-                    self.activations[name] = act.detach().clone()
-                return hook
-
-            with hooks_on(self.model, [(name, capture(name)) for name in missing]):
-                _run_blocks(self.model, self.calls, self.embedded, 0, 0, 1, {})
-        return {name: self.activations[name] for name in names}
-
-    @torch.no_grad()
-    def template(self, tokens: Tensor) -> list[dict] | None:
-        """The block arguments of the first prompt of `tokens [batch, pos]` (one per prompt length), where running its
-        positions after the prefix from them gives the model's logits; None where it does not."""
-        length = tokens.shape[1]
-        if length not in self.templates:
-            calls, logits = _block_calls(self.model, tokens[:1])
-            final = _run_blocks(self.model, calls, next(iter(calls[0].values()))[:, len(self.tokens):], 0,
-                                len(self.tokens), 1, self.keys_values)[0]
-            suffix = _unembed(self.model, final)
-            self.templates[length] = calls if _close(suffix, logits[:, len(self.tokens):]) else None
-        return self.templates[length]
-
-
-_SHARED_PREFIX: WeakKeyDictionary = WeakKeyDictionary()
-
-
-@torch.no_grad()
-def share_prefix(model, prefix: Int[Tensor, " n"] | None) -> int:
-    """From now on, `hooked_logits` runs prompts that all begin with `prefix` (token ids, e.g. few-shot examples
-    before every arithmetic prompt) from the end of one clean run of it: only the positions after it are computed,
-    attending to its kept keys and values. Exact where the hooks leave the prefix's positions as they are (up to
-    `PREFIX_TOLERANCE`: a mean over prompts that share the prefix is its clean value); a run whose hook changes them
-    runs again from the embedding. Returns the length shared: 0 (nothing kept) for `None`, a prefix shorter than
-    `MIN_SHARED_PREFIX`, or a model whose blocks cannot be replayed (`fast_path`)."""
-    _SHARED_PREFIX.pop(model, None)
-    if prefix is None or len(prefix) < MIN_SHARED_PREFIX or not fast_path(model):
-        return 0
-    _SHARED_PREFIX[model] = _SharedPrefix(model, torch.as_tensor(prefix).to(device_of(model)))
-    return len(prefix)
-
-
-class _BlockInput(Exception):
-    """Raised by a pre-hook on block 0 once it holds the block's input: the embedding is all that was needed."""
-
-    def __init__(self, call: dict):
-        self.call = call
-
-
-def _block_input(model, tokens: Tensor) -> dict:
-    """Block 0's arguments on `tokens`, by name (the residual stream first), under the hooks already on (those
-    outside the blocks, e.g. `hook_embed`); no block runs."""
-    names = [name for name, p in inspect.signature(model.blocks[0].original_component.forward).parameters.items()
-             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-
-    def stop(module, args, kwargs):  # noqa: ARG001
-        raise _BlockInput({**dict(zip(names, args)), **kwargs})
-
-    handle = model.blocks[0].register_forward_pre_hook(stop, with_kwargs=True)
-    try:
-        model(tokens)
-    except _BlockInput as reached:
-        return reached.call
-    finally:
-        handle.remove()
-    raise _NoFastPath("the model did not call its first block")
-
-
-def _same_for_every_row(call: dict, template: dict) -> bool:
-    """Whether block 0's tensor arguments of a batch (apart from the residual stream) are the template prompt's."""
-    for name, value in list(call.items())[1:]:
-        values = zip(value, template[name]) if isinstance(value, tuple) else [(value, template.get(name))]
-        for mine, theirs in values:
-            if isinstance(mine, Tensor) and not (isinstance(theirs, Tensor) and mine.shape[1:] == theirs.shape[1:]
-                                                 and torch.equal(mine, theirs.expand_as(mine))):
-                return False
-    return True
-
-
-def _after_prefix(fn: Callable, clean: Tensor, n: int) -> Callable:
-    """Hook `fn` on a run of the positions after an `n`-token prefix: it sees the prompt's whole activation (the
-    clean prefix, `clean [1, n, ...]`, then the run's positions) and must leave the prefix's positions as they are."""
-    def wrapped(act: Tensor, hook=None) -> Tensor:
-        whole = torch.cat([clean.expand(len(act), *clean.shape[1:]).to(act.dtype), act], dim=1)
-        out = fn(whole, hook=hook)
-        out = whole if out is None else out
-        if out.shape != whole.shape:
-            raise _PrefixWritten(f"a hook changed the shape of {tuple(whole.shape)}")
-        with torch.no_grad():
-            if not torch.equal(out[:, :n], whole[:, :n]):
-                scale = float(clean.abs().max().clamp(min=1e-12))
-                if float((out[:, :n] - whole[:, :n]).abs().max()) > PREFIX_TOLERANCE * scale:
-                    raise _PrefixWritten("a hook changed the shared prefix")
-        return out[:, n:].contiguous()
-
-    return wrapped
-
-
-def _run_after_prefix(model, shared: _SharedPrefix, tokens: Tensor, fwd_hooks: Sequence[tuple[str, Callable]],
-                      last_layer: int | None = None) -> Tensor | None:
-    """The logits of `tokens [batch, pos]`, which begin with `shared`'s prefix, under `fwd_hooks`, computing only the
-    positions after the prefix (raises `_NoFastPath` or `_PrefixWritten` where that cannot give the model's run).
-    With `last_layer`, the blocks after it and the unembedding do not run, and nothing is returned."""
-    n = len(shared.tokens)
-    inside = [(name, hook) for name, hook in fwd_hooks if name.startswith("blocks.")]
-    if any(name.endswith(QUERY_AXIS_HOOKS) for name, _ in inside):
-        raise _NoFastPath("a hook on an attention pattern")
-    template = shared.template(tokens)
-    if template is None:
-        raise _NoFastPath("running after the prefix does not give the model's logits")
-    clean = shared.activation([name for name, _ in inside])
-    with hooks_on(model, [(name, hook) for name, hook in fwd_hooks if not name.startswith("blocks.")]):
-        call = _block_input(model, tokens)
-        if not _same_for_every_row(call, template[0]):
-            raise _NoFastPath("the prompts' block arguments differ (padding?)")
-        with hooks_on(model, [(name, _after_prefix(hook, clean[name], n)) for name, hook in inside]):
-            final, cache = _run_blocks(model, template, next(iter(call.values()))[:, n:], 0, n, len(tokens),
-                                       shared.keys_values, last_layer=last_layer)
-        if len(cache.seen) != (model.cfg.n_layers if last_layer is None else last_layer + 1):
-            raise _NoFastPath("an attention layer did not use the prefix's keys and values")
-        if last_layer is not None:
-            return None
-        final = torch.cat([shared.final.expand(len(tokens), -1, -1).to(final.dtype), final], dim=1)
-        return _unembed(model, final)
-
-
-def hooked_logits(model, tokens: Int[Tensor, "batch pos"], fwd_hooks: Sequence[tuple[str, Callable]] = ()
-                  ) -> Float[Tensor, "batch pos_read d_vocab"]:
-    """`components.run_with_hooks(model, tokens, fwd_hooks)`, computing only the positions after the prefix that
-    `share_prefix` registered where every prompt begins with it (see there): a few-shot prefix of 24 tokens before
-    4-token prompts then costs a seventh of the run. Hooks see each prompt's whole activation, prefix included;
-    gradients do not reach the prefix's positions (its run's activations are constants). Elsewhere, and where a
-    hook changes the prefix, the whole run from the embedding."""
-    shared = _shared_prefix_of(model, tokens)
-    if shared is not None:
-        try:
-            return _run_after_prefix(model, shared, tokens, fwd_hooks)
-        except (_NoFastPath, _PrefixWritten):
-            pass
-    return run_with_hooks(model, tokens, fwd_hooks=list(fwd_hooks))
-
-
-def _sources_match_prefix(model, tokens: Tensor, sources: dict[str, Tensor]) -> bool:
-    """Whether a run of `tokens` starts after a shared prefix and `sources` (activations of other prompts, by hook
-    name inside the blocks) hold its clean activations at its positions: a difference there is then 0, and the
-    gradient a run after the prefix does not compute at those positions is not needed."""
-    shared = _shared_prefix_of(model, tokens)
-    if shared is None or not all(name.startswith("blocks.") and not name.endswith(QUERY_AXIS_HOOKS)
-                                 for name in sources):
-        return False
-    n, clean = len(shared.tokens), shared.activation(list(sources))
-    return all(float((source[:, :n] - clean[name].to(source.dtype)).abs().max())
-               <= PREFIX_TOLERANCE * float(clean[name].abs().max().clamp(min=1e-12))
-               for name, source in sources.items())
-
-
-def _shared_prefix_of(model, tokens: Tensor) -> _SharedPrefix | None:
-    """The prefix `share_prefix` registered for `model` where every row of `tokens` begins with it and goes on."""
-    shared = _SHARED_PREFIX.get(model)
-    n = 0 if shared is None else len(shared.tokens)
-    if n and tokens.shape[1] > n and bool((tokens[:, :n] == shared.tokens.to(tokens.device)).all()):
-        return shared
-    return None
-
-
-def _fast_path_problem(model) -> str | None:
-    """Why this model's blocks cannot be run from a layer and a position exactly (None: they can). A probe on two
-    rows of six tokens: every start (layer, position) in a few must give the logits of the full run."""
-    if getattr(model.cfg, "attention_dir", "causal") != "causal":
-        return "attention is not causal"
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, model.cfg.d_vocab, (2, 6), generator=generator).to(device_of(model))
-    try:
-        trace = _Trace(model, tokens, list(range(6)))
-        for layer, start in [(0, 3), (model.cfg.n_layers - 1, 5), (model.cfg.n_layers // 2, 1)]:
-            hidden = trace.run(layer, start, 2, [])
-            if not _close(trace.logits_at_read(hidden, start, 2), _repeat_rows(trace.logits, 2)):
-                return f"a run from layer {layer}, position {start} does not give the full run's logits"
-    except _NoFastPath as problem:
-        return str(problem)
-    except Exception as error:  # noqa: BLE001 - any failure of the probe means: not this way
-        return f"{type(error).__name__}: {error}"
-    return None
-
-
-@torch.no_grad()
-def fast_path(model) -> bool:
-    """Whether sweeps on `model` start each patched run at its patch (probed once per model, see `_Trace`); where
-    not, they run every variant from the embedding, as before, and say why once."""
-    if model not in _FAST_PATH:
-        problem = _fast_path_problem(model)
-        if problem is not None:
-            architecture = getattr(model.cfg, "architecture", None) or type(model).__name__
-            warnings.warn(f"patching on {architecture} runs each variant from the embedding (slower): {problem}")
-        _FAST_PATH[model] = problem is None
-    return _FAST_PATH[model]
-
-
 def _position_axis(name: str) -> int:
     """The position axis of a hook's activation, after the batch: the query axis of patterns and scores."""
     return 1 if name.endswith(QUERY_AXIS_HOOKS) else 0
@@ -1140,9 +472,9 @@ def _run_from_starts(model, tokens: Tensor, sources: dict[str, Tensor], variants
     metric's reads from), then each pass runs the variants that share a start (layer, position) from there, with the
     trace's keys and values for the earlier positions."""
     batch, n_pos, n_layers = tokens.shape[0], tokens.shape[1], model.cfg.n_layers
-    recorded = _block_calls(model, tokens)
+    recorded = block_calls(model, tokens)
     metric = learn_reads(metric, [recorded[1], *other_runs])
-    trace = _Trace(model, tokens, _read_positions(metric, n_pos), _read_tokens(metric), recorded)
+    trace = Trace(model, tokens, _read_positions(metric, n_pos), _read_tokens(metric), recorded)
 
     def per_pass(start: int) -> int:
         return max(1, (max_rows or _rows_per_pass(model, n_pos, start, len(trace.read))) // batch)
@@ -1151,7 +483,7 @@ def _run_from_starts(model, tokens: Tensor, sources: dict[str, Tensor], variants
     for layer, start, chunk in tqdm(_passes(model, starts, batch, n_pos, per_pass), disable=not progress,
                                     desc="patching", mininterval=1.0):
         if layer == n_layers:  # no sites: the unpatched run
-            logits = _repeat_rows(trace.logits, len(chunk))
+            logits = repeat_rows(trace.logits, len(chunk))
         else:
             by_hook: dict[str, list[tuple[int, tuple]]] = defaultdict(list)
             for slot, v in enumerate(chunk):
@@ -1166,9 +498,10 @@ def _run_from_starts(model, tokens: Tensor, sources: dict[str, Tensor], variants
 
 
 @torch.no_grad()
-def run_patched_variants(model, tokens: Tensor, sources: dict[str, Tensor], variants: Sequence[Variant],
-                         metric: Metric, *, other_runs: Sequence[Tensor] = (), max_rows: int | None = None,
-                         progress: bool = False) -> Tensor:
+def run_patched_variants(model, tokens: Int[Tensor, "batch pos"], sources: dict[str, Tensor],
+                         variants: Sequence[Variant], metric: Metric, *,
+                         other_runs: Sequence[Float[Tensor, "batch pos vocab"]] = (), max_rows: int | None = None,
+                         progress: bool = False) -> Float[Tensor, " variant"]:
     """The metric for each variant, where a variant is a list of `(hook_name, index)` sites written from `sources`.
 
     tokens `[batch, pos]` (the run being patched); sources `{hook_name: [batch, ...]}` (the values written, e.g. a
@@ -1192,7 +525,7 @@ def run_patched_variants(model, tokens: Tensor, sources: dict[str, Tensor], vari
         try:
             results[fast] = _run_from_starts(model, tokens, sources, [variants[v] for v in fast],
                                              [starts[v] for v in fast], metric, other_runs, max_rows, progress)
-        except _NoFastPath as problem:
+        except NoFastPath as problem:
             warnings.warn(f"patching these tokens runs each variant from the embedding (slower): {problem}")
             fast = []
     slow = sorted(set(range(len(variants))) - set(fast))
@@ -1297,7 +630,7 @@ def _cached_logits(model, cache, metric: Metric) -> list[Tensor]:
     """The logits of a cached run `[batch, pos, vocab]` to check a plain metric's learned reads on, where the cache
     holds the last residual stream (else none; none for a metric that declares its reads)."""
     final = hook_name("resid_post", model.cfg.n_layers - 1)
-    return [_unembed(model, cache[final])] if final in cache and not isinstance(metric, PositionalMetric) else []
+    return [logits_of(model, cache[final])] if final in cache and not isinstance(metric, PositionalMetric) else []
 
 
 def run_sweep(model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, metric: Metric, sweep: Sweep, *,
@@ -1374,40 +707,44 @@ def heads_every_sweep(model, by_position: bool, positions: Sequence[int]) -> Swe
     return Sweep([site for part in parts for site in part.sites], arrange)
 
 
-def act_patch_layer_pos(model, corrupted_tokens: Tensor, clean_cache, metric: Metric, hook: str = "resid_pre", *,
-                        positions: Sequence[int] | None = None, max_rows: int | None = None,
-                        progress: bool = False) -> Tensor:
+def act_patch_layer_pos(model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, metric: Metric,
+                        hook: str = "resid_pre", *, positions: Sequence[int] | None = None,
+                        max_rows: int | None = None, progress: bool = False) -> Float[Tensor, "layer pos"]:
     """Patch one (layer, position) of `blocks.{L}.hook_{hook}` at a time ("resid_pre", "resid_mid", "resid_post",
     "attn_out", "mlp_out"): `[n_layers, pos]` (or `[n_layers, len(positions)]`)."""
     sweep = layer_pos_sweep(model, [hook], _positions(corrupted_tokens, positions))
     return run_sweep(model, corrupted_tokens, clean_cache, metric, sweep, max_rows=max_rows, progress=progress).values
 
 
-def act_patch_resid_pre(model, corrupted_tokens, clean_cache, metric, **kwargs) -> Tensor:
+def act_patch_resid_pre(model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, metric: Metric,
+                        **kwargs) -> Float[Tensor, "layer pos"]:
     """`[n_layers, pos]`; equals `transformer_lens.patching.get_act_patch_resid_pre`."""
     return act_patch_layer_pos(model, corrupted_tokens, clean_cache, metric, "resid_pre", **kwargs)
 
 
-def act_patch_attn_out(model, corrupted_tokens, clean_cache, metric, **kwargs) -> Tensor:
+def act_patch_attn_out(model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, metric: Metric,
+                       **kwargs) -> Float[Tensor, "layer pos"]:
     """`[n_layers, pos]`; equals `transformer_lens.patching.get_act_patch_attn_out`."""
     return act_patch_layer_pos(model, corrupted_tokens, clean_cache, metric, "attn_out", **kwargs)
 
 
-def act_patch_mlp_out(model, corrupted_tokens, clean_cache, metric, **kwargs) -> Tensor:
+def act_patch_mlp_out(model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, metric: Metric,
+                      **kwargs) -> Float[Tensor, "layer pos"]:
     """`[n_layers, pos]`; equals `transformer_lens.patching.get_act_patch_mlp_out`."""
     return act_patch_layer_pos(model, corrupted_tokens, clean_cache, metric, "mlp_out", **kwargs)
 
 
-def act_patch_block_every(model, corrupted_tokens, clean_cache, metric, *, positions: Sequence[int] | None = None,
-                          max_rows: int | None = None, progress: bool = False) -> Tensor:
+def act_patch_block_every(model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, metric: Metric, *,
+                          positions: Sequence[int] | None = None, max_rows: int | None = None,
+                          progress: bool = False) -> Float[Tensor, "3 layer pos"]:
     """`[3, n_layers, pos]`: resid_pre, attn_out, mlp_out (like `get_act_patch_block_every`), in one sweep."""
     sweep = layer_pos_sweep(model, BLOCK_HOOKS, _positions(corrupted_tokens, positions))
     return run_sweep(model, corrupted_tokens, clean_cache, metric, sweep, max_rows=max_rows, progress=progress).values
 
 
-def act_patch_heads(model, corrupted_tokens: Tensor, clean_cache, metric: Metric, site: str = "z", *,
-                    by_position: bool = False, positions: Sequence[int] | None = None, max_rows: int | None = None,
-                    progress: bool = False) -> Tensor:
+def act_patch_heads(model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, metric: Metric, site: str = "z",
+                    *, by_position: bool = False, positions: Sequence[int] | None = None,
+                    max_rows: int | None = None, progress: bool = False) -> Float[Tensor, "layer ..."]:
     """Patch each head's `site` ("z" = head output, "q", "k", "v", "pattern").
 
     All positions at once: `[n_layers, n_heads]`. By position: `[n_layers, pos, n_heads]` for q/k/v/z and
@@ -1420,8 +757,9 @@ def act_patch_heads(model, corrupted_tokens: Tensor, clean_cache, metric: Metric
     return run_sweep(model, corrupted_tokens, clean_cache, metric, sweep, max_rows=max_rows, progress=progress).values
 
 
-def act_patch_heads_every(model, corrupted_tokens: Tensor, clean_cache, metric: Metric, *,
-                          by_position: bool = False, max_rows: int | None = None, progress: bool = False) -> Tensor:
+def act_patch_heads_every(model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, metric: Metric, *,
+                          by_position: bool = False, max_rows: int | None = None,
+                          progress: bool = False) -> Float[Tensor, "site layer ..."]:
     """`[5, n_layers, n_heads]` for output (z), q, k, v, pattern over all positions (one sweep), like
     `get_act_patch_attn_head_all_pos_every`; with `by_position`, `[4, n_layers, pos, n_heads]` for z, q, k, v
     (the first four of `get_act_patch_attn_head_by_pos_every`).
@@ -1434,9 +772,9 @@ def act_patch_heads_every(model, corrupted_tokens: Tensor, clean_cache, metric: 
     return run_sweep(model, corrupted_tokens, clean_cache, metric, sweep, max_rows=max_rows, progress=progress).values
 
 
-def patch_components(model, corrupted_tokens: Tensor, clean_cache, metric: Metric,
+def patch_components(model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, metric: Metric,
                      variants: Sequence[Sequence[Component]], site: str | None = None, *,
-                     max_rows: int | None = None, progress: bool = False) -> Tensor:
+                     max_rows: int | None = None, progress: bool = False) -> Float[Tensor, " variant"]:
     """Patch whole sets of components at once (e.g. candidate circuits): `[len(variants)]`. Heads are query heads;
     at "k" or "v" under grouped-query attention a head patches the key/value head it reads (`kv_head`)."""
     as_sites = [[_component_site(model, c, site) for c in v] for v in variants]
@@ -1449,12 +787,12 @@ def patch_components(model, corrupted_tokens: Tensor, clean_cache, metric: Metri
 # ---- path patching ------------------------------------------------------------------------------------------------
 class _Runner:
     """Patched runs of `repeats` copies of `tokens [batch, pos]` under hooks, from a start (layer, position) where
-    `fast_path(model)` (an unpatched `_Trace` to start from), else from the embedding (every start is then (0, 0))."""
+    `fast_path(model)` (an unpatched `Trace` to start from), else from the embedding (every start is then (0, 0))."""
 
     def __init__(self, model, tokens: Tensor, read: list[int], vocab: list[int] | None = None,
                  recorded: tuple[list[dict], Tensor] | None = None):
         self.model, self.tokens, self.read, self.vocab = model, tokens, read, vocab
-        self.trace = _Trace(model, tokens, read, vocab, recorded) if fast_path(model) else None
+        self.trace = Trace(model, tokens, read, vocab, recorded) if fast_path(model) else None
 
     def start(self, layer: int, position: int) -> tuple[int, int]:
         return (layer, position) if self.trace is not None else (0, 0)
@@ -1476,7 +814,7 @@ class _Runner:
         """`[repeats * batch, len(read), len(vocab) or d_vocab]` of a run from (`layer`, `start`) under `hooks`."""
         if self.trace is not None:
             if layer >= self.model.cfg.n_layers:
-                return _repeat_rows(self.trace.logits, repeats)
+                return repeat_rows(self.trace.logits, repeats)
             return self.trace.logits_at_read(self.trace.run(layer, start, repeats, hooks), start, repeats)
         logits = run_with_hooks(self.model, self.tokens.repeat(repeats, 1), fwd_hooks=hooks)[:, self.read]
         return logits if self.vocab is None else logits[..., self.vocab]
@@ -1574,11 +912,12 @@ def _path_pass(runner: _Runner, caches: tuple, sender_sets: list, sender_positio
 
 
 @torch.no_grad()
-def path_patch(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Metric,
-               receivers: Sequence[Component], receiver_site: str = "k",
+def path_patch(model, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
+               metric: Metric, receivers: Sequence[Component], receiver_site: str = "k",
                senders: Sequence[Sequence[Component]] | None = None, *,
                sender_positions: Sequence[int] | None = None, freeze_mlps: bool = False, clean_cache=None,
-               corrupted_cache=None, max_rows: int | None = None, progress: bool = False) -> Tensor:
+               corrupted_cache=None, max_rows: int | None = None, progress: bool = False
+               ) -> Float[Tensor, "..."]:
     """Path patching from senders to receiver heads' `receiver_site` ("q", "k" or "v") inputs.
 
     For each sender set: (pass C) run the clean tokens with every head's output frozen to its clean value except the
@@ -1606,7 +945,7 @@ def path_patch(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Me
     sender_sets, grid_shape = _sender_sets(model, senders)
     caches = _path_caches(model, clean_tokens, corrupted_tokens, clean_cache, corrupted_cache)
     batch, n_pos = clean_tokens.shape
-    recorded = _block_calls(model, clean_tokens) if fast_path(model) else None
+    recorded = block_calls(model, clean_tokens) if fast_path(model) else None
     if recorded is not None:
         metric = learn_reads(metric, [recorded[1]])
     runner = _Runner(model, clean_tokens, _read_positions(metric, n_pos), _read_tokens(metric), recorded)
@@ -1640,15 +979,15 @@ def _read_metric(model, metric: Metric, logits: Tensor, final_resid: Tensor) -> 
     if not isinstance(metric, PositionalMetric):
         return value
     read = _read_positions(metric, final_resid.shape[1])
-    narrow = metric.read(_unembed(model, final_resid[:, read], _read_tokens(metric)))
-    return narrow if _close(narrow.detach(), value.detach()) else value
+    narrow = metric.read(logits_of(model, final_resid[:, read], _read_tokens(metric)))
+    return narrow if equal_up_to_rounding(narrow.detach(), value.detach()) else value
 
 
 def _attribution(model, sources: dict[str, Tensor], tokens: Tensor, metric: Metric, names: Sequence[str]
                  ) -> tuple[float, dict[str, Tensor]]:
     """The metric of the run on `tokens` and, per hook name, `(sources[name] - act) * d metric / d act` summed over
     the batch (one forward and one backward pass; after a shared prefix, where one is registered and `sources` hold
-    its clean activations, so that its positions count 0: `share_prefix`). Where the model does not read
+    its clean activations, so that its positions count 0: `replay.share_prefix`). Where the model does not read
     `hook_pattern` back (`pattern_route` "z"), a pattern's gradient is taken through `z = pattern @ v`."""
     names = list(dict.fromkeys(names))
     rerouted = [name for name in names if _is_pattern(name)]
@@ -1670,7 +1009,7 @@ def _attribution(model, sources: dict[str, Tensor], tokens: Tensor, metric: Metr
     hooks = [(name, keep(name)) for name in kept]
     if final not in kept:
         hooks.append((final, keep(final)))
-    after_prefix = _sources_match_prefix(model, tokens, {name: sources[name] for name in names})
+    after_prefix = sources_match_prefix(model, tokens, {name: sources[name] for name in names})
     with torch.enable_grad():
         logits = hooked_logits(model, tokens, hooks) if after_prefix else run_with_hooks(model, tokens, fwd_hooks=hooks)
         value = _read_metric(model, metric, logits, acts[final])
@@ -1686,8 +1025,8 @@ def _attribution(model, sources: dict[str, Tensor], tokens: Tensor, metric: Metr
     return float(value), out
 
 
-def attribution_patch(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Metric,
-                      hook_names: Sequence[str]) -> dict[str, Tensor]:
+def attribution_patch(model, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
+                      metric: Metric, hook_names: Sequence[str]) -> dict[str, Tensor]:
     """First-order estimate of patching each activation element from the clean into the corrupted run.
 
     Returns `{hook_name: (clean_act - corrupted_act) * d metric / d act}` summed over the batch, shape
@@ -1703,15 +1042,17 @@ def attribution_patch(model, clean_tokens: Tensor, corrupted_tokens: Tensor, met
     return _attribution(model, _sources(clean_cache, names), corrupted_tokens, metric, names)[1]
 
 
-def attribution_patch_layer_pos(model, clean_tokens, corrupted_tokens, metric, hook: str = "resid_pre") -> Tensor:
+def attribution_patch_layer_pos(model, clean_tokens: Int[Tensor, "batch pos"],
+                                corrupted_tokens: Int[Tensor, "batch pos"], metric: Metric, hook: str = "resid_pre"
+                                ) -> Float[Tensor, "layer pos"]:
     """Attribution-patching estimate for `blocks.{L}.hook_{hook}` per (layer, position): `[n_layers, pos]`."""
     names = [hook_name(hook, layer) for layer in range(model.cfg.n_layers)]
     out = attribution_patch(model, clean_tokens, corrupted_tokens, metric, names)
     return torch.stack([out[name].sum(-1) for name in names])
 
 
-def attribution_patch_heads(model, clean_tokens, corrupted_tokens, metric, site: str = "z",
-                            by_position: bool = False) -> Tensor:
+def attribution_patch_heads(model, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
+                            metric: Metric, site: str = "z", by_position: bool = False) -> Float[Tensor, "layer ..."]:
     """Attribution-patching estimate per head: `[n_layers, n_heads]`, or by position `[n_layers, pos, n_heads]`
     (q/k/v/z) / `[n_layers, n_heads, dest_pos]` (pattern). Under grouped-query attention "k" and "v" have one
     column per key/value head, `[n_layers, n_kv]` / `[n_layers, pos, n_kv]`, as `act_patch_heads`."""
@@ -1729,8 +1070,9 @@ def attribution_patch_heads(model, clean_tokens, corrupted_tokens, metric, site:
     return torch.stack(rows)
 
 
-def attribution_patch_neurons(model, clean_tokens, corrupted_tokens, metric, by_position: bool = False,
-                              layers: Sequence[int] | None = None) -> Tensor:
+def attribution_patch_neurons(model, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
+                              metric: Metric, by_position: bool = False, layers: Sequence[int] | None = None
+                              ) -> Float[Tensor, "layer ... d_mlp"]:
     """Attribution-patching estimate per MLP neuron (`blocks.{L}.mlp.hook_post`): `[n_layers, d_mlp]`, or
     `[n_layers, pos, d_mlp]` by position (rows follow `layers` when given)."""
     layers = range(model.cfg.n_layers) if layers is None else layers
@@ -1740,7 +1082,7 @@ def attribution_patch_neurons(model, clean_tokens, corrupted_tokens, metric, by_
 
 
 # ---- metrics ------------------------------------------------------------------------------------------------------
-def normalised_logit_diff(answer_tokens: Tensor, clean_value: float, corrupted_value: float,
+def normalised_logit_diff(answer_tokens: Int[Tensor, "batch 2"], clean_value: float, corrupted_value: float,
                           pos: int = -1) -> Metric:
     """`metric(logits)` = (mean logit difference - corrupted) / (clean - corrupted): 1 = clean, 0 = corrupted.
 

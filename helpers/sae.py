@@ -35,7 +35,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from helpers.components import device_of, hooks_on, layers_needed, run_with_hooks, unembed_only_at
-from helpers.patching import SuffixReplay
+from helpers.replay import SuffixReplay
 
 Hook = Callable[[Tensor, object], Tensor]
 HooksFor = Callable[[Tensor, Tensor], list]  # (rows, positions of those rows) -> [(hook_name, hook)]
@@ -459,7 +459,7 @@ def logits_at_each(model, tokens: Int[Tensor, "batch seq"], positions: Int[Tenso
     """`logits_at` under each of `variants` (None: the clean model), for interventions at each prompt's predicting
     position only (as `at_positions` builds them): such a hook changes nothing before that position, so per chunk
     of similar length the prompts run once without hooks, and each variant reruns only the positions from the
-    chunk's first predicting position on, from its first hooked block (`patching.SuffixReplay`); its
+    chunk's first predicting position on, from its first hooked block (`replay.SuffixReplay`); its
     `hooks_for(rows, positions)` gets the positions counted from there. Where a chunk or a variant cannot be
     replayed, it runs as `logits_at` runs it."""
     outs = [torch.empty(len(tokens), model.cfg.d_vocab) for _ in variants]

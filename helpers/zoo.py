@@ -103,10 +103,18 @@ def revision_dir(name: str, revision: str) -> Path:
 
 
 def checkpoint_dir(name: str) -> Path:
-    """The folder that holds the checkpoint of zoo model `name`, recovered first if a killed save stranded it."""
+    """The folder that holds the checkpoint of zoo model `name`. A read: nothing is moved or deleted (a checkpoint a
+    killed save stranded is put back by the next save, or `python -m helpers.zoo repair NAME`; see `stranded`)."""
     if name not in ZOO:
         raise KeyError(f"unknown zoo model {name!r}; the zoo has: {', '.join(names())}")
-    return recover_stranded(MODELS_DIR / name)
+    return MODELS_DIR / name
+
+
+def stranded(folder: Path) -> Path | None:
+    """The whole copy a killed save left beside a missing checkpoint `folder` (`.NAME-old-PID`, the newest), which
+    `recover_stranded` would move back; None where `folder` exists or nothing was left."""
+    olds = sorted(_leftovers(Path(folder), r"old-\d+"), key=_last_touched)
+    return olds[-1] if olds and not Path(folder).exists() else None
 
 
 def _leftovers(folder: Path, suffix: str) -> list[Path]:
@@ -258,6 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m helpers.zoo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the zoo")
+    repair_parser = sub.add_parser("repair", help="put back a checkpoint a killed save stranded, drop leftovers")
+    repair_parser.add_argument("name", choices=names())
     train_parser = sub.add_parser("train", help="retrain one toy model")
     train_parser.add_argument("name", choices=names())
     train_parser.add_argument("--out", type=Path, default=None, help="write here instead of data/models/<name>")
@@ -269,6 +279,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "list":
         for model in ZOO.values():
             print(f"{model.name:16s} {model.architecture:22s} stands in for {model.stands_in_for}: {model.task}")
+        return
+    if args.command == "repair":
+        print(f"{args.name}: {recover_stranded(checkpoint_dir(args.name))}")
         return
     start = time.perf_counter()
     folder = train(args.name, args.out, args.seed)

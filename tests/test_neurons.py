@@ -239,10 +239,10 @@ def test_activations_under_each_variant_equal_separate_runs(architecture, tiny_c
 
 @pytest.mark.parametrize("architecture", ["gpt_neox", "gpt2", "llama", "gpt_neo"])
 def test_runs_from_a_kept_clean_run_skip_the_blocks_before_it_and_change_nothing(architecture, tiny_checkpoint):
-    """With clean runs kept at block 1 (`patching.keep_clean_block_inputs`), runs of the same tokens under hooks
+    """With clean runs kept at block 1 (`replay.keep_clean_block_inputs`), runs of the same tokens under hooks
     in block 1 start there: block 0 is not run again, and the losses and activations equal runs from the embedding.
     A hook in block 0 runs from the embedding."""
-    from helpers import patching
+    from helpers import replay
     from helpers.ablation import neuron_value_hooks, token_losses, token_losses_each
     from helpers.models import load_model
 
@@ -254,11 +254,11 @@ def test_runs_from_a_kept_clean_run_skip_the_blocks_before_it_and_change_nothing
     expected = [neurons.mlp_activations(model, tokens, [1], fwd_hooks=hooks) for hooks in [*late, early]]
     read = ["blocks.1.hook_resid_post", "blocks.1.mlp.hook_post"]
     clean = model.run_with_cache(tokens, names_filter=lambda name: name in read)[1]
-    for name, act in patching.activations(model, tokens, read).items():   # nothing kept: from the embedding
+    for name, act in replay.activations(model, tokens, read).items():   # nothing kept: from the embedding
         torch.testing.assert_close(act, clean[name])
     block_0_runs = []
     handle = model.blocks[0].register_forward_hook(lambda *args: block_0_runs.append(1))
-    patching.keep_clean_block_inputs(model, 1)
+    replay.keep_clean_block_inputs(model, 1)
     try:
         torch.testing.assert_close(token_losses_each(model, tokens, late), expected_losses)   # keeps the clean run
         before = len(block_0_runs)
@@ -270,17 +270,17 @@ def test_runs_from_a_kept_clean_run_skip_the_blocks_before_it_and_change_nothing
         for acts, alone in zip(each, expected):
             torch.testing.assert_close(acts[1], alone[1], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(token_losses(model, tokens, late[1]), expected_losses[2], rtol=1e-5, atol=1e-5)
-        for name, act in patching.activations(model, tokens, read).items():
+        for name, act in replay.activations(model, tokens, read).items():
             torch.testing.assert_close(act, clean[name], rtol=1e-5, atol=1e-5)
         assert len(block_0_runs) == before
-        kept = patching._KEPT[model].calls(tokens)   # one [batch, pos, d_model] input kept, no key/value cache
+        kept = replay._KEPT[model].calls(tokens)   # one [batch, pos, d_model] input kept, no key/value cache
         assert [name for call in kept if call for name, v in call.items() if isinstance(v, torch.Tensor)
                 and v.shape == (3, 8, model.cfg.d_model)] == [next(iter(kept[1]))]
         assert not any(type(v).__name__ == "DynamicCache" for call in kept if call for v in call.values())
         torch.testing.assert_close(neurons.mlp_activations(model, tokens, [1], fwd_hooks=early)[1], expected[2][1])
         assert len(block_0_runs) > before
         with pytest.raises(ValueError, match="layer"):
-            patching.keep_clean_block_inputs(model, model.cfg.n_layers)
+            replay.keep_clean_block_inputs(model, model.cfg.n_layers)
     finally:
-        patching.keep_clean_block_inputs(model, None)
+        replay.keep_clean_block_inputs(model, None)
         handle.remove()

@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformer_lens.patching as tl_patching
 
-from helpers import patching
+from helpers import patching, replay
 from helpers.attribution import logit_diff
 from helpers.components import Component
 from helpers.models import load_model
@@ -178,7 +178,7 @@ def test_every_architecture_takes_the_fast_path(setup, tl_block_every, monkeypat
     """The sweeps above compare the fast engine with TransformerLens: no variant of a resid or head sweep runs from
     the embedding (GPT-Neo's patterns do, through hook_z)."""
     _, model, _, corrupted, cache, metric = setup
-    assert patching.fast_path(model)
+    assert replay.fast_path(model)
 
     def refuse(*args, **kwargs):
         raise AssertionError("a variant ran from the embedding")
@@ -194,25 +194,25 @@ def test_the_last_block_runs_its_mlp_only_where_the_metric_reads(setup):
     or a hook sits after the last MLP."""
     _, model, _, corrupted, _, _ = setup
     n_pos, last = corrupted.shape[1], model.cfg.n_layers - 1
-    trace = patching._Trace(model, corrupted, [n_pos - 1])
+    trace = replay.Trace(model, corrupted, [n_pos - 1])
     assert trace.last_mlp_at_read
     assert trace._narrows_last_mlp(2, [(f"blocks.{last}.hook_resid_pre", None), (f"blocks.{last}.attn.hook_z", None)])
     for after in ("hook_mlp_out", "mlp.hook_post", "hook_resid_post"):
         assert not trace._narrows_last_mlp(2, [(f"blocks.{last}.{after}", None)])
-    assert not patching._Trace(model, corrupted, list(range(n_pos)))._narrows_last_mlp(0, [])
+    assert not replay.Trace(model, corrupted, list(range(n_pos)))._narrows_last_mlp(0, [])
 
 
 def test_without_the_fast_path_it_warns_once_and_gives_the_same(setup, tl_block_every, monkeypatch):
     arch, model, _, corrupted, cache, metric = setup
-    monkeypatch.setattr(patching, "_fast_path_problem", lambda model: "planted for the test")
-    monkeypatch.delitem(patching._FAST_PATH, model, raising=False)  # probed already if an earlier test ran here
+    monkeypatch.setattr(replay, "_fast_path_problem", lambda model: "planted for the test")
+    monkeypatch.delitem(replay._FAST_PATH, model, raising=False)  # probed already if an earlier test ran here
     with pytest.warns(UserWarning, match="planted for the test"):
         got = patching.act_patch_block_every(model, corrupted, cache, metric)
     _assert_equal(got, tl_block_every)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         patching.act_patch_resid_pre(model, corrupted, cache, metric)
-    monkeypatch.delitem(patching._FAST_PATH, model, raising=False)  # probed again for the tests after this one
+    monkeypatch.delitem(replay._FAST_PATH, model, raising=False)  # probed again for the tests after this one
 
 
 def test_a_metric_is_given_only_the_positions_it_reads(setup):
@@ -240,7 +240,7 @@ def test_path_patching_fast_equals_from_the_embedding(setup, monkeypatch):
     receivers = [Component.head(1, 0), Component.head(0, 1), Component.head(1, 2, position=2)]
     fast = {site: patching.path_patch(model, clean, corrupted, metric, receivers, site, sender_positions=[2, 1])
             for site in ("k", "v")}
-    monkeypatch.setitem(patching._FAST_PATH, model, False)
+    monkeypatch.setitem(replay._FAST_PATH, model, False)
     for site, value in fast.items():
         slow = patching.path_patch(model, clean, corrupted, metric, receivers, site, sender_positions=[2, 1])
         assert torch.allclose(value, slow, atol=ATOL), site
@@ -558,81 +558,3 @@ def test_a_sweep_without_screening_patches_every_site(setup, tl_block_every):
     with pytest.raises(ValueError, match="exact_top=0"):
         patching.run_sweep(model, corrupted, cache, metric, sweep, exact_top=0)
 
-
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_runs_after_a_shared_prefix_equal_whole_runs_and_compute_only_the_prompt(architecture, tiny_checkpoint):
-    """With a prefix registered (`patching.share_prefix`), `hooked_logits` of prompts that begin with it equals the
-    whole run under hooks that leave the prefix as it is (mean ablation over prompts sharing it, neurons zeroed from
-    the prompt on, reads at one position) and computes only the prompt's positions; a hook that changes the prefix
-    (neurons zeroed everywhere), prompts without the prefix and a prefix too short to share run whole."""
-    from helpers.ablation import ablation_hooks, neuron_mask_hooks, reference_activations
-    from helpers.components import run_with_hooks, unembed_only_at
-
-    model = load_model(tiny_checkpoint(architecture), device="cpu")
-    generator = torch.Generator().manual_seed(3)
-    prefix = torch.randint(0, model.cfg.d_vocab, (10,), generator=generator)
-    prompts = torch.randint(0, model.cfg.d_vocab, (5, 4), generator=generator)
-    tokens = torch.cat([prefix.repeat(5, 1), prompts], dim=1)
-    components = [Component.head(1, 2), Component.mlp(0), Component.neuron(1, 3)]
-    means = reference_activations(model, tokens, components, "mean")
-    mask = {1: torch.arange(model.cfg.d_mlp) < 5}
-    leave_prefix = {"clean": [], "mean ablation": ablation_hooks(components, "mean", means),
-                    "neurons from the prompt": neuron_mask_hooks(mask, None, from_position=10),
-                    "read at one position": unembed_only_at(model, torch.full((5,), 12))}
-    positions_run = []
-    handle = model.blocks[1].register_forward_pre_hook(lambda module, args: positions_run.append(args[0].shape[1]))
-    assert patching.share_prefix(model, prefix[:patching.MIN_SHARED_PREFIX - 1]) == 0
-    try:
-        assert patching.share_prefix(model, prefix) == 10
-        patching.hooked_logits(model, tokens, [])   # the first run of a prompt length also checks one prompt
-        for name, hooks in leave_prefix.items():
-            expected = run_with_hooks(model, tokens, hooks)
-            positions_run.clear()
-            torch.testing.assert_close(patching.hooked_logits(model, tokens, hooks), expected, rtol=1e-4, atol=1e-5,
-                                       msg=name)
-            assert positions_run[-1] == 4 and set(positions_run) <= {4, 10}, name   # + the prefix's clean reads
-        zeroed = neuron_mask_hooks(mask, None)
-        changed = patching.hooked_logits(model, tokens, zeroed)
-        torch.testing.assert_close(changed, run_with_hooks(model, tokens, zeroed))
-        assert not torch.allclose(changed, run_with_hooks(model, tokens, []))
-        other = tokens.flip(1)
-        expected = model(other)
-        positions_run.clear()
-        torch.testing.assert_close(patching.hooked_logits(model, other, []), expected)
-        assert positions_run == [14]
-    finally:
-        patching.share_prefix(model, None)
-        handle.remove()
-
-
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_attribution_after_a_shared_prefix_equals_the_whole_run(architecture, tiny_checkpoint):
-    """Attribution patching of prompts that share a registered prefix equals the whole run's, whether the clean
-    prompts share it too (run after the prefix, whose positions count 0) or not (run whole)."""
-    model = load_model(tiny_checkpoint(architecture), device="cpu")
-    generator = torch.Generator().manual_seed(4)
-    prefix = torch.randint(0, model.cfg.d_vocab, (10,), generator=generator)
-    prompts = [torch.randint(0, model.cfg.d_vocab, (4, 4), generator=generator) for _ in range(2)]
-    corrupted = torch.cat([prefix.repeat(4, 1), prompts[0]], dim=1)
-    cleans = {"same prefix": torch.cat([prefix.repeat(4, 1), prompts[1]], dim=1),
-              "other prefix": torch.randint(0, model.cfg.d_vocab, (4, 14), generator=generator)}
-    answers = torch.randint(0, model.cfg.d_vocab, (4, 2), generator=generator)
-    metric = patching.PositionalMetric([-1], lambda logits: (logits[:, 0].gather(1, answers)
-                                                              @ torch.tensor([1.0, -1.0])).mean())
-    names = [Component.neuron(1, 0).hook_name(), Component.head(0, 0).hook_name()]
-    expected = {label: patching.attribution_patch(model, clean, corrupted, metric, names)
-                for label, clean in cleans.items()}
-    positions_run = []
-    handle = model.blocks[1].register_forward_pre_hook(lambda module, args: positions_run.append(args[0].shape[1]))
-    patching.share_prefix(model, prefix)
-    try:
-        for label, clean in cleans.items():
-            positions_run.clear()
-            after = patching.attribution_patch(model, clean, corrupted, metric, names)
-            for name in names:
-                torch.testing.assert_close(after[name], expected[label][name], rtol=1e-4, atol=1e-6,
-                                           msg=f"{label}, {name}")
-            assert (4 in positions_run) == (label == "same prefix"), label
-    finally:
-        patching.share_prefix(model, None)
-        handle.remove()

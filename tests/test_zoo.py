@@ -65,14 +65,22 @@ def strand(folder):
     return new
 
 
-def test_checkpoint_dir_recovers_a_checkpoint_stranded_by_a_kill(tmp_path, monkeypatch):
+def test_reads_never_move_or_delete_and_repair_recovers_a_checkpoint_stranded_by_a_kill(tmp_path, monkeypatch):
+    from helpers import models
+
     monkeypatch.setattr(zoo, "MODELS_DIR", tmp_path)
     new = strand(tmp_path / "toy-stories")
+    before = sorted(p.name for p in tmp_path.iterdir())
     folder = zoo.checkpoint_dir("toy-stories")
-    assert (folder / "config.json").read_text() == "old"
+    assert zoo.stranded(folder).name == ".toy-stories-old-99999"
+    with pytest.raises(models.ModelNotFoundError, match="python -m helpers.zoo repair toy-stories"):
+        models.load_model("toy-stories")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before                 # the reads left everything
+    zoo.main(["repair", "toy-stories"])
+    assert (folder / "config.json").read_text() == "old" and zoo.stranded(folder) is None
     assert sorted(p.name for p in tmp_path.iterdir()) == [new.name, "toy-stories"]  # a young temp may be a live save
     age(new)
-    zoo.checkpoint_dir("toy-stories")
+    zoo.main(["repair", "toy-stories"])
     assert [p.name for p in tmp_path.iterdir()] == ["toy-stories"]
 
 
