@@ -40,8 +40,8 @@ The heuristic scheme (digest §4.H), with the seed's inconsistencies resolved ON
   frequent results among the neuron's top `multi_value_top` KV pairs, scored like every other heuristic.
 A neuron "implements" H when its score >= the threshold (0.6 in the paper).
 
-Knockouts (paper §4.2) ablate neurons at every position with zero ablation (labelled as such; the seed's docstrings
-said "mean") or mean ablation; "unrelated" prompts exclude every related prompt, baselines are measured, neurons of
+Knockouts (paper §4.2) ablate neurons at every position from `from_position` on (default every one; after worked
+examples, the prompt's) with zero ablation (labelled as such; the seed's docstrings said "mean") or mean ablation; "unrelated" prompts exclude every related prompt, baselines are measured, neurons of
 a prompt are ranked by their classification score (paper) and the random control draws per layer from the top
 neurons NOT associated with the prompt (paper), never more than exist.
 """
