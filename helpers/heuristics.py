@@ -41,9 +41,10 @@ The heuristic scheme (digest §4.H), with the seed's inconsistencies resolved ON
 A neuron "implements" H when its score >= the threshold (0.6 in the paper).
 
 Knockouts (paper §4.2) ablate neurons at every position from `from_position` on (default every one; after worked
-examples, the prompt's) with zero ablation (labelled as such; the seed's docstrings said "mean") or mean ablation; "unrelated" prompts exclude every related prompt, baselines are measured, neurons of
-a prompt are ranked by their classification score (paper) and the random control draws per layer from the top
-neurons NOT associated with the prompt (paper), never more than exist.
+examples, the prompt's) with zero ablation (labelled as such; the seed's docstrings said "mean") or mean ablation;
+"unrelated" prompts exclude every related prompt, baselines are measured, neurons of a prompt are ranked by their
+classification score (paper) and the random control draws per layer from the top neurons NOT associated with the
+prompt (paper), never more than exist.
 """
 from __future__ import annotations
 
@@ -580,14 +581,8 @@ def neuron_answer_logits(model, neurons: Sequence[Neuron], answer_ids: Int[Tenso
                          ) -> Float[Tensor, "n_neurons N"]:
     """The logit lens of each neuron's value vector at each prompt's answer token: `(W_out[l, n] @ W_U)[answer]`,
     `[n_neurons, N]`, from the unembedding's columns of the answers alone."""
-    answer_ids = torch.as_tensor(answer_ids).long()
-    if not len(neurons):
-        return torch.zeros(0, len(answer_ids))
-    answers, column = answer_ids.unique(return_inverse=True)
-    W_U, W_out = model.W_U, model.W_out   # the bridge stacks W_out anew on each access: once here
-    W_U = W_U[:, answers.to(W_U.device)].float()                                        # [d_model, n_answers]
-    values = torch.stack([W_out[layer, neuron] for layer, neuron in neurons]).float()   # [n_neurons, d_model]
-    return (values @ W_U).cpu()[:, column]
+    answers, column = torch.as_tensor(answer_ids).long().unique(return_inverse=True)
+    return value_logits(model, neurons, answers)[:, column]
 
 
 def kv_maps(model, k_maps: Float[Tensor, "n_neurons N"], neurons: Sequence[Neuron], answer_ids: Int[Tensor, "N"]

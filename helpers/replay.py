@@ -75,6 +75,12 @@ class _KeyValueCache:
         return keys, values
 
 
+def _argument_names(block) -> list[str]:
+    """The names of a block's positional arguments, to record a call's arguments by name."""
+    return [name for name, p in inspect.signature(block.original_component.forward).parameters.items()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
 def block_calls(model, tokens: Int[Tensor, "batch pos"], stop_at_layer: int | None = None
                 ) -> tuple[list[dict], Float[Tensor, "batch pos ..."]]:
     """The arguments the model passes each block on `tokens`, by name (the hidden states first), and its logits (or,
@@ -82,8 +88,7 @@ def block_calls(model, tokens: Int[Tensor, "batch pos"], stop_at_layer: int | No
     calls: list[dict] = []
 
     def keep(block):
-        names = [name for name, p in inspect.signature(block.original_component.forward).parameters.items()
-                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        names = _argument_names(block)
 
         def hook(module, args, kwargs):  # noqa: ARG001
             calls.append({**dict(zip(names, args)), **kwargs})
@@ -552,8 +557,7 @@ class _BlockInput(Exception):
 def _block_input(model, tokens: Tensor) -> dict:
     """Block 0's arguments on `tokens`, by name (the residual stream first), under the hooks already on (those
     outside the blocks, e.g. `hook_embed`); no block runs."""
-    names = [name for name, p in inspect.signature(model.blocks[0].original_component.forward).parameters.items()
-             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = _argument_names(model.blocks[0])
 
     def stop(module, args, kwargs):  # noqa: ARG001
         raise _BlockInput({**dict(zip(names, args)), **kwargs})
@@ -589,10 +593,8 @@ def _after_prefix(fn: Callable, clean: Tensor, n: int) -> Callable:
         if out.shape != whole.shape:
             raise _PrefixWritten(f"a hook changed the shape of {tuple(whole.shape)}")
         with torch.no_grad():
-            if not torch.equal(out[:, :n], whole[:, :n]):
-                scale = float(clean.abs().max().clamp(min=1e-12))
-                if float((out[:, :n] - whole[:, :n]).abs().max()) > PREFIX_TOLERANCE * scale:
-                    raise _PrefixWritten("a hook changed the shared prefix")
+            if not torch.equal(out[:, :n], whole[:, :n]) and not _within_tolerance(out[:, :n], clean):
+                raise _PrefixWritten("a hook changed the shared prefix")
         return out[:, n:].contiguous()
 
     return wrapped
@@ -651,9 +653,14 @@ def sources_match_prefix(model, tokens: Int[Tensor, "batch pos"], sources: dict[
                                  for name in sources):
         return False
     n, clean = len(shared.tokens), shared.activation(list(sources))
-    return all(float((source[:, :n] - clean[name].to(source.dtype)).abs().max())
-               <= PREFIX_TOLERANCE * float(clean[name].abs().max().clamp(min=1e-12))
-               for name, source in sources.items())
+    return all(_within_tolerance(source[:, :n], clean[name]) for name, source in sources.items())
+
+
+def _within_tolerance(value: Tensor, clean: Tensor) -> bool:
+    """Whether `value` (rows of a prefix's activation) is the prefix's `clean [1, ...]` activation up to
+    `PREFIX_TOLERANCE` of its largest value."""
+    scale = float(clean.abs().max().clamp(min=1e-12))
+    return float((value - clean.to(value.dtype)).abs().max()) <= PREFIX_TOLERANCE * scale
 
 
 def _shared_prefix_of(model, tokens: Tensor) -> _SharedPrefix | None:

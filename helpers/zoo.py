@@ -145,12 +145,13 @@ def recover_stranded(folder: Path) -> Path:
     comes second fails, the checkpoint in place stays whole, and a writer that lost the race raises.
     """
     folder = Path(folder)
-    olds = sorted(_leftovers(folder, r"old-\d+"), key=_last_touched)
-    if olds and not folder.exists():
+    left = stranded(folder)
+    if left is not None:
         try:
-            olds.pop().rename(folder)
+            left.rename(folder)
         except OSError:
             pass  # a live writer moved its new checkpoint in first
+    olds = [old for old in _leftovers(folder, r"old-\d+") if old != left]
     cutoff = time.time() - STALE_AFTER_S
     stale = [tmp for tmp in _leftovers(folder, "[a-z0-9_]{8}") if _last_touched(tmp) < cutoff]
     for leftover in olds + stale:
