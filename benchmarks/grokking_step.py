@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from helpers.models import build_native_model, resolve_device
+from helpers.models.load import build_native_model, resolve_device
 from helpers.tasks.modular import last_position_loss, make_data
-from helpers.zoo import grokking_transformer_config
+from helpers.models.zoo import grokking_transformer_config
 
 CONFIGS = {"default (p=31, frac 0.5)": (31, 0.5), "full scale (p=113, frac 0.3)": (113, 0.3)}
 

@@ -1,4 +1,4 @@
-"""Benchmark: the project's patching engine (`helpers.patching`) against TransformerLens's loop
+"""Benchmark: the project's patching engine (`helpers.techniques.patching`) against TransformerLens's loop
 (`transformer_lens.patching`) on the same model, prompts and metric, in one run.
 
 Three sweeps, each timed for TransformerLens and for ours twice, interleaved (TL, ours declared, ours plain, TL, ...)
@@ -22,8 +22,8 @@ plain one.
     python benchmarks/patching_sweep.py --models pythia-70m --n-prompts 4 --random-shapes 8x12
     python benchmarks/patching_sweep.py --models pythia-410m --device cuda --n-prompts 104
 
-`pythia-70m` and `pythia-410m` are the real-size checkpoints of `helpers.realsize` (real configs and tokenizer,
-random weights; built once with `python -m helpers.realsize build NAME`); any other name goes to `load_model`.
+`pythia-70m` and `pythia-410m` are the real-size checkpoints of `helpers.sources.realsize` (real configs and tokenizer,
+random weights; built once with `python -m helpers.sources.realsize build NAME`); any other name goes to `load_model`.
 """
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ SWEEPS = ("resid by layer x pos", "heads by pos", "heads all pos")
 
 
 def _load(name: str, device: str):
-    from helpers import realsize
-    from helpers.models import load_model
+    from helpers.sources import realsize
+    from helpers.models.load import load_model
 
     if name in realsize.REAL_CONFIGS:
         return load_model(str(realsize.build_checkpoint(name)), device=device)
@@ -51,7 +51,7 @@ def _sweeps(model, tokens, cache, metrics):
     """`{sweep: (ours(metric), theirs, number of patches)}`: the calls of each sweep."""
     import transformer_lens.patching as tl_patching
 
-    from helpers import patching
+    from helpers.techniques import patching
 
     cfg, n_pos, plain = model.cfg, tokens.shape[1], metrics["plain"]
     return {
@@ -103,8 +103,8 @@ def _random_batch(model, shape: str, seed: int):
 
 def _metrics(answers):
     """The logit difference at the last position, declared (a `PositionalMetric`) and plain."""
-    from helpers import patching
-    from helpers.attribution import logit_diff
+    from helpers.techniques import patching
+    from helpers.techniques.dla import logit_diff
 
     def plain(logits):
         return logit_diff(logits, answers)
@@ -147,7 +147,7 @@ def benchmark(name: str, device: str, n_prompts: int, random_shapes: list[str], 
 
 def _attribution_row(model, clean_tokens, corrupted_tokens, metrics, device: str, repeats: int) -> None:
     """Attribution patching with the metric's declared reads against the plain metric (every logit)."""
-    from helpers import patching
+    from helpers.techniques import patching
 
     calls = {which: (lambda m=m: patching.attribution_patch_heads(model, clean_tokens, corrupted_tokens, m,
                                                                   by_position=True))

@@ -24,11 +24,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from realscale_context_neuron import print_table, timed  # noqa: E402  (the same timer, sampler, table)
 
-from helpers import arithmetic_circuit as AC  # noqa: E402
-from helpers import heuristics as H  # noqa: E402
-from helpers import replay  # noqa: E402
-from helpers.ablation import CircuitEvaluator, circuit_universe, normalized_logits, reference_activations  # noqa: E402
-from helpers.models import load_model  # noqa: E402
+from helpers.studies import arithmetic_circuit as AC  # noqa: E402
+from helpers.studies import heuristics as H  # noqa: E402
+from helpers.techniques import replay  # noqa: E402
+from helpers.techniques.ablation import CircuitEvaluator, circuit_universe, normalized_logits, reference_activations  # noqa: E402
+from helpers.models.load import load_model  # noqa: E402
 from helpers.tasks import arithmetic as task  # noqa: E402
 
 FLOORS = {  # step: what its floor counts

@@ -3,7 +3,7 @@
     python benchmarks/realscale_context_neuron.py [--model smollm2-135m-instruct] [--n-docs 60] [--max-tokens 96]
                                                   [--batch-size 20]
 
-Real German and English paragraphs (`helpers.realdata`, fetched by `make fixtures`) are tokenised as the notebook
+Real German and English paragraphs (`helpers.sources.realdata`, fetched by `make fixtures`) are tokenised as the notebook
 tokenises them. The floor of a step is the number of forward passes over both languages' documents it cannot do
 without (listed in `FLOORS`), times the wall time of one plain `model(tokens)` pass over them, timed first in the
 same run. Ratio = ours / floor. Peak memory is the largest resident set size sampled (every 10 ms) during the step:
@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from helpers import context_neuron, neurons, ngrams
-from helpers.components import Component
-from helpers.models import load_model
+from helpers.studies import context_neuron, ngrams
+from helpers.techniques import neurons
+from helpers.core.components import Component
+from helpers.models.load import load_model
 from helpers.tasks import bilingual
 
 FLOORS = {  # step: (forward passes over both languages' documents it needs, what they are)

@@ -21,10 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from realscale_context_neuron import print_table, timed  # noqa: E402  (the same timer, sampler, table)
 
-from helpers import quote_features as Q  # noqa: E402
-from helpers import sae as S  # noqa: E402
-from helpers.components import hook_name  # noqa: E402
-from helpers.models import load_model  # noqa: E402
+from helpers.studies import quote_features as Q  # noqa: E402
+from helpers.techniques import sae as S  # noqa: E402
+from helpers.core.components import hook_name  # noqa: E402
+from helpers.models.load import load_model  # noqa: E402
 from helpers.tasks.stories import closing_quote_prompts, generate_stories, pack_tokens  # noqa: E402
 
 FLOORS = {  # step: what its floor counts

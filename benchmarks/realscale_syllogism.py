@@ -21,9 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from realscale_context_neuron import timed  # noqa: E402  (the same timer and memory sampler)
 
-from helpers import attribution, circuit_levels, eap, patching  # noqa: E402
-from helpers.components import Component  # noqa: E402
-from helpers.models import load_model  # noqa: E402
+from helpers.techniques import dla, circuit_levels, eap, patching  # noqa: E402
+from helpers.core.components import Component  # noqa: E402
+from helpers.models.load import load_model  # noqa: E402
 from helpers.tasks import syllogisms  # noqa: E402
 
 FLOORS = {  # step: what its floor counts
@@ -71,8 +71,8 @@ def main() -> None:
     data = syllogisms.sample_pairs(state["filtered"], args.n_prompts, seed=0)
     clean, corrupted, answers = data.clean_tokens, data.corrupted_tokens, data.answers
     clean_logits, clean_cache = model.run_with_cache(clean)
-    clean_ld = attribution.logit_diff(clean_logits, answers).item()
-    metric = patching.normalised_logit_diff(answers, clean_ld, attribution.logit_diff(model(corrupted), answers).item())
+    clean_ld = dla.logit_diff(clean_logits, answers).item()
+    metric = patching.normalised_logit_diff(answers, clean_ld, dla.logit_diff(model(corrupted), answers).item())
 
     def forward_backward():
         with torch.enable_grad():
@@ -94,8 +94,8 @@ def main() -> None:
         print(f"{name}: {result.describe()}; a full exact sweep's floor: {len(sweep.sites)} passes, "
               f"{len(sweep.sites) * unit:.0f} s")
 
-    head_dla = attribution.head_attribution(model, clean_cache, answers)
-    movers = [Component.head(l, h, -1) for (l, h), _ in attribution.top_components(head_dla, 3)]
+    head_dla = dla.head_attribution(model, clean_cache, answers)
+    movers = [Component.head(l, h, -1) for (l, h), _ in dla.top_components(head_dla, 3)]
     receivers = [Component.head(m.layer, m.index, p) for m in movers for p in range(clean.shape[1])]
     last = max(m.layer for m in movers)
 

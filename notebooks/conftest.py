@@ -1,4 +1,4 @@
-"""nbval compares the checked cells' numbers within a tolerance (`helpers.checked_outputs` states it).
+"""nbval compares the checked cells' numbers within a tolerance (`helpers.notebook.checked_outputs` states it).
 
 Each stdout stream a checked cell printed is aligned with the committed stream before nbval's own comparison: a
 number within tolerance of the committed one is written as the committed one, so nbval passes it; any other
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from nbval.plugin import IPyNbCell
 
-from helpers.checked_outputs import align_outputs
+from helpers.notebook.checked_outputs import align_outputs
 
 
 def _compare_within_tolerance(item: IPyNbCell):

@@ -31,7 +31,7 @@ def build_tiny_checkpoint(architecture: str, folder: Path, *, d_model: int = 32,
     from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoConfig, GPTNeoForCausalLM, GPTNeoXConfig,
                               GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM)
 
-    from helpers.zoo import save_hf_checkpoint, train_bpe_tokenizer
+    from helpers.models.zoo import save_hf_checkpoint, train_bpe_tokenizer
 
     tokenizer = train_bpe_tokenizer(TOKENIZER_TEXTS, vocab_size, add_bos=architecture == "llama")
     vocab = len(tokenizer)
@@ -80,7 +80,7 @@ SYLLOGISM_PROMPTS = ["All cats are red, not blue. Kittens are", "All cats are bl
 @pytest.fixture(scope="session")
 def syllogism_batch(tiny_checkpoint):
     """`(model, tokens, answers)`: the tiny GPT-NeoX, four syllogism prompts and `[4, 2]` answer/distractor ids."""
-    from helpers.models import load_model
+    from helpers.models.load import load_model
 
     model = load_model(tiny_checkpoint("gpt_neox"), device="cpu")
     tokens = model.to_tokens(SYLLOGISM_PROMPTS)
@@ -92,9 +92,9 @@ def build_tiny_arithmetic(folder: Path, embed_scale: float = 1.0):
     """`(model, tokenizer)`: a tiny random Llama (2 layers, 4 query heads over 2 key/value heads, d_mlp 64) on the
     arithmetic toy's tokenizer (numbers 0..999 single tokens), saved to `folder` and loaded through `load_model`.
     `embed_scale` multiplies the token embeddings (an untrained init is ~0.02 per dimension)."""
-    from helpers.models import load_model
-    from helpers.toys.arithmetic import build_model, build_tokenizer
-    from helpers.zoo import save_hf_checkpoint
+    from helpers.models.load import load_model
+    from helpers.models.recipes.arithmetic import build_model, build_tokenizer
+    from helpers.models.zoo import save_hf_checkpoint
 
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

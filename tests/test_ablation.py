@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import ablation
-from helpers.attribution import logit_diff
-from helpers.components import Component
+from helpers.techniques import ablation
+from helpers.techniques.dla import logit_diff
+from helpers.core.components import Component
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_head_value_hooks_pin_one_head_from_a_position(setup):
 
 
 def test_losses_from_logits_equal_cross_entropy_whatever_the_chunk(monkeypatch):
-    from helpers import ablation
+    from helpers.techniques import ablation
 
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 7, 11, generator=generator)
@@ -126,7 +126,7 @@ def test_losses_from_logits_equal_cross_entropy_whatever_the_chunk(monkeypatch):
 
 @pytest.mark.parametrize("architecture", ["gpt_neox", "gpt2", "llama", "gpt_neo"])
 def test_token_losses_each_equal_separate_hooked_runs(architecture, tiny_checkpoint, monkeypatch):
-    from helpers.models import load_model
+    from helpers.models.load import load_model
 
     model = load_model(tiny_checkpoint(architecture), device="cpu")
     tokens = torch.randint(0, model.cfg.d_vocab, (5, 9), generator=torch.Generator().manual_seed(0))
@@ -170,7 +170,7 @@ def planted(request, tiny_checkpoint, tmp_path_factory):
 
     from transformers import AutoModelForCausalLM
 
-    from helpers.models import load_model
+    from helpers.models.load import load_model
 
     architecture = request.param
     source = tiny_checkpoint(architecture)
@@ -199,7 +199,7 @@ def planted(request, tiny_checkpoint, tmp_path_factory):
 
 
 def test_planted_circuit_is_exactly_faithful_and_dead_heads_are_empty(planted):
-    from helpers.components import all_mlps
+    from helpers.core.components import all_mlps
 
     model, tokens, answers, reference = planted
     evaluate = ablation.CircuitEvaluator(model, tokens, ablation.normalized_logits(answers),

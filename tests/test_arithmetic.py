@@ -69,7 +69,7 @@ def test_mean_ablation_prompts_cover_all_operators_including_undefined():
 
 
 def test_toy_tokenizer_numbers_are_single_tokens(tmp_path):
-    from helpers.toys.arithmetic import build_tokenizer
+    from helpers.models.recipes.arithmetic import build_tokenizer
 
     tokenizer = build_tokenizer()
     assert task.max_single_token_number(tokenizer) == 999
@@ -92,9 +92,9 @@ def test_toy_tokenizer_numbers_are_single_tokens(tmp_path):
 
 
 def test_toy_tokenizer_through_the_bridge(tmp_path):
-    from helpers.models import load_model
-    from helpers.toys.arithmetic import build_model, build_tokenizer
-    from helpers.zoo import save_hf_checkpoint
+    from helpers.models.load import load_model
+    from helpers.models.recipes.arithmetic import build_model, build_tokenizer
+    from helpers.models.zoo import save_hf_checkpoint
 
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
@@ -114,7 +114,7 @@ def test_toy_tokenizer_through_the_bridge(tmp_path):
 
 
 def test_head_penalty_is_a_group_lasso_over_heads():
-    from helpers.toys import arithmetic as recipe
+    from helpers.models.recipes import arithmetic as recipe
 
     tokenizer = recipe.build_tokenizer()
     model = recipe.build_model(tokenizer, seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -1,4 +1,4 @@
-"""The circuit-localisation steps of the arithmetic study (helpers.arithmetic_circuit) on a tiny random Llama:
+"""The circuit-localisation steps of the arithmetic study (helpers.studies.arithmetic_circuit) on a tiny random Llama:
 IE maps against hand-made patches, rankings, the circuit search, probes on planted labels, top-k curves whose end
 points are known, early-MLP token responses, and the seeds derived from one."""
 from __future__ import annotations
@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import arithmetic_circuit as AC
-from helpers.ablation import CircuitEvaluator, normalized_logits
-from helpers.components import Component, all_mlps
+from helpers.studies import arithmetic_circuit as AC
+from helpers.techniques.ablation import CircuitEvaluator, normalized_logits
+from helpers.core.components import Component, all_mlps
 from helpers.tasks import arithmetic as task
 
 

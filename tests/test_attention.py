@@ -1,17 +1,17 @@
-"""Head views (helpers.attention) against the model's own cache, on every test architecture; the OV circuit by hand
+"""Head views (helpers.techniques.attention) against the model's own cache, on every test architecture; the OV circuit by hand
 under grouped-query attention."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from helpers.attention import attention_from_last, mean_patterns, ov_transition
+from helpers.techniques.attention import attention_from_last, mean_patterns, ov_transition
 from tests.conftest import ARCHITECTURES, SYLLOGISM_PROMPTS
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)
 def model_and_tokens(request, tiny_checkpoint):
-    from helpers.models import load_model
+    from helpers.models.load import load_model
 
     model = load_model(tiny_checkpoint(request.param), device="cpu")
     return model, model.to_tokens(SYLLOGISM_PROMPTS)

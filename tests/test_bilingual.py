@@ -51,7 +51,7 @@ def test_language_neutral_words_and_shared_prefixes_occur_in_both_languages():
 
 
 def test_long_german_words_are_multi_token_for_a_small_bpe():
-    from helpers.zoo import train_bpe_tokenizer
+    from helpers.models.zoo import train_bpe_tokenizer
 
     docs = bilingual.generate_corpus(600, seed=0)
     tokenizer = train_bpe_tokenizer([d.text for d in docs], 512)
@@ -95,7 +95,7 @@ def test_code_switching_inserts_foreign_noun_phrases_only():
 
 
 def test_tokenize_documents_adds_bos_eos_and_masks_padding():
-    from helpers.zoo import train_bpe_tokenizer
+    from helpers.models.zoo import train_bpe_tokenizer
 
     tokenizer = train_bpe_tokenizer([d.text for d in bilingual.generate_corpus(200, seed=0)], 400)
     tokens, mask = bilingual.tokenize_documents(tokenizer, ["Anna plant das Projekt.", "Tom"], 64)
@@ -107,7 +107,7 @@ def test_tokenize_documents_adds_bos_eos_and_masks_padding():
 
 
 def test_the_toy_recipe_rejects_an_unknown_activation_before_any_training():
-    from helpers.toys.bilingual import Recipe
+    from helpers.models.recipes.bilingual import Recipe
 
     assert Recipe().activation == "relu" and Recipe(activation="gelu").activation == "gelu"
     with pytest.raises(ValueError, match="activation"):

@@ -12,8 +12,8 @@ import warnings
 import pytest
 import torch
 
-from helpers import cache
-from helpers.heuristics import HeuristicScores
+from helpers.core import cache
+from helpers.studies.heuristics import HeuristicScores
 
 
 def counting(value):
@@ -152,7 +152,7 @@ def sae_entry() -> dict:
     """What `sae.cached_saes` stores: per hook, the SAE as plain dicts and its training stats as a dict (skipped
     where sae-lens is not installed, as in the transformer-lens 4 environment)."""
     pytest.importorskip("sae_lens")
-    from helpers import sae as S
+    from helpers.techniques import sae as S
 
     hook = "blocks.0.mlp.hook_post"
     stats = S.SAETrainStats(scale=1.5, mse=[0.5, 0.25], l0=[3.0, 2.0], loss=[1.0, 0.5], resampled={10: 2})

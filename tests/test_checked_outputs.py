@@ -2,7 +2,7 @@
 import nbformat
 import pytest
 
-from helpers.checked_outputs import align_outputs, align_to_reference, number_agrees, texts_agree
+from helpers.notebook.checked_outputs import align_outputs, align_to_reference, number_agrees, texts_agree
 
 
 @pytest.mark.parametrize("reference, test", [
@@ -67,7 +67,7 @@ def test_nbval_with_the_notebooks_conftest_passes_float_noise_and_fails_a_change
     import subprocess
     import sys
 
-    from helpers.paths import NOTEBOOKS_DIR
+    from helpers.core.paths import NOTEBOOKS_DIR
 
     shutil.copy(NOTEBOOKS_DIR / "conftest.py", tmp_path / "conftest.py")
     cell = nbformat.v4.new_code_cell("# NBVAL_CHECK_OUTPUT\nprint('loss 0.255')", execution_count=1,

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import ablation, attribution, circuit_levels, patching
-from helpers.components import Component, all_heads
-from helpers.models import load_model
+from helpers.techniques import ablation, dla, circuit_levels, patching
+from helpers.core.components import Component, all_heads
+from helpers.models.load import load_model
 from tests.conftest import ARCHITECTURES
 
 SEQ_LEN = 8
@@ -55,11 +55,11 @@ def test_dla_under_knockout_is_the_knocked_out_runs_exact_attribution(setup):
         ablated_logits = ablation.run_ablated(model, tokens, knocked)
         intact = circuit_levels.dla_under_knockout(model, tokens, answers, [], "mean", clean_cache=clean_cache)
         mean = circuit_levels.dla_under_knockout(model, tokens, answers, knocked, "mean")
-    torch.testing.assert_close(result.original, attribution.head_attribution(model, clean_cache, answers))
+    torch.testing.assert_close(result.original, dla.head_attribution(model, clean_cache, answers))
     torch.testing.assert_close(result.logits, ablated_logits)
     assert result.ablated[1, 0] == 0 and result.ablated[0, 1] == 0  # a zeroed head writes nothing
-    full = attribution.full_attribution(model, result.cache, answers)
-    assert full.values.sum().item() == pytest.approx(attribution.logit_diff(ablated_logits, answers).item(), abs=1e-4)
+    full = dla.full_attribution(model, result.cache, answers)
+    assert full.values.sum().item() == pytest.approx(dla.logit_diff(ablated_logits, answers).item(), abs=1e-4)
     change = result.change
     assert change[1, 0] == 0 and change[0, 1] == 0
     others = torch.ones_like(change, dtype=torch.bool)
@@ -98,7 +98,7 @@ def test_attention_from_reads_the_mean_pattern_row(setup):
 def test_upstream_path_patch_equals_path_patching_and_is_zero_without_a_path(setup, site):
     model, clean, corrupted, answers = setup
     with torch.no_grad():
-        clean_ld = attribution.logit_diff(model(clean), answers).item()
+        clean_ld = dla.logit_diff(model(clean), answers).item()
         metric = patching.normalised_logit_diff(answers, clean_ld, 0.0)
         receivers = [Component.head(1, head) for head in range(model.cfg.n_heads)]
         change = circuit_levels.upstream_path_patch(model, clean, corrupted, metric, receivers, site)
@@ -118,7 +118,7 @@ def test_upstream_path_patch_equals_path_patching_and_is_zero_without_a_path(set
 def test_screened_senders_are_the_largest_estimates_and_only_they_are_path_patched(setup):
     model, clean, corrupted, answers = setup
     with torch.no_grad():
-        clean_ld = attribution.logit_diff(model(clean), answers).item()
+        clean_ld = dla.logit_diff(model(clean), answers).item()
     metric = patching.normalised_logit_diff(answers, clean_ld, 0.0)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     chosen = circuit_levels.screened_senders(model, clean, corrupted, metric, n_layers - 1, 3)

@@ -12,8 +12,8 @@ import nbformat
 import pytest
 from packaging.requirements import Requirement
 
-from helpers import colab, params
-from helpers.paths import NOTEBOOKS_DIR, REPO_ROOT
+from helpers.notebook import colab, params
+from helpers.core.paths import NOTEBOOKS_DIR, REPO_ROOT
 
 
 def run_setup_cell(monkeypatch, in_colab: bool) -> list:
@@ -45,7 +45,7 @@ def test_in_colab_the_cell_installs_the_project_and_moves_to_the_working_folder(
     assert requirement.name == project["name"] and requirement.url == f"git+{colab.REPO_URL}"
     assert requirement.extras <= set(project["optional-dependencies"])
     assert calls[2][1] == colab.WORKING_FOLDER
-    assert os.environ["MECHINTERP_HOME"] == colab.WORKING_FOLDER  # helpers.paths writes figures there
+    assert os.environ["MECHINTERP_HOME"] == colab.WORKING_FOLDER  # helpers.core.paths writes figures there
 
 
 @pytest.mark.parametrize("stem", list(params.NOTEBOOKS))

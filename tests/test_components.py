@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers.components import (KINDS, Component, as_components, device_of, final_resid_hook_name, hook_name,
+from helpers.core.components import (KINDS, Component, as_components, device_of, final_resid_hook_name, hook_name,
                                 hooks_on, labels, run_with_hooks)
-from helpers import eap
-from helpers.models import load_model
+from helpers.techniques import eap
+from helpers.models.load import load_model
 from tests.conftest import ARCHITECTURES
 
 ONE_OF_EACH_KIND = [Component.head(3, 2), Component.attn(3), Component.mlp(3), Component.neuron(3, 669),

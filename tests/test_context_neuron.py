@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import ablation, context_neuron, neurons
+from helpers.techniques import ablation, neurons
+from helpers.studies import context_neuron
 from tests.conftest import ARCHITECTURES
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)
 def tiny(request, tiny_checkpoint):
     """`(model, german, english)`: a tiny model and two `Documents` of three padded rows each (skip 2 positions)."""
-    from helpers.models import load_model
+    from helpers.models.load import load_model
     from helpers.tasks.bilingual import tokenize_documents
 
     model = load_model(tiny_checkpoint(request.param), device="cpu")
@@ -135,7 +136,7 @@ def test_examples_and_the_findings_table(tiny):
 
 def test_language_direction_and_writer_separation_equal_a_full_run(tiny):
     """The passes stop after the last block; the direction and each writer's separation are those of full runs."""
-    from helpers import attribution
+    from helpers.techniques import dla
 
     model, german, english = tiny
     final = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
@@ -148,7 +149,7 @@ def test_language_direction_and_writer_separation_equal_a_full_run(tiny):
     torch.testing.assert_close(direction.double(), expected, atol=1e-5, rtol=1e-4)
     separation, components = context_neuron.writer_separation(model, german, english, direction)
     for name, docs in masks.items():
-        writes, labels = attribution.direction_writes(model, caches[name], direction)
+        writes, labels = dla.direction_writes(model, caches[name], direction)
         values[name] = writes[:, docs.scored].double()                               # [component, tokens]
     assert [c.label for c in components] == [c.label for c in labels]
     pooled = ((values["de"].var(1, correction=0) + values["en"].var(1, correction=0)) / 2).sqrt()

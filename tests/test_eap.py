@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import eap
-from helpers.models import load_model
+from helpers.techniques import eap
+from helpers.models.load import load_model
 from tests.conftest import ARCHITECTURES, SYLLOGISM_PROMPTS
 
 ANSWERS = torch.tensor([[5, 9], [9, 5], [5, 9], [9, 5]])
@@ -205,7 +205,7 @@ def test_node_circuits_round_trip_and_evaluate(setups):
 
 
 def test_circuit_drawing_places_every_edge(setups):
-    from helpers.plotting import EDGE_WIDTHS, circuit_graph
+    from helpers.notebook.plotting import EDGE_WIDTHS, circuit_graph
 
     _, graph, _, _ = setups("gpt2")
     scores = torch.randn(graph.edges.shape, generator=torch.Generator().manual_seed(0))

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from helpers import fourier
-from helpers.models import build_native_model
+from helpers.studies import fourier
+from helpers.models.load import build_native_model
 from helpers.tasks.modular import last_position_loss, make_data
-from helpers.zoo import grokking_transformer_config
+from helpers.models.zoo import grokking_transformer_config
 
 
 @pytest.mark.parametrize("p", [2, 3, 10, 11, 31, 113])

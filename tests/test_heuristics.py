@@ -1,11 +1,11 @@
-"""Heuristic scheme, classifier and knockouts (helpers.heuristics) on synthetic maps and a tiny Llama; faithfulness
+"""Heuristic scheme, classifier and knockouts (helpers.studies.heuristics) on synthetic maps and a tiny Llama; faithfulness
 bounds; the paper's indirect-effect formula. No trained model needed."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from helpers import heuristics as H
+from helpers.studies import heuristics as H
 from helpers.tasks import arithmetic as task
 
 torch.manual_seed(0)
@@ -142,7 +142,7 @@ def tiny(tiny_arithmetic):
 
 
 def test_maps_and_neuron_hooks(tiny):
-    from helpers.ablation import neuron_mask_hooks
+    from helpers.techniques.ablation import neuron_mask_hooks
 
     model, tokenizer = tiny
     prompts = task.all_prompts("+", max_op=12)
@@ -241,7 +241,7 @@ def test_a_knockout_with_every_prompt_sampled_equals_ablating_by_hand(tiny, from
 
 
 def test_faithfulness_is_one_for_the_full_model_and_zero_for_the_empty_circuit(tiny):
-    from helpers.ablation import circuit_universe, faithfulness, normalized_logit
+    from helpers.techniques.ablation import circuit_universe, faithfulness, normalized_logit
 
     model, tokenizer = tiny
     prompts = task.all_prompts("+", max_op=10)
@@ -257,7 +257,7 @@ def test_faithfulness_is_one_for_the_full_model_and_zero_for_the_empty_circuit(t
 
 
 def test_indirect_effect_on_hand_made_distributions():
-    from helpers.arithmetic_circuit import indirect_effect, indirect_effect_metric
+    from helpers.studies.arithmetic_circuit import indirect_effect, indirect_effect_metric
 
     pre = torch.tensor([[0.7, 0.2, 0.1], [0.5, 0.25, 0.25]])
     r, r_prime = torch.tensor([0, 0]), torch.tensor([1, 2])
@@ -274,7 +274,7 @@ def test_indirect_effect_on_hand_made_distributions():
 def test_log_scale_indirect_effect_metric_averages_signed_logs():
     import math
 
-    from helpers.arithmetic_circuit import indirect_effect_metric, signed_log
+    from helpers.studies.arithmetic_circuit import indirect_effect_metric, signed_log
 
     assert torch.allclose(signed_log(torch.tensor([-3.0, 0.0, 1.5])),
                           torch.tensor([-math.log(4.0), 0.0, math.log(2.5)]))

@@ -7,8 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import models, zoo
-from helpers.models import HubUnreachableError, ModelNotFoundError, load_model
+from helpers.models import load, zoo
+from helpers.core.hub import HubUnreachableError
+from helpers.models.load import ModelNotFoundError, load_model
 from tests.conftest import ARCHITECTURES, build_tiny_checkpoint
 
 HOOKS = ["blocks.{L}.mlp.hook_post", "blocks.{L}.mlp.hook_pre", "blocks.{L}.attn.hook_z",
@@ -92,7 +93,7 @@ def test_hub_failure_is_reported_as_unreachable(monkeypatch):
     def unreachable(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
-    monkeypatch.setattr(models.TransformerBridge, "boot_transformers", unreachable)
+    monkeypatch.setattr(load.TransformerBridge, "boot_transformers", unreachable)
     with pytest.raises(HubUnreachableError, match="could not load .* from the Hugging Face hub.*offline"):
         load_model("EleutherAI/pythia-70m", device="cpu")
 
@@ -100,7 +101,7 @@ def test_hub_failure_is_reported_as_unreachable(monkeypatch):
 def test_zoo_model_without_checkpoint_names_the_retrain_command(monkeypatch, tmp_path):
     monkeypatch.setattr(zoo, "ZOO", {"toy-missing": zoo.ZooModel("toy-missing", "GPTNeoXForCausalLM", "x", "y", "z")})
     monkeypatch.setattr(zoo, "MODELS_DIR", tmp_path)
-    with pytest.raises(ModelNotFoundError, match="python -m helpers.zoo train toy-missing"):
+    with pytest.raises(ModelNotFoundError, match="python -m helpers.models.zoo train toy-missing"):
         load_model("toy-missing")
 
 
@@ -111,23 +112,23 @@ def test_folder_without_config_is_rejected(tmp_path):
 
 def test_device_and_dtype_resolution():
     expected = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
-    assert models.resolve_device("auto").type == expected
+    assert load.resolve_device("auto").type == expected
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
-            models.resolve_device("cuda")
-    assert models.resolve_dtype("bf16") is torch.bfloat16
-    assert models.resolve_dtype(None) is torch.float32
+            load.resolve_device("cuda")
+    assert load.resolve_dtype("bf16") is torch.bfloat16
+    assert load.resolve_dtype(None) is torch.float32
     with pytest.raises(ValueError, match="unknown dtype"):
-        models.resolve_dtype("float7")
+        load.resolve_dtype("float7")
     for unusable in ("float8_e4m3fn", torch.int8):
         with pytest.raises(ValueError, match="cannot hold a model's weights"):
-            models.resolve_dtype(unusable)
+            load.resolve_dtype(unusable)
 
 
 def test_native_model_is_seeded():
     config = zoo.grokking_transformer_config(d_vocab=6, d_vocab_out=5)
-    first, second = (models.build_native_model(config, seed=3, device="cpu") for _ in range(2))
-    other = models.build_native_model(config, seed=4, device="cpu")
+    first, second = (load.build_native_model(config, seed=3, device="cpu") for _ in range(2))
+    other = load.build_native_model(config, seed=4, device="cpu")
     tokens = torch.tensor([[0, 1, 5], [2, 3, 5]])
     assert torch.equal(first(tokens), second(tokens))
     assert not torch.equal(first(tokens), other(tokens))
@@ -143,7 +144,7 @@ def test_non_causal_checkpoint_is_refused(tmp_path):
 
     BertForMaskedLM(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                                vocab_size=50)).save_pretrained(tmp_path)
-    with pytest.raises(models.UnsupportedCheckpointError, match="BertForMaskedLM, not a causal language model"):
+    with pytest.raises(load.UnsupportedCheckpointError, match="BertForMaskedLM, not a causal language model"):
         load_model(tmp_path, device="cpu")
 
 
@@ -153,7 +154,7 @@ def test_truncated_weights_file_is_named(tiny_checkpoint, tmp_path):
     folder = shutil.copytree(tiny_checkpoint("gpt_neox"), tmp_path / "truncated")
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    with pytest.raises(models.UnsupportedCheckpointError, match="model.safetensors is unreadable"):
+    with pytest.raises(load.UnsupportedCheckpointError, match="model.safetensors is unreadable"):
         load_model(folder, device="cpu")
 
 
@@ -166,7 +167,7 @@ def test_checkpoint_missing_weights_is_refused_with_the_keys(tiny_checkpoint, tm
     weights = load_file(folder / "model.safetensors")
     dropped = "model.layers.1.mlp.down_proj.weight"
     save_file({k: v for k, v in weights.items() if k != dropped}, folder / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(models.UnsupportedCheckpointError, match=f"would stay random: {dropped}"):
+    with pytest.raises(load.UnsupportedCheckpointError, match=f"would stay random: {dropped}"):
         load_model(folder, device="cpu")
 
 
@@ -191,13 +192,13 @@ def test_papers_models_and_toys_keep_the_bos_their_figures_assume(tiny_checkpoin
     from types import SimpleNamespace
 
     model = load_model(tiny_checkpoint("gpt_neox"), device="cpu")
-    assert models.bos_by_default(model, False, zoo_model=True)
+    assert load.bos_by_default(model, False, zoo_model=True)
     pythia_shaped = SimpleNamespace(tokenizer=model.tokenizer, cfg=SimpleNamespace(
         n_layers=6, d_model=512, n_heads=8, d_mlp=2048, d_vocab=50304),
         original_model=SimpleNamespace(config=SimpleNamespace(architectures=["GPTNeoXForCausalLM"])))
-    assert models.bos_by_default(pythia_shaped, False)  # HookedTransformer prepended BOS for the papers' figures
-    assert not models.bos_by_default(model, False)
-    assert models.bos_by_default(model, True)
+    assert load.bos_by_default(pythia_shaped, False)  # HookedTransformer prepended BOS for the papers' figures
+    assert not load.bos_by_default(model, False)
+    assert load.bos_by_default(model, True)
 
 
 def test_reference_model_is_chosen_by_shape_not_by_name(tiny_checkpoint):
@@ -208,17 +209,17 @@ def test_reference_model_is_chosen_by_shape_not_by_name(tiny_checkpoint):
         return SimpleNamespace(cfg=SimpleNamespace(n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_mlp=d_mlp,
                                                    d_vocab=d_vocab), original_model=SimpleNamespace(config=config))
 
-    assert models.reference_model(fake("GPTNeoXForCausalLM", 6, 512, 8, 2048, 50304)) == "EleutherAI/pythia-70m"
-    assert models.reference_model(fake("GPTNeoXForCausalLM", 6, 512, 8, 2048, 50000)) is None
-    assert models.reference_model(fake("LlamaForCausalLM", 6, 512, 8, 2048, 50304)) is None
+    assert load.reference_model(fake("GPTNeoXForCausalLM", 6, 512, 8, 2048, 50304)) == "EleutherAI/pythia-70m"
+    assert load.reference_model(fake("GPTNeoXForCausalLM", 6, 512, 8, 2048, 50000)) is None
+    assert load.reference_model(fake("LlamaForCausalLM", 6, 512, 8, 2048, 50304)) is None
     toy = load_model(tiny_checkpoint("gpt_neox"), device="cpu")
-    assert models.reference_model(toy) is None
-    assert models.reference_model(toy, reference="EleutherAI/pythia-70m") == "EleutherAI/pythia-70m"
+    assert load.reference_model(toy) is None
+    assert load.reference_model(toy, reference="EleutherAI/pythia-70m") == "EleutherAI/pythia-70m"
 
 
 def test_zoo_models_are_recognised_by_name_and_folder(tiny_checkpoint):
-    assert models.is_zoo_model("toy-bilingual") and models.is_zoo_model(zoo.checkpoint_dir("toy-bilingual"))
-    assert not models.is_zoo_model(tiny_checkpoint("gpt_neox")) and not models.is_zoo_model("EleutherAI/pythia-70m")
+    assert load.is_zoo_model("toy-bilingual") and load.is_zoo_model(zoo.checkpoint_dir("toy-bilingual"))
+    assert not load.is_zoo_model(tiny_checkpoint("gpt_neox")) and not load.is_zoo_model("EleutherAI/pythia-70m")
 
 
 def test_loading_shows_no_weight_progress_bar_and_restores_the_bar_settings(tiny_checkpoint, capfd):
@@ -231,7 +232,7 @@ def test_loading_shows_no_weight_progress_bar_and_restores_the_bar_settings(tiny
     captured = capfd.readouterr()
     assert "Loading weights" not in captured.err + captured.out  # the bar a saved notebook shows frozen at 0%
     assert hf_logging.is_progress_bar_enabled() and not hub_utils.are_progress_bars_disabled()
-    with models.weight_loading_bars_silenced():
+    with load.weight_loading_bars_silenced():
         assert not hf_logging.is_progress_bar_enabled()
         assert not hub_utils.are_progress_bars_disabled()  # downloads keep their progress bar
 

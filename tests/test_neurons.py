@@ -7,8 +7,8 @@ import pytest
 import torch
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
-from helpers import neurons
-from helpers.components import Component, hook_name
+from helpers.techniques import neurons
+from helpers.core.components import Component, hook_name
 
 
 def _sklearn_best_f1(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -108,7 +108,7 @@ def test_fit_probe_with_groups_keeps_documents_apart():
 
 @pytest.fixture(scope="module")
 def tiny(tiny_checkpoint):
-    from helpers.models import load_model
+    from helpers.models.load import load_model
 
     model = load_model(tiny_checkpoint("gpt_neox"), device="cpu")
     texts = ["Das ist ein kleiner Test mit vielen deutschen", "All cats are red, not blue. Kittens are",
@@ -136,7 +136,7 @@ def test_scan_neurons_matches_cache(tiny):
 
 
 def test_identity_pin_changes_loss_by_zero_and_real_pin_writes_value(tiny):
-    from helpers.ablation import neuron_value_hooks, token_losses
+    from helpers.techniques.ablation import neuron_value_hooks, token_losses
 
     model, tokens = tiny
     clean = token_losses(model, tokens)
@@ -164,8 +164,8 @@ def test_identity_pin_changes_loss_by_zero_and_real_pin_writes_value(tiny):
 
 
 def test_direct_patching_with_itself_changes_nothing_and_full_patch_matches(tiny):
-    from helpers.ablation import neuron_value_hooks
-    from helpers.attribution import direct_patch_losses
+    from helpers.techniques.ablation import neuron_value_hooks
+    from helpers.techniques.dla import direct_patch_losses
 
     model, tokens = tiny
     patched, components, clean, hooked = direct_patch_losses(model, tokens, [])
@@ -183,7 +183,7 @@ def test_direct_patching_with_itself_changes_nothing_and_full_patch_matches(tiny
 
 
 def test_next_token_dla_sums_to_correct_logit(tiny):
-    from helpers.attribution import next_token_dla
+    from helpers.techniques.dla import next_token_dla
 
     model, tokens = tiny
     with torch.no_grad():
@@ -202,7 +202,7 @@ def test_neuron_unembed_effect_is_w_out_times_w_u(tiny):
 
 
 def test_activation_difference_stats_zero_for_same_hooks_and_exact_for_a_pin(tiny):
-    from helpers.ablation import neuron_value_hooks
+    from helpers.techniques.ablation import neuron_value_hooks
 
     model, tokens = tiny
     mask = torch.ones_like(tokens, dtype=torch.bool)
@@ -221,8 +221,8 @@ def test_activation_difference_stats_zero_for_same_hooks_and_exact_for_a_pin(tin
 def test_activations_under_each_variant_equal_separate_runs(architecture, tiny_checkpoint):
     """The shared-prefix replay gives each variant's activations exactly as its own run: the clean run, a pin in
     layer 0 read in layer 1, a pin in layer 1 read in layer 1, and a hook outside the blocks."""
-    from helpers.ablation import neuron_value_hooks
-    from helpers.models import load_model
+    from helpers.techniques.ablation import neuron_value_hooks
+    from helpers.models.load import load_model
 
     model = load_model(tiny_checkpoint(architecture), device="cpu")
     tokens = torch.randint(0, model.cfg.d_vocab, (3, 8), generator=torch.Generator().manual_seed(1))
@@ -242,9 +242,9 @@ def test_runs_from_a_kept_clean_run_skip_the_blocks_before_it_and_change_nothing
     """With clean runs kept at block 1 (`replay.keep_clean_block_inputs`), runs of the same tokens under hooks
     in block 1 start there: block 0 is not run again, and the losses and activations equal runs from the embedding.
     A hook in block 0 runs from the embedding."""
-    from helpers import replay
-    from helpers.ablation import neuron_value_hooks, token_losses, token_losses_each
-    from helpers.models import load_model
+    from helpers.techniques import replay
+    from helpers.techniques.ablation import neuron_value_hooks, token_losses, token_losses_each
+    from helpers.models.load import load_model
 
     model = load_model(tiny_checkpoint(architecture), device="cpu")
     tokens = torch.randint(0, model.cfg.d_vocab, (3, 8), generator=torch.Generator().manual_seed(2))

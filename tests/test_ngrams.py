@@ -7,8 +7,10 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from helpers import ablation, ngrams, realsize
-from helpers.paths import MODELS_DIR
+from helpers.techniques import ablation
+from helpers.studies import ngrams
+from helpers.sources import realsize
+from helpers.core.paths import MODELS_DIR
 from tests.conftest import ARCHITECTURES
 
 
@@ -22,7 +24,7 @@ def neox_tokenizer():
     try:
         return realsize.load_tokenizer("gpt-neox-20b")
     except realsize.FixtureError as error:
-        pytest.fail(f"{error}\nFetch the real tokenizers with: python -m helpers.realsize fetch")
+        pytest.fail(f"{error}\nFetch the real tokenizers with: python -m helpers.sources.realsize fetch")
 
 
 TEXTS = [" Vorschläge für die Größe", " Zürich ist schön, über alles", " 5 € und 😀 dazu"]
@@ -111,7 +113,7 @@ def test_mean_at_reads_rows_by_document_number():
 
 
 def test_candidates_rank_by_consistent_shift():
-    from helpers.neurons import RunningStats
+    from helpers.techniques.neurons import RunningStats
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(500, 6, generator=gen) * 0.1
@@ -127,7 +129,7 @@ def test_candidates_rank_by_consistent_shift():
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)
 def tiny(request, tiny_checkpoint):
-    from helpers.models import load_model
+    from helpers.models.load import load_model
 
     model = load_model(tiny_checkpoint(request.param), device="cpu")
     tokens = model.to_tokens(["Das ist ein kleiner Test mit vielen deutschen", "All cats are red, not blue."])[:, :9]

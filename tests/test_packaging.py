@@ -9,8 +9,8 @@ import sys
 import tomllib
 import zipfile
 
-from helpers import zoo
-from helpers.paths import MODELS_DIR, PACKAGE_DIR, REPO_ROOT
+from helpers.models import zoo
+from helpers.core.paths import MODELS_DIR, PACKAGE_DIR, REPO_ROOT
 
 
 def test_every_subpackage_of_helpers_is_listed_for_the_wheel():
@@ -38,11 +38,12 @@ def test_the_wheel_ships_every_toy_checkpoint(tmp_path):
 
 def test_an_installed_copy_reads_its_own_checkpoints_and_writes_to_the_working_folder(tmp_path):
     site, work = tmp_path / "site", tmp_path / "work"
-    (site / "helpers").mkdir(parents=True)
-    (site / "helpers" / "paths.py").write_text((PACKAGE_DIR / "paths.py").read_text())
-    (site / "helpers" / "__init__.py").write_text("")
+    (site / "helpers" / "core").mkdir(parents=True)
+    (site / "helpers" / "core" / "paths.py").write_text((PACKAGE_DIR / "core" / "paths.py").read_text())
+    for package in (site / "helpers", site / "helpers" / "core"):
+        (package / "__init__.py").write_text("")
     work.mkdir()
-    probe = "from helpers import paths; print(paths.IN_CHECKOUT, paths.MODELS_DIR, paths.FIGS_DIR, sep='|')"
+    probe = "from helpers.core import paths; print(paths.IN_CHECKOUT, paths.MODELS_DIR, paths.FIGS_DIR, sep='|')"
     env = {**os.environ, "PYTHONPATH": str(site)}
     env.pop("MECHINTERP_HOME", None)
     out = subprocess.run([sys.executable, "-S", "-c", probe], cwd=work, env=env, capture_output=True, text=True,

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import nbformat
 import pytest
 
-from helpers import colab, params
-from helpers.paths import NOTEBOOKS_DIR
+from helpers.notebook import colab, params
+from helpers.core.paths import NOTEBOOKS_DIR
 
 
 def defaults(stem: str) -> dict:

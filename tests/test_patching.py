@@ -16,10 +16,10 @@ import pytest
 import torch
 import transformer_lens.patching as tl_patching
 
-from helpers import patching, replay
-from helpers.attribution import logit_diff
-from helpers.components import Component
-from helpers.models import load_model
+from helpers.techniques import patching, replay
+from helpers.techniques.dla import logit_diff
+from helpers.core.components import Component
+from helpers.models.load import load_model
 from tests.conftest import ARCHITECTURES
 
 SEQ_LEN = 4

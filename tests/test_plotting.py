@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from helpers import plotting
-from helpers.paths import MODELS_DIR
+from helpers.notebook import plotting
+from helpers.core.paths import MODELS_DIR
 
 
 def test_line_draws_one_trace_per_row_and_saves_html_that_loads_plotly_from_its_folder(tmp_path):

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from scipy.stats import pearsonr
 
-from helpers.neurons import correlations, fit_probe, linear_fit
-from helpers.subspaces import affine_projection_hook, pca, project_onto_affine
+from helpers.techniques.neurons import correlations, fit_probe, linear_fit
+from helpers.techniques.subspaces import affine_projection_hook, pca, project_onto_affine
 
 
 def test_correlations_match_scipy_and_dead_neurons_are_zero():

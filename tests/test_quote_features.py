@@ -7,10 +7,10 @@ import torch
 
 pytest.importorskip("sae_lens")
 
-from helpers import quote_features as Q  # noqa: E402
-from helpers import sae as S  # noqa: E402
-from helpers.attribution import token_attribution_at  # noqa: E402
-from helpers.components import hook_name  # noqa: E402
+from helpers.studies import quote_features as Q  # noqa: E402
+from helpers.techniques import sae as S  # noqa: E402
+from helpers.techniques.dla import token_attribution_at  # noqa: E402
+from helpers.core.components import hook_name  # noqa: E402
 from helpers.tasks.stories import generate_stories  # noqa: E402
 
 
@@ -24,7 +24,7 @@ HOOK = hook_name("neuron", 1)
 
 @pytest.fixture(scope="module")
 def toy():
-    from helpers.models import load_model
+    from helpers.models.load import load_model
 
     model = load_model("toy-stories", device="cpu")
     stories = generate_stories(40, seed=11)

@@ -1,10 +1,10 @@
-"""The task generators on the real models' tokenizers (fetched by `python -m helpers.realsize fetch`)."""
+"""The task generators on the real models' tokenizers (fetched by `python -m helpers.sources.realsize fetch`)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from helpers import realsize
+from helpers.sources import realsize
 from helpers.tasks import arithmetic, stories, syllogisms
 
 
@@ -16,7 +16,7 @@ def real_tokenizer():
         try:
             return realsize.load_tokenizer(name)
         except realsize.FixtureError as error:
-            pytest.fail(f"{error}\nFetch the real tokenizers with: python -m helpers.realsize fetch")
+            pytest.fail(f"{error}\nFetch the real tokenizers with: python -m helpers.sources.realsize fetch")
 
     return get
 

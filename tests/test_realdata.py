@@ -1,7 +1,7 @@
 """The plain-text manual is cut into prose paragraphs, one per line; pinned sources name their checksums."""
 import pytest
 
-from helpers import realdata
+from helpers.sources import realdata
 
 MANUAL = """1.4.9. Aufzeichnen der Shell-Aktivitäten
 

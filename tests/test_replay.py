@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import patching, replay
-from helpers.components import Component
-from helpers.models import load_model
+from helpers.techniques import patching, replay
+from helpers.core.components import Component
+from helpers.models.load import load_model
 from tests.conftest import ARCHITECTURES
 
 
@@ -17,8 +17,8 @@ def test_runs_after_a_shared_prefix_equal_whole_runs_and_compute_only_the_prompt
     whole run under hooks that leave the prefix as it is (mean ablation over prompts sharing it, neurons zeroed from
     the prompt on, reads at one position) and computes only the prompt's positions; a hook that changes the prefix
     (neurons zeroed everywhere), prompts without the prefix and a prefix too short to share run whole."""
-    from helpers.ablation import ablation_hooks, neuron_mask_hooks, reference_activations
-    from helpers.components import run_with_hooks, unembed_only_at
+    from helpers.techniques.ablation import ablation_hooks, neuron_mask_hooks, reference_activations
+    from helpers.core.components import run_with_hooks, unembed_only_at
 
     model = load_model(tiny_checkpoint(architecture), device="cpu")
     generator = torch.Generator().manual_seed(3)

@@ -9,9 +9,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from helpers import colab, params, run_notebooks
-from helpers.paths import NOTEBOOKS_DIR, REPO_ROOT
-from helpers.run_notebooks import parse_checked, parse_sweep, sweep_grid
+from helpers.notebook import colab, params, run_notebooks
+from helpers.core.paths import NOTEBOOKS_DIR, REPO_ROOT
+from helpers.notebook.run_notebooks import parse_checked, parse_sweep, sweep_grid
 
 PLANTED = [  # seed 3 fails after its checked cell; the bar holds from seed 2 on
     ("parameters", "seed = 0\nthreshold = 0.5"),

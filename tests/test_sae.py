@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("sae_lens")  # the SAE notebook's stack; absent in the transformer-lens 4 environment
 
-from helpers import sae as S  # noqa: E402
+from helpers.techniques import sae as S  # noqa: E402
 from tests.conftest import ARCHITECTURES  # noqa: E402
 
 HOOK = "blocks.1.mlp.hook_post"
@@ -14,7 +14,7 @@ HOOK = "blocks.1.mlp.hook_post"
 
 @pytest.fixture(scope="module")
 def model(tiny_checkpoint):
-    from helpers.models import load_model
+    from helpers.models.load import load_model
 
     return load_model(tiny_checkpoint("gpt_neo"), device="cpu")
 
@@ -119,7 +119,7 @@ def test_save_load_round_trip_through_sae_lens(trained, tmp_path):
 
 
 def test_published_release_needs_network():
-    from helpers.models import HubUnreachableError
+    from helpers.core.hub import HubUnreachableError
 
     with pytest.raises(HubUnreachableError, match="offline"):
         S.load_sae("gpt2-small-res-jb", "blocks.8.hook_resid_pre")
@@ -194,7 +194,7 @@ def test_measures_at_one_position(trained, model, tokens):
 
 @pytest.mark.parametrize("architecture", ["gpt_neox", "gpt2", "llama", "gpt_neo"])
 def test_logits_at_unembed_only_the_positions_asked_and_equal_the_full_run(architecture, tiny_checkpoint):
-    from helpers.models import load_model
+    from helpers.models.load import load_model
 
     model = load_model(tiny_checkpoint(architecture), device="cpu")
     tokens = torch.randint(0, model.cfg.d_vocab, (6, 9), generator=torch.Generator().manual_seed(2))
@@ -213,7 +213,7 @@ def test_logits_at_unembed_only_the_positions_asked_and_equal_the_full_run(archi
 def test_logits_at_each_equal_logits_at_under_each_intervention(architecture, tiny_checkpoint):
     """The suffix replay (one clean run per chunk, each intervention rerun from its prompt's position and its
     layer on) gives `logits_at`'s logits, prompts of different lengths in one chunk included."""
-    from helpers.models import load_model
+    from helpers.models.load import load_model
 
     model = load_model(tiny_checkpoint(architecture), device="cpu")
     tokens = torch.randint(0, model.cfg.d_vocab, (7, 10), generator=torch.Generator().manual_seed(3))
@@ -229,7 +229,7 @@ def test_logits_at_each_equal_logits_at_under_each_intervention(architecture, ti
 
 
 def test_token_attribution_at_sums_to_the_answer_logit(model, tokens):
-    from helpers.attribution import token_attribution_at
+    from helpers.techniques.dla import token_attribution_at
 
     positions = torch.arange(len(tokens)) % (tokens.shape[1] - 1)
     answers = tokens[torch.arange(len(tokens)), positions + 1]
@@ -243,8 +243,8 @@ def test_token_attribution_at_sums_to_the_answer_logit(model, tokens):
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_activations_are_collected_from_a_pass_that_stops_after_the_last_hooked_layer(tiny_checkpoint, architecture):
-    from helpers.components import hook_name, layers_needed
-    from helpers.models import load_model
+    from helpers.core.components import hook_name, layers_needed
+    from helpers.models.load import load_model
 
     model = load_model(tiny_checkpoint(architecture), device="cpu")
     tokens = model.to_tokens(["All cats are red, not blue.", "Tom said, \"Let us go to the park.\""])

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 
 pytest.importorskip("sae_lens")
 
-from helpers import sae as S  # noqa: E402
-from helpers import sae_features as SF  # noqa: E402
-from helpers.attribution import token_attribution_at  # noqa: E402
-from helpers.components import Component, hook_name  # noqa: E402
+from helpers.techniques import sae as S  # noqa: E402
+from helpers.techniques import sae_features as SF  # noqa: E402
+from helpers.techniques.dla import token_attribution_at  # noqa: E402
+from helpers.core.components import Component, hook_name  # noqa: E402
 from tests.conftest import ARCHITECTURES  # noqa: E402
 
 
@@ -24,7 +24,7 @@ def no_grad():
 
 @pytest.fixture(scope="module")
 def models(tiny_checkpoint):
-    from helpers.models import load_model
+    from helpers.models.load import load_model
 
     return {arch: load_model(tiny_checkpoint(arch), device="cpu") for arch in ARCHITECTURES}
 

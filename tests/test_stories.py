@@ -5,14 +5,14 @@ import re
 
 import pytest
 
-from helpers.paths import MODELS_DIR
+from helpers.core.paths import MODELS_DIR
 from helpers.tasks.stories import (CLOSING_QUOTES, FORCED_TOKENS, closing_quote_prompts, generate_stories,
                                    load_tinystories, pack_tokens)
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from helpers.toys.stories import build_tokenizer
+    from helpers.models.recipes.stories import build_tokenizer
 
     return build_tokenizer()
 
@@ -127,7 +127,7 @@ def test_load_tinystories_from_local_files(tmp_path):
 
 
 def test_load_tinystories_from_hub_fails_clearly_offline():
-    from helpers.models import HubUnreachableError
+    from helpers.core.hub import HubUnreachableError
 
     with pytest.raises(HubUnreachableError, match="offline"):
         load_tinystories()

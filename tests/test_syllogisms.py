@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from helpers.models import load_model
+from helpers.models.load import load_model
 from helpers.tasks import syllogisms as task
 from tests.conftest import ARCHITECTURES
 
@@ -47,8 +47,8 @@ def test_dataset_layout_with_a_bpe_tokenizer(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def toy():
-    from helpers.models import load_model
-    from helpers.zoo import checkpoint_dir
+    from helpers.models.load import load_model
+    from helpers.models.zoo import checkpoint_dir
 
     if not (checkpoint_dir("toy-syllogism") / "config.json").is_file():
         pytest.skip("toy-syllogism checkpoint not built")
@@ -62,7 +62,7 @@ def test_toy_layout_matches_pythia_shape(toy):
 
 
 def test_toy_heldout_accuracy(toy):
-    from helpers.toys.syllogism import HELD_OUT_CATEGORIES, HELD_OUT_NOUNS
+    from helpers.models.recipes.syllogism import HELD_OUT_CATEGORIES, HELD_OUT_NOUNS
 
     items = task.make_syllogisms(HELD_OUT_CATEGORIES, task.DESCRIPTOR_PAIRS, HELD_OUT_NOUNS)
     data = task.sample_pairs(task.build_dataset(toy.tokenizer, items), 128, seed=1)
@@ -99,7 +99,7 @@ def test_sample_pairs_keeps_both_orders_of_each_pair(toy):
 
 
 def test_sampled_pairs_make_the_corrupted_logit_diff_minus_the_clean_one(toy):
-    from helpers.attribution import logit_diff
+    from helpers.techniques.dla import logit_diff
 
     model = toy
     pool = task.build_dataset(model.tokenizer, task.make_syllogisms(n=200, seed=0))

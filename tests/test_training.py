@@ -8,11 +8,12 @@ import time
 import pytest
 import torch
 
-from helpers import cache, training
-from helpers.models import build_native_model
+from helpers.core import cache
+from helpers.models import training
+from helpers.models.load import build_native_model
 from helpers.tasks.modular import accuracy, batch_loss, grokking_phases, last_position_loss, make_data, train_test_metrics
-from helpers.training import TrainConfig, list_checkpoints, train
-from helpers.zoo import grokking_transformer_config
+from helpers.models.training import TrainConfig, list_checkpoints, train
+from helpers.models.zoo import grokking_transformer_config
 
 DATA = make_data(7, "modular", frac_train=0.6, seed=0)
 CONFIG = grokking_transformer_config(d_vocab=8, d_vocab_out=7, d_model=16, d_head=4, d_mlp=32)

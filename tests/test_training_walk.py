@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import context_neuron, training_walk
-from helpers.training_walk import first_lasting_crossing, largest_jump_share, revision_step
+from helpers.studies import context_neuron
+from helpers.models import training_walk
+from helpers.models.training_walk import first_lasting_crossing, largest_jump_share, revision_step
 from tests.conftest import TOKENIZER_TEXTS
 
 STEPS = (0, 10, 20, 40, 80, 160)
@@ -26,7 +27,7 @@ def planted_sequence(folder, appears_at: int) -> dict[str, str]:
     coordinate 0 and neuron L0N3 reads it (on for German tokens, off for English ones); before, neither."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from helpers.zoo import save_hf_checkpoint, train_bpe_tokenizer
+    from helpers.models.zoo import save_hf_checkpoint, train_bpe_tokenizer
 
     tokenizer = train_bpe_tokenizer(TOKENIZER_TEXTS, 256)
     config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -68,7 +69,7 @@ def tracked_planted(german, english, d_vocab: int) -> context_neuron.TrackedCirc
 
 @pytest.mark.parametrize("appears_at", [20, 80])
 def test_the_walk_reports_the_step_at_which_a_planted_neuron_appears(tmp_path, appears_at):
-    from helpers.models import load_model
+    from helpers.models.load import load_model
 
     folders = planted_sequence(tmp_path / "checkpoints", appears_at)
     german, english = planted_documents()
@@ -145,8 +146,8 @@ def test_revisions_name_steps_and_pythia_has_154():
 
 
 def test_the_toy_ships_its_training_checkpoints_and_loads_them_by_revision():
-    from helpers import zoo
-    from helpers.models import load_model
+    from helpers.models import zoo
+    from helpers.models.load import load_model
 
     revisions = zoo.revisions("toy-bilingual")
     steps = [revision_step(r) for r in revisions]
@@ -162,7 +163,7 @@ def test_the_toy_ships_its_training_checkpoints_and_loads_them_by_revision():
 
 
 def test_the_tracked_n_gram_positions_follow_their_documents():
-    from helpers.ngrams import NgramTest
+    from helpers.studies.ngrams import NgramTest
 
     tokens = torch.arange(40).reshape(5, 8)
     german = context_neuron.Documents.from_tokens(tokens, torch.ones_like(tokens, dtype=torch.bool), 1, 2)

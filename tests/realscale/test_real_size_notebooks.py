@@ -1,6 +1,6 @@
 """The real-model path, end to end: each notebook on a checkpoint of its real model's config at real size.
 
-The checkpoints (`helpers.realsize`) have random weights and the real tokenizers, and load by folder path through
+The checkpoints (`helpers.sources.realsize`) have random weights and the real tokenizers, and load by folder path through
 `load_model`, as a downloaded model would. Sample sizes are cut so the tier fits CI; the code path is the notebooks'
 own. On random weights a run must complete, say that the toy's bars were not asserted, and find nothing: every
 acceptance line reads FAIL. Each run appends its wall time and peak memory to `runs/realscale/report.jsonl`.
@@ -15,8 +15,8 @@ import sys
 import nbformat
 import pytest
 
-from helpers import realsize
-from helpers.paths import REPO_ROOT
+from helpers.sources import realsize
+from helpers.core.paths import REPO_ROOT
 
 REPORT = REPO_ROOT / "runs" / "realscale" / "report.jsonl"
 NOT_ASSERTED = "acceptance bars not asserted"
@@ -41,12 +41,12 @@ def checkpoint(name: str) -> str:
     try:
         return str(realsize.build_checkpoint(name))
     except realsize.FixtureError as error:
-        pytest.fail(f"{error}\nFetch the real tokenizers with: python -m helpers.realsize fetch")
+        pytest.fail(f"{error}\nFetch the real tokenizers with: python -m helpers.sources.realsize fetch")
 
 
 def run_notebook(stem: str, parameters: dict, out_dir) -> subprocess.CompletedProcess:
     """Execute one notebook with papermill in a fresh process (so the report's peak memory is this notebook's)."""
-    command = [sys.executable, "-m", "helpers.run_notebooks", "--only", stem, "--out", str(out_dir),
+    command = [sys.executable, "-m", "helpers.notebook.run_notebooks", "--only", stem, "--out", str(out_dir),
                "--report", str(REPORT), "--cell-timeout", "900"]
     for name, value in parameters.items():
         command += ["--set", f"{name}={value!r}"]
@@ -81,7 +81,7 @@ def test_syllogism_filter_that_keeps_too_few_prompts_names_the_parameter(tmp_pat
 
 
 def test_reference_figures_follow_the_model_not_its_name():
-    from helpers.models import load_model, reference_model
+    from helpers.models.load import load_model, reference_model
 
     model = load_model(checkpoint("pythia-70m"), device="cpu")
     assert reference_model(model) == "EleutherAI/pythia-70m"
@@ -95,8 +95,8 @@ def test_pythia_410m_runs_the_syllogism_pipeline_at_real_size():
     import torch
     import transformer_lens.patching as tl_patching
 
-    from helpers import attribution, patching
-    from helpers.models import load_model, reference_model
+    from helpers.techniques import dla, patching
+    from helpers.models.load import load_model, reference_model
     from helpers.tasks import syllogisms
 
     model = load_model(checkpoint("pythia-410m"), device="cpu")
@@ -104,10 +104,10 @@ def test_pythia_410m_runs_the_syllogism_pipeline_at_real_size():
     data = syllogisms.build_dataset(model.tokenizer, syllogisms.make_syllogisms(n=400, seed=0)).subset(range(2))
     with torch.no_grad():
         clean_logits, clean_cache = model.run_with_cache(data.clean_tokens)
-        clean_ld = attribution.logit_diff(clean_logits, data.answers).item()
-        corrupted_ld = attribution.logit_diff(model(data.corrupted_tokens), data.answers).item()
-    dla = attribution.layer_attribution(model, clean_cache, data.answers)
-    assert abs(dla.values.sum().item() - clean_ld) < 1e-4 * max(1.0, abs(clean_ld))
+        clean_ld = dla.logit_diff(clean_logits, data.answers).item()
+        corrupted_ld = dla.logit_diff(model(data.corrupted_tokens), data.answers).item()
+    layers = dla.layer_attribution(model, clean_cache, data.answers)
+    assert abs(layers.values.sum().item() - clean_ld) < 1e-4 * max(1.0, abs(clean_ld))
     metric = patching.normalised_logit_diff(data.answers, clean_ld, corrupted_ld)
     final = [data.positions["final"]]
     ours = patching.act_patch_layer_pos(model, data.corrupted_tokens, clean_cache, metric, positions=final)

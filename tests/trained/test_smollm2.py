@@ -1,7 +1,7 @@
 """The trained-model tier: facts of SmolLM2-135M-Instruct, a model this project did not train, on real text.
 
 SmolLM2 comes as a GGUF file inside a PyPI package and the German and English text from Debian's packages
-(`helpers.realdata`, fetched pinned and checksummed by `make fixtures`). Each test states a finding about SmolLM2
+(`helpers.sources.realdata`, fetched pinned and checksummed by `make fixtures`). Each test states a finding about SmolLM2
 measured by the notebooks' own helpers at reduced sizes, with a margin: they are SmolLM2's figures, not the papers'
 (the context neuron here is not Pythia's L3N669, and nothing is asserted about which neuron it is).
 
@@ -12,8 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import attribution, context_neuron, neurons, realdata, realsize
-from helpers.models import gguf_checkpoint, load_model
+from helpers.techniques import dla, neurons
+from helpers.studies import context_neuron
+from helpers.sources import realdata, realsize
+from helpers.models.load import gguf_checkpoint, load_model
 from helpers.tasks import arithmetic, bilingual, syllogisms
 
 SYLLOGISM = "All cats are animals. All animals are alive. Therefore all cats are"
@@ -24,7 +26,7 @@ def gguf_file():
     try:
         return realdata.fetch_model("smollm2-135m-instruct")
     except realsize.FixtureError as error:
-        pytest.fail(f"{error}\nFetch it with: python -m helpers.realdata fetch")
+        pytest.fail(f"{error}\nFetch it with: python -m helpers.sources.realdata fetch")
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +87,12 @@ def test_syllogism_dla_sums_to_the_logit_difference(smollm2):
     items = syllogisms.make_syllogisms(n=40, seed=0)
     data = syllogisms.build_dataset(smollm2.tokenizer, items, prepend_bos=smollm2.cfg.default_prepend_bos)
     tokens, answers = data.clean_tokens[:6], data.answers[:6]
-    logits, cache = smollm2.run_with_cache(tokens, names_filter=attribution.dla_hook_names(smollm2))
-    stack, _ = attribution.decompose_resid(smollm2, cache)
-    directions = attribution.logit_diff_directions(smollm2, answers)
-    per_prompt = attribution.stack_to_logit_diff(stack, cache, directions, per_prompt=True).sum(0)
-    per_prompt = per_prompt + attribution.unembed_bias_diff(smollm2, answers)
-    expected = attribution.logit_diff(logits[:, -1], answers, per_prompt=True)
+    logits, cache = smollm2.run_with_cache(tokens, names_filter=dla.dla_hook_names(smollm2))
+    stack, _ = dla.decompose_resid(smollm2, cache)
+    directions = dla.logit_diff_directions(smollm2, answers)
+    per_prompt = dla.stack_to_logit_diff(stack, cache, directions, per_prompt=True).sum(0)
+    per_prompt = per_prompt + dla.unembed_bias_diff(smollm2, answers)
+    expected = dla.logit_diff(logits[:, -1], answers, per_prompt=True)
     assert torch.allclose(per_prompt, expected, atol=1e-3 * max(1.0, float(expected.abs().max())))
 
 
@@ -107,8 +109,8 @@ def test_worked_examples_teach_one_digit_addition(smollm2):
 
 
 def test_an_sae_on_one_mlp_layer_explains_most_of_its_variance(smollm2):
-    from helpers import sae as S
-    from helpers.components import hook_name
+    from helpers.techniques import sae as S
+    from helpers.core.components import hook_name
     from helpers.tasks.stories import generate_stories, pack_tokens
 
     stories = generate_stories(240, seed=0)   # the project's stories with dialogue, unseen by SmolLM2

@@ -1,0 +1,1 @@
+"""Training recipes of the toy-model zoo, one module per toy (see helpers.models.zoo)."""

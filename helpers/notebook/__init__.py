@@ -1,0 +1,1 @@
+"""Notebook plumbing: parameters, plots, the checked endings, the headless runner, nbval's tolerance, Colab."""

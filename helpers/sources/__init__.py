@@ -1,0 +1,1 @@
+"""Files from the package registries, pinned and checksummed: real tokenizers, real-config checkpoints, a trained model, real prose."""

@@ -1,1 +1,0 @@
-"""Training recipes of the toy-model zoo, one module per toy (see helpers.zoo)."""
