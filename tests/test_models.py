@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM
 
 from helpers.models import load, zoo
 from helpers.core.hub import HubUnreachableError
-from helpers.models.load import ModelNotFoundError, load_model
+from helpers.models.load import load_model
+from helpers.models.source import ModelNotFoundError, resolve_model
 from tests.conftest import ARCHITECTURES, build_tiny_checkpoint
 
 HOOKS = ["blocks.{L}.mlp.hook_post", "blocks.{L}.mlp.hook_pre", "blocks.{L}.attn.hook_z",
@@ -217,9 +218,29 @@ def test_reference_model_is_chosen_by_shape_not_by_name(tiny_checkpoint):
     assert load.reference_model(toy, reference="EleutherAI/pythia-70m") == "EleutherAI/pythia-70m"
 
 
-def test_zoo_models_are_recognised_by_name_and_folder(tiny_checkpoint):
-    assert load.is_zoo_model("toy-bilingual") and load.is_zoo_model(zoo.checkpoint_dir("toy-bilingual"))
-    assert not load.is_zoo_model(tiny_checkpoint("gpt_neox")) and not load.is_zoo_model("EleutherAI/pythia-70m")
+def test_a_name_resolves_once_into_what_it_is_where_its_files_are_and_its_checkpoints(tiny_checkpoint, monkeypatch):
+    by_name, by_folder = resolve_model("toy-bilingual"), resolve_model(zoo.checkpoint_dir("toy-bilingual"))
+    assert by_name.is_toy and by_folder.is_toy and by_name.path == by_folder.path == zoo.checkpoint_dir("toy-bilingual")
+    assert by_name.revisions == tuple(zoo.revisions("toy-bilingual")) and len(by_name.revisions) > 2
+    assert by_name.weight_files("step0") == sorted(zoo.revision_dir("toy-bilingual", "step0").glob("*.safetensors"))
+    local = resolve_model(tiny_checkpoint("gpt_neox"))
+    assert (local.kind, local.is_toy, local.revisions) == ("local", False, ())
+    assert local.weight_files() == [local.path / "model.safetensors"]
+    trained = resolve_model("smollm2-135m-instruct")
+    assert trained.kind == "trained" and trained.path.suffix == ".gguf" and not trained.is_toy
+    assert resolve_model(local) is local
+    for switch in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(switch, raising=False)  # resolving a hub id reads no network
+    pythia, other = resolve_model("EleutherAI/pythia-70m"), resolve_model("meta-llama/Meta-Llama-3-8B")
+    assert (pythia.kind, pythia.path, len(pythia.revisions)) == ("hub", None, 154) and other.revisions == ()
+    assert pythia.weight_files("step0") == [] and not pythia.is_local
+
+
+def test_resolving_a_toy_reads_and_never_writes(tmp_path, monkeypatch):
+    before = sorted((path, path.stat().st_mtime_ns) for path in zoo.MODELS_DIR.rglob("*"))
+    for name in zoo.names():
+        resolve_model(name)
+    assert sorted((path, path.stat().st_mtime_ns) for path in zoo.MODELS_DIR.rglob("*")) == before
 
 
 def test_loading_shows_no_weight_progress_bar_and_restores_the_bar_settings(tiny_checkpoint, capfd):

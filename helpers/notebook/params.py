@@ -19,6 +19,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from helpers.core.hub import HubUnreachableError
+from helpers.models.source import ModelNotFoundError, resolve_model
 from helpers.sources import realdata
 
 
@@ -245,11 +247,15 @@ def _is_step_revision(value: Any) -> bool:
 
 
 def _revisions_shipped(model_name: Any, revisions: Any) -> bool:
-    from helpers.models import zoo
-
-    if not revisions or not zoo.is_zoo_name(str(model_name)):
+    """A toy's training checkpoints are the ones it ships; a model that does not resolve is left to the loader,
+    whose error names what is missing."""
+    if not revisions:
         return True
-    return set(revisions) <= set(zoo.revisions(str(model_name)))
+    try:
+        source = resolve_model(model_name)
+    except (ModelNotFoundError, HubUnreachableError):
+        return True
+    return not source.is_toy or set(revisions) <= set(source.revisions)
 
 
 GERMAN_CONTEXT_NEURON = NotebookParameters(

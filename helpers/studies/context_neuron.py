@@ -25,6 +25,7 @@ from helpers.techniques.ablation import Hook
 from helpers.core.components import Component, device_of, final_resid_hook_name, hooks_on, layers_needed
 from helpers.tasks.bilingual import tokenize_documents
 from helpers.core.uncertainty import Interval, bootstrap_interval, f1_statistic, percent_change_statistic
+from helpers.models.source import ModelSource
 
 
 @dataclass
@@ -578,9 +579,9 @@ def training_timeline(steps: Sequence[int], measurements: Sequence[dict], contex
     )
 
 
-def walk_study(model_name: str, revisions: Sequence[str], german: Documents, english: Documents,
+def walk_study(source: ModelSource, revisions: Sequence[str], german: Documents, english: Documents,
                tracked: TrackedCircuit, *, device="cpu", cache_dir=None, progress: bool = True):
-    """`checkpoint_measurement` on each of `revisions` of `model_name` (a `training_walk.TrainingWalk`), cached per
+    """`checkpoint_measurement` on each of `revisions` of the model (a `training_walk.TrainingWalk`), cached per
     checkpoint under the documents and the tracked neurons."""
     from dataclasses import asdict
 
@@ -588,10 +589,10 @@ def walk_study(model_name: str, revisions: Sequence[str], german: Documents, eng
     from helpers.models.training_walk import walk_training
 
     return walk_training(
-        model_name, revisions, lambda model, revision: checkpoint_measurement(model, german, english, tracked),
+        source, revisions, lambda model, revision: checkpoint_measurement(model, german, english, tracked),
         key={"german": german.tokens, "english": english.tokens, "scored": (german.scored, english.scored),
              "tracked": asdict(tracked)},
-        load=lambda name, revision: load_model(name, device=device, revision=revision), cache_dir=cache_dir,
+        load=lambda source, revision: load_model(source, device=device, revision=revision), cache_dir=cache_dir,
         progress=progress)
 
 
