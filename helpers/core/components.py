@@ -38,12 +38,15 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, TypeAlias
 from weakref import WeakKeyDictionary
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
+
+if TYPE_CHECKING:  # for type checkers only: importing transformer_lens takes about 3.7 s
+    from transformer_lens.model_bridge import TransformerBridge
 
 KINDS = ("head", "attn", "mlp", "neuron", "resid_pre", "resid_mid", "resid_post", "embed", "pos_embed",
          "attn_bias", "unembed_bias")
@@ -56,6 +59,12 @@ _PARAMETERS = ("attn_bias", "unembed_bias")
 _LAYERED_LABELS = {"MLP": "mlp", "ATTN": "attn", "ATTN_BIAS": "attn_bias", "RESID_PRE": "resid_pre",
                    "RESID_MID": "resid_mid", "RESID_POST": "resid_post"}
 _LAYERLESS_LABELS = {"EMBED": "embed", "POS_EMBED": "pos_embed", "UNEMBED_BIAS": "unembed_bias"}
+
+Model: TypeAlias = "TransformerBridge"
+"""The model every function of the package takes: a `TransformerBridge` in compatibility mode (what
+`helpers.models.load.load_model` and `build_native_model` return), which names its hooks the TransformerLens way.
+A forward reference, so that importing the package does not import transformer_lens; annotations are not checked
+at run time."""
 
 
 def layers_needed(hook_names: Iterable[str]) -> int | None:
@@ -118,12 +127,12 @@ def hook_name(kind: str, layer: int | None = None, site: str | None = None) -> s
     return f"blocks.{layer}.hook_{kind}"
 
 
-def final_resid_hook_name(model) -> str:
+def final_resid_hook_name(model: Model) -> str:
     """`blocks.{n_layers - 1}.hook_resid_post`: the residual stream the final norm and unembedding read."""
     return hook_name("resid_post", model.cfg.n_layers - 1)
 
 
-def device_of(model) -> torch.device:
+def device_of(model: Model | torch.nn.Module) -> torch.device:
     """The device of the model's weights (its first parameter); CPU for a model without parameters."""
     try:
         return next(model.parameters()).device
@@ -148,7 +157,7 @@ def _hook_points(model, names: Sequence[str]) -> list:
 
 
 @contextmanager
-def hooks_on(model, fwd_hooks: Sequence[Hook]) -> Iterator[None]:
+def hooks_on(model: Model, fwd_hooks: Sequence[Hook]) -> Iterator[None]:
     """`model.hooks(fwd_hooks=fwd_hooks)` for hooks given by name: the same hook points, called once each in list
     order, removed on exit. The bridge's own `hooks` / `run_with_hooks` rebuild its map of hook names, resolving
     every alias, once per hook: about 19 ms per hook on a 30-layer model (EAP-IG on SmolLM2 added 3,426)."""
@@ -162,9 +171,11 @@ def hooks_on(model, fwd_hooks: Sequence[Hook]) -> Iterator[None]:
             point.remove_hooks("fwd", level=_OWN_HOOK_LEVEL)
 
 
-def run_with_hooks(model, tokens: Tensor, fwd_hooks: Sequence[Hook] = (), **forward_kwargs):
+def run_with_hooks(model: Model, tokens: Int[Tensor, "batch pos"], fwd_hooks: Sequence[Hook] = (), **forward_kwargs
+                   ) -> Float[Tensor, "batch pos d_vocab"] | Float[Tensor, "batch pos d_model"] | None:
     """`model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, **forward_kwargs)` through `hooks_on` (a hook given by a
-    name filter instead of a name goes to the bridge's own `run_with_hooks`)."""
+    name filter instead of a name goes to the bridge's own `run_with_hooks`): the logits, the residual stream with
+    `stop_at_layer`, None with `return_type=None`."""
     if any(not isinstance(name, str) for name, _ in fwd_hooks):
         return model.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks), **forward_kwargs)
     with hooks_on(model, fwd_hooks):
@@ -333,7 +344,7 @@ def as_components(items: Iterable[Component | str]) -> list[Component]:
     return [item if isinstance(item, Component) else Component.from_label(item) for item in items]
 
 
-def unembed_only_at(model, positions: Int[Tensor, "batch"]) -> list[tuple[str, Callable]]:
+def unembed_only_at(model: Model, positions: Int[Tensor, "batch"]) -> list[tuple[str, Callable]]:
     """A hook handing the unembedding only each row's `positions` (`[batch, 1, d_model]`), so a run's logits are
     `[batch, 1, d_vocab]`: unembedding every position of a 49k vocabulary is a fifth of a small model's pass and
     most of its memory. None where the model has no `unembed.hook_in`."""
@@ -346,7 +357,7 @@ def unembed_only_at(model, positions: Int[Tensor, "batch"]) -> list[tuple[str, C
     return [("unembed.hook_in", select)]
 
 
-def circuit_hook_names(model) -> list[str]:
+def circuit_hook_names(model: Model) -> list[str]:
     """The hooks a circuit analysis reads, one name per activation (a `names_filter` for `run_with_cache`): the
     embeddings, the residual stream before, between and after each block, every attention and MLP output, each
     head's q, k, v, z and pattern, and the norms' scales. The bridge also reports each activation under aliases

@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
-from helpers.core.components import run_with_hooks
+from helpers.core.components import Model, run_with_hooks
 
 OPERATORS: tuple[str, ...] = ("+", "-", "*", "/")
 OPERATOR_NAMES: dict[str, str] = {"+": "addition", "-": "subtraction", "*": "multiplication", "/": "division"}
@@ -37,7 +38,7 @@ PROMPT_POSITION_NAMES: tuple[str, ...] = ("op1", "operator", "op2", "=")  # the 
 _PROMPT = re.compile(r"^\s*(\d+)\s*([+\-*/])\s*(\d+)\s*=\s*$")
 
 
-def apply_tensor(op: str, x: Tensor, y: Tensor) -> Tensor:
+def apply_tensor(op: str, x: Int[Tensor, " n"], y: Int[Tensor, " n"]) -> Int[Tensor, " n"]:
     """The integer results of `x op y` for operand tensors `[n]` (long); -1 where undefined (division by zero)."""
     if op == "+":
         return x + y
@@ -101,10 +102,10 @@ class PromptSet:
     """
 
     op: str
-    x: Tensor
-    y: Tensor
-    results: Tensor
-    predictions: Tensor | None = None
+    x: Int[Tensor, " n"]
+    y: Int[Tensor, " n"]
+    results: Int[Tensor, " n"]
+    predictions: Int[Tensor, " n"] | None = None
     meta: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -115,11 +116,11 @@ class PromptSet:
         return [prompt_text(int(a), self.op, int(b)) for a, b in zip(self.x, self.y)]
 
     @property
-    def pairs(self) -> Tensor:
+    def pairs(self) -> Int[Tensor, "n 2"]:
         """`[n, 2]` (op1, op2)."""
         return torch.stack([self.x, self.y], dim=1)
 
-    def subset(self, index: Tensor | Sequence[int]) -> "PromptSet":
+    def subset(self, index: Int[Tensor, " k"] | Sequence[int]) -> "PromptSet":
         index = torch.as_tensor(index, dtype=torch.long)
         predictions = None if self.predictions is None else self.predictions[index]
         return PromptSet(self.op, self.x[index], self.y[index], self.results[index], predictions, dict(self.meta))
@@ -139,7 +140,8 @@ class PromptSet:
                          torch.cat([s.results for s in sets]), preds)
 
 
-def operand_pairs(op: str, min_op: int | None = None, max_op: int = 300, max_single_token: int = 999) -> Tensor:
+def operand_pairs(op: str, min_op: int | None = None, max_op: int = 300, max_single_token: int = 999
+                  ) -> Int[Tensor, "N 2"]:
     """Every valid (op1, op2) pair of `op`, sorted: `[N, 2]` long (op1 major, then op2)."""
     min_op = default_min_op(op) if min_op is None else min_op
     rows = [(x, y) for x in range(min_op, max_op) for y in operand2_range(op, x, min_op, max_op, max_single_token)]
@@ -200,7 +202,7 @@ def split_train_test(prompts: PromptSet, test_fraction: float, seed: int) -> tup
 
 
 # ---- tokens --------------------------------------------------------------------------------------------------------
-def number_token_ids(tokenizer, max_single_token: int = 999) -> Tensor:
+def number_token_ids(tokenizer, max_single_token: int = 999) -> Int[Tensor, " numbers"]:
     """`ids[n]` = the token id of the string `str(n)` for n in [0, max_single_token]: `[max_single_token + 1]`.
 
     Raises if some number is not exactly one token (so the prompt format's assumption is checked, not assumed).
@@ -276,7 +278,8 @@ class PromptFormat:
         return bos + tuple(f"prefix {i}" for i in range(len(lead) - len(bos))) + PROMPT_POSITION_NAMES
 
 
-def prompt_tokens(tokenizer, prompts: PromptSet, prompt_format: PromptFormat = PromptFormat()) -> Tensor:
+def prompt_tokens(tokenizer, prompts: PromptSet, prompt_format: PromptFormat = PromptFormat()
+                  ) -> Int[Tensor, "n pos"]:
     """Token ids `[n, lead + 4]`: what `prompt_format` puts first, then op1, operator, op2, `=` (built from the
     vocabulary, checked against the tokenizer on the first prompt: the prefix and the prompt tokenized together must
     give the same tokens)."""
@@ -308,7 +311,8 @@ def _single_token(tokenizer, vocab: dict, text: str) -> int:
 
 
 @torch.no_grad()
-def last_logits(model, tokens: Tensor, batch_size: int = 512, fwd_hooks: list | None = None) -> Tensor:
+def last_logits(model: Model, tokens: Int[Tensor, "n pos"], batch_size: int = 512, fwd_hooks: list | None = None
+                ) -> Float[Tensor, "n d_vocab"]:
     """Logits at the last position `[n, d_vocab]` (float32, on CPU), in batches, optionally with hooks."""
     out = []
     device = getattr(model.cfg, "device", None)
@@ -321,8 +325,9 @@ def last_logits(model, tokens: Tensor, batch_size: int = 512, fwd_hooks: list | 
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def predict_numbers(model, tokenizer, prompts: PromptSet, batch_size: int = 512, fwd_hooks: list | None = None,
-                    max_single_token: int | None = None, prompt_format: PromptFormat = PromptFormat()) -> Tensor:
+def predict_numbers(model: Model, tokenizer, prompts: PromptSet, batch_size: int = 512, fwd_hooks: list | None = None,
+                    max_single_token: int | None = None, prompt_format: PromptFormat = PromptFormat()
+                    ) -> Int[Tensor, " n"]:
     """The model's greedy answer as a number `[n]` (long; -1 where the argmax token is not a number 0..S; S:
     `max_single_token`, default every number the tokenizer keeps whole, up to 999)."""
     logits = last_logits(model, prompt_tokens(tokenizer, prompts, prompt_format), batch_size, fwd_hooks)
@@ -335,7 +340,7 @@ def predict_numbers(model, tokenizer, prompts: PromptSet, batch_size: int = 512,
     return lookup[top]
 
 
-def accuracy(model, tokenizer, prompts: PromptSet, batch_size: int = 512, fwd_hooks: list | None = None,
+def accuracy(model: Model, tokenizer, prompts: PromptSet, batch_size: int = 512, fwd_hooks: list | None = None,
              prompt_format: PromptFormat = PromptFormat()) -> float:
     """Fraction of prompts whose greedy answer token is the true result."""
     if len(prompts) == 0:
@@ -344,7 +349,7 @@ def accuracy(model, tokenizer, prompts: PromptSet, batch_size: int = 512, fwd_ho
     return float((predicted == prompts.results).float().mean())
 
 
-def split_by_correctness(model, tokenizer, prompts: PromptSet, batch_size: int = 512,
+def split_by_correctness(model: Model, tokenizer, prompts: PromptSet, batch_size: int = 512,
                          prompt_format: PromptFormat = PromptFormat()) -> tuple[PromptSet, PromptSet]:
     """(correct, incorrect) prompts by the model's own greedy prediction. Incorrect prompts are those where the
     model predicts a *number* that is wrong (the seed's `validate_numerals=True`); `predictions` holds the guesses."""
@@ -355,7 +360,8 @@ def split_by_correctness(model, tokenizer, prompts: PromptSet, batch_size: int =
     return prompts.subset(correct.nonzero().flatten()), prompts.subset(wrong.nonzero().flatten())
 
 
-def corrupt_partners(clean: PromptSet, pool: Sequence[PromptSet], seed: int) -> tuple[list[str], Tensor, Tensor]:
+def corrupt_partners(clean: PromptSet, pool: Sequence[PromptSet], seed: int
+                     ) -> tuple[list[str], Int[Tensor, "n 2"], Int[Tensor, " n"]]:
     """A counterfactual prompt for every clean prompt, drawn from `pool` (prompt sets of any operators, as in the
     seed: random discovery prompts of all operators), such that the corrupt answer differs from the clean answer and
     the corrupt prompt is not the clean prompt (the seed guaranteed neither).
@@ -380,8 +386,8 @@ def corrupt_partners(clean: PromptSet, pool: Sequence[PromptSet], seed: int) -> 
     return ops, torch.tensor(pairs, dtype=torch.long), torch.tensor(results, dtype=torch.long)
 
 
-def mixed_tokens(tokenizer, ops: Sequence[str], pairs: Tensor, prompt_format: PromptFormat = PromptFormat()
-                 ) -> Tensor:
+def mixed_tokens(tokenizer, ops: Sequence[str], pairs: Int[Tensor, "n 2"], prompt_format: PromptFormat = PromptFormat()
+                 ) -> Int[Tensor, "n pos"]:
     """Tokens `[n, lead + 4]` of prompts with per-row operators (e.g. the corrupt prompts of `corrupt_partners`)."""
     rows = []
     for op, (a, b) in zip(ops, pairs.tolist()):

@@ -19,9 +19,13 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from helpers.sources import realdata
+
+if TYPE_CHECKING:  # the module leaves torch unimported until a function needs it
+    from jaxtyping import Bool, Int
+    from torch import Tensor
 
 LANGUAGES = ("en", "de")
 
@@ -308,7 +312,7 @@ def evaluation_texts(n_per_language: int, *, seed: int = 12345, min_chars: int =
 
 
 def tokenize_documents(tokenizer, texts: Sequence[str], n_ctx: int, *, append_eos: bool = True,
-                       prepend_bos: bool = True):
+                       prepend_bos: bool = True) -> tuple[Int[Tensor, "n n_ctx"], Bool[Tensor, "n n_ctx"]]:
     """`(tokens [n, n_ctx], mask [n, n_ctx])`: BOS (when `prepend_bos`) + each document's tokens (+ EOS), cut at
     `n_ctx`, padded with EOS; `mask` is True on real tokens. Works with any Hugging Face tokenizer (Pythia's BOS is
     its `<|endoftext|>`)."""

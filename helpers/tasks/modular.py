@@ -11,6 +11,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from helpers.core.components import Model
+
 TASKS = ("modular", "addition")
 
 
@@ -73,7 +75,7 @@ def make_data(p: int, task: str = "modular", frac_train: float = 0.3, seed: int 
                           p if task == "modular" else 2 * p - 1)
 
 
-def last_position_loss(logits: Float[Tensor, "batch *seq vocab"], labels: Int[Tensor, " batch"]) -> Tensor:
+def last_position_loss(logits: Float[Tensor, "batch *seq vocab"], labels: Int[Tensor, " batch"]) -> Float[Tensor, ""]:
     """Cross-entropy at the final position in float64 (the seed's loss_fn); `logits` with or without a position
     axis."""
     if logits.ndim == 3:
@@ -89,16 +91,16 @@ def accuracy(logits: Float[Tensor, "batch *seq vocab"], labels: Int[Tensor, " ba
     return (logits.argmax(-1) == labels).float().mean().item()
 
 
-def batch_loss(model, batch: tuple[Tensor, Tensor]) -> Tensor:
+def batch_loss(model: Model, batch: tuple[Int[Tensor, "batch 3"], Int[Tensor, " batch"]]) -> Float[Tensor, ""]:
     """The training loss for a batch `(tokens [batch, 3], labels [batch])`: `last_position_loss` of the model."""
     tokens, labels = batch
     return last_position_loss(model(tokens), labels)
 
 
-def train_test_metrics(data: ArithmeticData) -> Callable[[object], dict[str, Tensor | float]]:
+def train_test_metrics(data: ArithmeticData) -> Callable[[Model], dict[str, Float[Tensor, ""] | float]]:
     """An eval function for `training.train`: test loss, train accuracy and test accuracy on all pairs of `data`
     (one forward pass; the tensors of `data` must be on the model's device)."""
-    def evaluate(model) -> dict[str, Tensor | float]:
+    def evaluate(model: Model) -> dict[str, Float[Tensor, ""] | float]:
         logits = model(data.tokens)[:, -1]
         train, test = data.train_indices, data.test_indices
         return {"test_loss": last_position_loss(logits[test], data.labels[test]),

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from jaxtyping import Int
 from torch import Tensor
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,7 +207,7 @@ FORCED_TOKENS = CLOSING_QUOTES + (OPENING_QUOTE,)
 
 
 def pack_tokens(texts: Sequence[str], tokenizer, seq_len: int, bos_token_id: int | None = None,
-                prepend_bos: bool = True) -> Tensor:
+                prepend_bos: bool = True) -> Int[Tensor, "n_rows seq_len"]:
     """Tokenise `texts`, join them with BOS separators and cut into rows `[n_rows, seq_len]` that each start with
     BOS (the original notebook's `batch_prompts` recipe). With `prepend_bos=False` (a model trained without BOS) the
     texts are joined with EOS and the rows start wherever the cut falls. The tail that does not fill a row is
@@ -238,11 +239,11 @@ class QuotePrompts:
         story_index: `[n]` which input text each prompt was cut from.
     """
 
-    tokens: Tensor
-    last_pos: Tensor
-    answers: Tensor
+    tokens: Int[Tensor, "n max_len"]
+    last_pos: Int[Tensor, " n"]
+    answers: Int[Tensor, " n"]
     texts: list[str]
-    story_index: Tensor
+    story_index: Int[Tensor, " n"]
 
     def __len__(self) -> int:
         return len(self.texts)

@@ -18,11 +18,13 @@ import random
 import string
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
-from helpers.core.components import run_with_hooks, unembed_only_at
+from helpers.core.components import Model, run_with_hooks, unembed_only_at
 
 TEMPLATE = "All {category} are {A}, not {B}. {Noun} are {category}. Therefore, {noun} are"
 # the seed's variant (also in the toy's training corpus): the negated descriptor comes first
@@ -138,9 +140,9 @@ class SyllogismData:
         pool_size: how many prompts were generated before filtering.
     """
 
-    clean_tokens: Tensor
-    corrupted_tokens: Tensor
-    answers: Tensor
+    clean_tokens: Int[Tensor, "batch pos"]
+    corrupted_tokens: Int[Tensor, "batch pos"]
+    answers: Int[Tensor, "batch 2"]
     positions: dict[str, int]
     items: list[Syllogism]
     signature: tuple[int, ...]
@@ -150,13 +152,13 @@ class SyllogismData:
     def __len__(self) -> int:
         return len(self.items)
 
-    def subset(self, index) -> "SyllogismData":
+    def subset(self, index: Int[Tensor, " k"] | Sequence[int]) -> "SyllogismData":
         index = torch.as_tensor(index, dtype=torch.long)
         return SyllogismData(self.clean_tokens[index], self.corrupted_tokens[index], self.answers[index],
                              dict(self.positions), [self.items[i] for i in index.tolist()], self.signature,
                              self.pool_size, list(self.str_tokens))
 
-    def to(self, device) -> "SyllogismData":
+    def to(self, device: torch.device | str) -> "SyllogismData":
         return SyllogismData(self.clean_tokens.to(device), self.corrupted_tokens.to(device), self.answers.to(device),
                              self.positions, self.items, self.signature, self.pool_size, self.str_tokens)
 
@@ -201,7 +203,8 @@ def build_dataset(tokenizer, items: list[Syllogism], prepend_bos: bool = True,
 
 
 @torch.no_grad()
-def logit_diffs(model, tokens: Tensor, answers: Tensor, batch_size: int = 64) -> Tensor:
+def logit_diffs(model: Model, tokens: Int[Tensor, "batch pos"], answers: Int[Tensor, "batch 2"], batch_size: int = 64
+                ) -> Float[Tensor, " batch"]:
     """Per-prompt logit difference (A minus B) at the final position: tokens `[batch, pos]` -> `[batch]`."""
     out = []
     for start in range(0, len(tokens), batch_size):
@@ -214,7 +217,7 @@ def logit_diffs(model, tokens: Tensor, answers: Tensor, batch_size: int = 64) ->
 
 
 @torch.no_grad()
-def accuracy(model, data: SyllogismData, batch_size: int = 64) -> dict[str, float]:
+def accuracy(model: Model, data: SyllogismData, batch_size: int = 64) -> dict[str, float]:
     """`top1`: share of clean prompts whose argmax over the whole vocabulary is A's first token;
     `pairwise`: share with logit(A) > logit(B)."""
     top1, pairwise = [], []
@@ -228,7 +231,7 @@ def accuracy(model, data: SyllogismData, batch_size: int = 64) -> dict[str, floa
     return {"top1": torch.cat(top1).mean().item(), "pairwise": torch.cat(pairwise).mean().item()}
 
 
-def filter_by_logit_diff(model, data: SyllogismData, threshold: float | None = 2.0,
+def filter_by_logit_diff(model: Model, data: SyllogismData, threshold: float | None = 2.0,
                          batch_size: int = 64) -> tuple[SyllogismData, float]:
     """Keep prompts whose clean logit difference exceeds `threshold` and whose flip's is below `-threshold` (the
     original notebook's filter, batched). Returns the kept data and the pass rate (the filter favours easy items;
@@ -275,7 +278,8 @@ def held_out_pairs(data: SyllogismData, used: SyllogismData, n: int, seed: int =
     return sample_pairs(rest, 2 * n_pairs, seed) if n_pairs else None
 
 
-def replace_marker(data: SyllogismData, tokenizer, slot: str = "not", replacement: str = " but") -> Tensor:
+def replace_marker(data: SyllogismData, tokenizer, slot: str = "not", replacement: str = " but"
+                   ) -> Int[Tensor, "batch pos"]:
     """Clean prompts with the token at `data.positions[slot]` replaced by `replacement` (one token), e.g.
     "All birds are A, not B." -> "All birds are A, but B.": the words stay where they are, only the marker of which
     descriptor is negated changes. `[batch, pos]`."""

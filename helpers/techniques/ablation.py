@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from helpers.core.components import all_heads, all_mlps, Component, run_with_hooks
+from helpers.core.components import all_heads, all_mlps, Component, Model, run_with_hooks
 from helpers.techniques.patching import PositionalMetric, unembedding_reads
 from helpers.techniques.replay import activations, hooked_logits, kept_run_available, replayed_logits
 from helpers.core.uncertainty import Interval, bootstrap_interval, faithfulness_statistic
@@ -34,8 +34,8 @@ def _hook_names(components: Iterable[Component]) -> list[str]:
 
 
 @torch.no_grad()
-def reference_activations(model, tokens: Tensor, components: Iterable[Component], method: str = "mean",
-                          seed: int = 0) -> dict[str, Tensor]:
+def reference_activations(model: Model, tokens: Int[Tensor, "batch pos"], components: Iterable[Component],
+                          method: str = "mean", seed: int = 0) -> dict[str, Float[Tensor, "#batch pos ..."]]:
     """Activations that `ablation_hooks` writes, for every hook the components use.
 
     tokens `[batch, pos]` (the reference distribution) -> `{hook_name: [1, pos, ...]}` for "mean", or
@@ -99,7 +99,7 @@ def _writer(sites: list[tuple], reference: Tensor | None) -> Callable:
 
 
 def ablation_hooks(components: Iterable[Component], method: str = "zero",
-                   reference: dict[str, Tensor] | None = None) -> list[Hook]:
+                   reference: dict[str, Float[Tensor, "#batch pos ..."]] | None = None) -> list[Hook]:
     """Hooks that knock out `components` (heads via `hook_z`, MLPs via `hook_mlp_out`, neurons via `mlp.hook_post`,
     attention layers via `hook_attn_out`, residual stream) at their positions.
 
@@ -116,8 +116,9 @@ def ablation_hooks(components: Iterable[Component], method: str = "zero",
 
 
 @torch.no_grad()
-def run_ablated(model, tokens: Tensor, components: Iterable[Component], method: str = "zero",
-                reference_tokens: Tensor | None = None, seed: int = 0) -> Tensor:
+def run_ablated(model: Model, tokens: Int[Tensor, "batch pos"], components: Iterable[Component], method: str = "zero",
+                reference_tokens: Int[Tensor, "ref pos"] | None = None, seed: int = 0
+                ) -> Float[Tensor, "batch pos d_vocab"]:
     """Logits `[batch, pos, vocab]` of the run on `tokens` with `components` ablated (mean/resample over
     `reference_tokens`, default `tokens` itself)."""
     components = list(components)
@@ -128,15 +129,16 @@ def run_ablated(model, tokens: Tensor, components: Iterable[Component], method: 
     return run_with_hooks(model, tokens, fwd_hooks=ablation_hooks(components, method, reference))
 
 
-def knockout(model, tokens: Tensor, components: Iterable[Component], metric: Metric, method: str = "zero",
-             reference_tokens: Tensor | None = None, seed: int = 0) -> float:
+def knockout(model: Model, tokens: Int[Tensor, "batch pos"], components: Iterable[Component], metric: Metric,
+             method: str = "zero", reference_tokens: Int[Tensor, "ref pos"] | None = None, seed: int = 0) -> float:
     """`metric(logits)` of the ablated run (e.g. the normalised logit difference: 1 = intact, 0 = corrupted)."""
     return float(metric(run_ablated(model, tokens, components, method, reference_tokens, seed)))
 
 
 @torch.no_grad()
-def knockout_each(model, tokens: Tensor, components: Sequence[Component], metric: Metric, method: str = "zero",
-                  reference_tokens: Tensor | None = None, seed: int = 0) -> Tensor:
+def knockout_each(model: Model, tokens: Int[Tensor, "batch pos"], components: Sequence[Component], metric: Metric,
+                  method: str = "zero", reference_tokens: Int[Tensor, "ref pos"] | None = None, seed: int = 0
+                  ) -> Float[Tensor, " component"]:
     """The metric with each component ablated on its own: `[len(components)]`."""
     components = list(components)
     reference = None
@@ -149,7 +151,7 @@ def knockout_each(model, tokens: Tensor, components: Sequence[Component], metric
 
 
 # ---- circuits ----------------------------------------------------------------------------------------------------
-def circuit_universe(model, include_mlps: bool = True) -> list[Component]:
+def circuit_universe(model: Model, include_mlps: bool = True) -> list[Component]:
     """The components a circuit is carved from: every head, and every MLP layer when `include_mlps`."""
     universe = all_heads(model.cfg.n_layers, model.cfg.n_heads)
     return universe + (all_mlps(model.cfg.n_layers) if include_mlps else [])
@@ -179,17 +181,18 @@ def complement(circuit: Iterable[Component], universe: Iterable[Component], seq_
     return out
 
 
-def circuit_hooks(model, circuit: Iterable[Component], seq_len: int, method: str = "mean",
-                  reference: dict[str, Tensor] | None = None, universe: Iterable[Component] | None = None) -> list[Hook]:
+def circuit_hooks(model: Model, circuit: Iterable[Component], seq_len: int, method: str = "mean",
+                  reference: dict[str, Float[Tensor, "#batch pos ..."]] | None = None,
+                  universe: Iterable[Component] | None = None) -> list[Hook]:
     """Hooks that keep only `circuit` and ablate (by default mean-ablate) everything else in `universe`."""
     universe = circuit_universe(model) if universe is None else list(universe)
     return ablation_hooks(complement(circuit, universe, seq_len), method, reference)
 
 
 @torch.no_grad()
-def faithfulness(model, tokens: Tensor, circuit: Iterable[Component], metric: Metric, method: str = "mean",
-                 reference_tokens: Tensor | None = None, universe: Iterable[Component] | None = None,
-                 seed: int = 0) -> dict[str, float]:
+def faithfulness(model: Model, tokens: Int[Tensor, "batch pos"], circuit: Iterable[Component], metric: Metric,
+                 method: str = "mean", reference_tokens: Int[Tensor, "ref pos"] | None = None,
+                 universe: Iterable[Component] | None = None, seed: int = 0) -> dict[str, float]:
     """How much of the model's behaviour a circuit keeps, with everything outside it ablated.
 
     Returns `{"full": m(model), "empty": m(all of universe ablated), "circuit": m(only circuit kept),
@@ -278,7 +281,8 @@ def neuron_value_hooks(values: dict, from_position: int = 0) -> list[Hook]:
 
 
 @torch.no_grad()
-def token_losses(model, tokens: Tensor, fwd_hooks: Sequence[Hook] = ()) -> Tensor:
+def token_losses(model: Model, tokens: Int[Tensor, "batch pos"], fwd_hooks: Sequence[Hook] = ()
+                 ) -> Float[Tensor, "batch pos_minus_1"]:
     """Next-token cross-entropy at every position: tokens `[batch, pos]` -> `[batch, pos - 1]` (entry `i` is the loss
     of predicting `tokens[:, i + 1]`), under `fwd_hooks`. Runs from a clean run `replay.keep_clean_block_inputs`
     kept, where it can (rows taken as `token_losses_each` takes them)."""
@@ -296,7 +300,7 @@ def _logit_rows(model, tokens: Tensor) -> int:
 
 
 @torch.no_grad()
-def token_losses_each(model, tokens: Int[Tensor, "batch pos"], variants: Sequence[Sequence[Hook]]
+def token_losses_each(model: Model, tokens: Int[Tensor, "batch pos"], variants: Sequence[Sequence[Hook]]
                       ) -> Float[Tensor, "variant batch pos_minus_1"]:
     """`token_losses` without hooks (row 0) and under each of `variants` (rows 1..), sharing one clean pass: each
     hooked run starts at the first block its hooks sit in (`replay.replayed_logits`). Rows of `tokens` are taken
@@ -315,7 +319,8 @@ def loss_chunk_rows(n_positions: int, d_vocab: int) -> int:
     return max(1, LOSS_CHUNK // max(1, n_positions * d_vocab))
 
 
-def losses_from_logits(logits: Tensor, tokens: Tensor) -> Tensor:
+def losses_from_logits(logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "batch pos"]
+                       ) -> Float[Tensor, "batch pos_minus_1"]:
     """Cross-entropy of `tokens[:, i + 1]` under `logits[:, i]`: logits `[batch, pos, vocab]` -> `[batch, pos - 1]`.
 
     Computed as `logsumexp - logit[target]` a few rows at a time, so no second `[batch, pos, vocab]` tensor (the
@@ -404,9 +409,10 @@ class CircuitEvaluator:
             from `reference_tokens` (default `tokens`).
     """
 
-    def __init__(self, model, tokens: Int[Tensor, "batch pos"], metric: Callable[[Tensor], Tensor], *,
-                 method: str = "mean", reference: dict[str, Tensor] | None = None,
-                 reference_tokens: Tensor | None = None, universe: Iterable[Component] | None = None,
+    def __init__(self, model: Model, tokens: Int[Tensor, "batch pos"],
+                 metric: Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, " batch"]], *,
+                 method: str = "mean", reference: dict[str, Float[Tensor, "#batch pos ..."]] | None = None,
+                 reference_tokens: Int[Tensor, "ref pos"] | None = None, universe: Iterable[Component] | None = None,
                  neuron_layers: Iterable[int] = (), seed: int = 0):
         self.model, self.tokens, self.metric, self.method = model, tokens, metric, method
         self.universe = circuit_universe(model) if universe is None else list(universe)

@@ -15,7 +15,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from helpers.core.components import device_of, hook_name
+from helpers.core.components import device_of, hook_name, Model
 
 
 def _pattern_name(layer: int) -> str:
@@ -23,32 +23,31 @@ def _pattern_name(layer: int) -> str:
 
 
 @torch.no_grad()
-def attention_from_last(model, tokens: Int[Tensor, "N seq"], batch_size: int = 1024
+def attention_from_last(model: Model, tokens: Int[Tensor, "N seq"], batch_size: int = 1024
                         ) -> Float[Tensor, "n_layers n_heads N seq"]:
     """Attention of the last position to every source position, for every head (CPU, float32)."""
-    names = {_pattern_name(l) for l in range(model.cfg.n_layers)}
+    names = [_pattern_name(l) for l in range(model.cfg.n_layers)]
     out = []
     for start in range(0, len(tokens), batch_size):
         batch = tokens[start : start + batch_size].to(device_of(model))
-        _, cache = model.run_with_cache(batch, names_filter=lambda name: name in names)
+        _, cache = model.run_with_cache(batch, names_filter=names)
         out.append(torch.stack([cache[_pattern_name(l)][:, :, -1].float().cpu()          # [batch, head, seq]
                                 for l in range(model.cfg.n_layers)]).transpose(1, 2))    # [layer, head, batch, seq]
     return torch.cat(out, dim=2)
 
 
 @torch.no_grad()
-def mean_patterns(model, tokens: Int[Tensor, "N seq"], heads: Sequence[tuple[int, int]]
+def mean_patterns(model: Model, tokens: Int[Tensor, "N seq"], heads: Sequence[tuple[int, int]]
                   ) -> Float[Tensor, "n_heads_chosen seq seq"]:
     """The attention pattern `[query, key]` of each `(layer, head)` averaged over the prompts (CPU, float32)."""
-    names = {_pattern_name(l) for l, _ in heads}
-    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
+    _, cache = model.run_with_cache(tokens, names_filter=[_pattern_name(l) for l, _ in heads])
     if not heads:
         return torch.zeros(0, tokens.shape[1], tokens.shape[1])
     return torch.stack([cache[_pattern_name(l)][:, h].float().mean(0).cpu() for l, h in heads])
 
 
 @torch.no_grad()
-def ov_transition(model, layer: int, head: int, token_ids: Int[Tensor, "T"], source: str = "embed"
+def ov_transition(model: Model, layer: int, head: int, token_ids: Int[Tensor, "T"], source: str = "embed"
                   ) -> Float[Tensor, "T_in T_out"]:
     """The OV circuit of a head between tokens: `[n_tokens (input), n_tokens (output)]` logits.
 

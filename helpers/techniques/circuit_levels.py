@@ -25,16 +25,16 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from helpers.techniques import ablation, dla, patching
-from helpers.core.components import circuit_hook_names, Component, hook_name, hooks_on
+from helpers.core.components import circuit_hook_names, Component, hook_name, hooks_on, Model
 
 Metric = Callable[[Tensor], Tensor]
 Head = tuple[int, int]
 
 
 @torch.no_grad()
-def smallest_knockout_set(model, tokens: Int[Tensor, "batch pos"], ranked: Sequence[Head], metric: Metric,
+def smallest_knockout_set(model: Model, tokens: Int[Tensor, "batch pos"], ranked: Sequence[Head], metric: Metric,
                           target: float, method: str = "zero", position: int | None = -1,
-                          reference_tokens: Tensor | None = None) -> tuple[list[Component], float]:
+                          reference_tokens: Int[Tensor, "ref pos"] | None = None) -> tuple[list[Component], float]:
     """The shortest prefix of `ranked` heads whose knockout at `position` lowers `metric` by at least `target`
     (from 1, the intact model): `1 - metric(knocked-out run) >= target`.
 
@@ -87,9 +87,9 @@ class KnockoutDLA:
 
 
 @torch.no_grad()
-def dla_under_knockout(model, tokens: Int[Tensor, "batch pos"], answers: Int[Tensor, "batch 2"],
+def dla_under_knockout(model: Model, tokens: Int[Tensor, "batch pos"], answers: Int[Tensor, "batch 2"],
                        knocked_out: Sequence[Component], method: str = "zero", clean_cache=None,
-                       reference_tokens: Tensor | None = None, pos: int = -1) -> KnockoutDLA:
+                       reference_tokens: Int[Tensor, "ref pos"] | None = None, pos: int = -1) -> KnockoutDLA:
     """Knock out `knocked_out` (zero, or mean over `reference_tokens`, default `tokens`) and attribute the logit
     difference at `pos` to every head, beside the intact run's attribution (from `clean_cache` if given)."""
     knocked_out = list(knocked_out)
@@ -121,9 +121,9 @@ def attention_from(cache, heads: Sequence[Head], query_pos: int) -> Float[Tensor
 
 
 @torch.no_grad()
-def upstream_path_patch(model, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
-                        metric: Metric, receivers: Sequence[Component], receiver_site: str = "v",
-                        senders: Sequence[tuple[int, int]] | None = None,
+def upstream_path_patch(model: Model, clean_tokens: Int[Tensor, "batch pos"],
+                        corrupted_tokens: Int[Tensor, "batch pos"], metric: Metric, receivers: Sequence[Component],
+                        receiver_site: str = "v", senders: Sequence[tuple[int, int]] | None = None,
                         **path_patch_options) -> Float[Tensor, "layer head"]:
     """Path patching from every head that can reach `receivers` (layer below the last receiver's) into their
     `receiver_site` ("q", "k" or "v") inputs, each sender alone: `[n_layers, n_heads]` change of `metric` from the
@@ -147,7 +147,7 @@ def upstream_path_patch(model, clean_tokens: Int[Tensor, "batch pos"], corrupted
     return change
 
 
-def screened_senders(model, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
+def screened_senders(model: Model, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
                      metric: Metric, below_layer: int, top: int) -> list[tuple[int, int]]:
     """The `top` heads below `below_layer` whose output, patched from the corrupted into the clean run, has the
     largest estimated |effect| on `metric` (attribution patching: one forward and one backward pass): the senders

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from helpers.techniques import replay
 from helpers.techniques.ablation import loss_chunk_rows, losses_from_logits
-from helpers.core.components import as_components, Component, final_resid_hook_name, hook_name
+from helpers.core.components import as_components, Component, final_resid_hook_name, hook_name, Model
 
 Position = int | slice
 
@@ -121,14 +121,14 @@ def _logit_offset(model) -> Float[Tensor, "d_vocab"] | None:
     return offset if b_U is None else offset + b_U.to(offset)
 
 
-def logit_diff_directions(model, answer_tokens: Int[Tensor, "batch 2"]) -> Float[Tensor, "batch d_model"]:
+def logit_diff_directions(model: Model, answer_tokens: Int[Tensor, "batch 2"]) -> Float[Tensor, "batch d_model"]:
     """`W_U[:, correct] - W_U[:, wrong]`: `[batch, d_model]` for answer tokens `[batch, 2]`."""
     W_U = model.W_U
     answer_tokens = answer_tokens.to(W_U.device)
     return (W_U[:, answer_tokens[:, 0]] - W_U[:, answer_tokens[:, 1]]).T
 
 
-def unembed_bias_diff(model, answer_tokens: Int[Tensor, "batch 2"]) -> Float[Tensor, "batch"]:
+def unembed_bias_diff(model: Model, answer_tokens: Int[Tensor, "batch 2"]) -> Float[Tensor, "batch"]:
     """`offset[correct] - offset[wrong]` for the constant logit offset `b @ W_U + b_U`: `[batch]` (zeros when the
     model has neither a final-norm bias nor an unembedding bias)."""
     offset = _logit_offset(model)
@@ -181,7 +181,7 @@ def _embeddings(cache) -> list[Component]:
     return [Component.embed()] + ([Component.pos_embed()] if has_pos_embed else [])
 
 
-def decompose_resid(model, cache, pos: Position = -1) -> tuple[Float[Tensor, "component batch d_model"],
+def decompose_resid(model: Model, cache, pos: Position = -1) -> tuple[Float[Tensor, "component batch d_model"],
                                                                list[Component]]:
     """The final residual stream at `pos` split into its writers.
 
@@ -199,7 +199,7 @@ def decompose_resid(model, cache, pos: Position = -1) -> tuple[Float[Tensor, "co
     return torch.stack(pieces), embeddings + writers
 
 
-def accumulated_resid(model, cache, pos: int = -1) -> tuple[Float[Tensor, "layer_plus_1 batch d_model"],
+def accumulated_resid(model: Model, cache, pos: int = -1) -> tuple[Float[Tensor, "layer_plus_1 batch d_model"],
                                                             list[Component]]:
     """The residual stream at `pos` before each layer and after the last: `(stack, components)` with components
     `RESID_PRE0`, ..., `RESID_PRE{L-1}`, `RESID_POST{L-1}`."""
@@ -209,7 +209,7 @@ def accumulated_resid(model, cache, pos: int = -1) -> tuple[Float[Tensor, "layer
     return torch.stack([cache[component.hook_name()][:, pos] for component in components]), components
 
 
-def head_results(model, cache, layer: int, pos: int = -1) -> Float[Tensor, "batch head d_model"]:
+def head_results(model: Model, cache, layer: int, pos: int = -1) -> Float[Tensor, "batch head d_model"]:
     """Each head's write to the residual stream at `pos`: `z[:, pos] @ W_O[layer]` -> `[batch, n_heads, d_model]`
     (without the shared bias `b_O[layer]`)."""
     z = cache[hook_name("head", layer)][:, pos]  # [batch, head, d_head]
@@ -223,7 +223,7 @@ def _attn_bias(model, layer: int, like: Float[Tensor, "... d_model"]) -> Float[T
     return torch.zeros_like(like) if bias is None else bias.to(like).expand_as(like)
 
 
-def layer_attribution(model, cache, answer_tokens: Int[Tensor, "batch 2"], pos: int = -1) -> Attribution:
+def layer_attribution(model: Model, cache, answer_tokens: Int[Tensor, "batch 2"], pos: int = -1) -> Attribution:
     """DLA of `EMBED`, (`POS_EMBED`), every `ATTN{l}` / `MLP{l}`, and `UNEMBED_BIAS`: values `[n_components]`.
 
     The values sum to the mean logit difference at `pos`.
@@ -236,7 +236,7 @@ def layer_attribution(model, cache, answer_tokens: Int[Tensor, "batch 2"], pos: 
     return Attribution(per_prompt.mean(-1), components + [Component.unembed_bias()], per_prompt)
 
 
-def logit_lens(model, cache, answer_tokens: Int[Tensor, "batch 2"], pos: int = -1) -> Attribution:
+def logit_lens(model: Model, cache, answer_tokens: Int[Tensor, "batch 2"], pos: int = -1) -> Attribution:
     """Logit difference read from the accumulated residual stream before each layer (`RESID_PRE{l}`) and after the
     last (`RESID_POST{L-1}`), final norm linearised with the cached scale of the final residual stream, plus the
     constant offset `UNEMBED_BIAS`: values `[n_layers + 1]`; the last equals the model's logit difference."""
@@ -247,7 +247,7 @@ def logit_lens(model, cache, answer_tokens: Int[Tensor, "batch 2"], pos: int = -
     return Attribution(per_prompt.mean(-1), components, per_prompt)
 
 
-def head_attribution(model, cache, answer_tokens: Int[Tensor, "batch 2"], pos: int = -1, per_prompt: bool = False
+def head_attribution(model: Model, cache, answer_tokens: Int[Tensor, "batch 2"], pos: int = -1, per_prompt: bool = False
                      ) -> Float[Tensor, "layer head"] | Float[Tensor, "layer head batch"]:
     """DLA of every head at `pos`: `[n_layers, n_heads]` (or `[n_layers, n_heads, batch]` with `per_prompt`)."""
     directions = logit_diff_directions(model, answer_tokens)
@@ -258,7 +258,7 @@ def head_attribution(model, cache, answer_tokens: Int[Tensor, "batch 2"], pos: i
     return torch.stack(rows)
 
 
-def full_attribution(model, cache, answer_tokens: Int[Tensor, "batch 2"], pos: int = -1) -> Attribution:
+def full_attribution(model: Model, cache, answer_tokens: Int[Tensor, "batch 2"], pos: int = -1) -> Attribution:
     """Finest exact split: `EMBED`, (`POS_EMBED`), every head `L{l}H{h}`, each layer's `ATTN_BIAS{l}` (zero
     without an attention bias), every `MLP{l}`, and `UNEMBED_BIAS`: values `[n_components]`, per_prompt
     `[n_components, batch]`. Values sum to the mean logit difference."""
@@ -296,7 +296,7 @@ def top_components(values: Float[Tensor, "..."], k: int, largest: bool = True
     return [(tuple(int(i) for i in torch.unravel_index(idx, values.shape)), float(flat[idx])) for idx in order]
 
 
-def attention_vs_contribution(model, cache, answer_tokens: Int[Tensor, "batch 2"], layer: int, head: int,
+def attention_vs_contribution(model: Model, cache, answer_tokens: Int[Tensor, "batch 2"], layer: int, head: int,
                               query_pos: int, key_positions: Int[Tensor, "batch"], answer_column: int = 0
                               ) -> tuple[Float[Tensor, "batch"], Float[Tensor, "batch"]]:
     """For one head: attention from `query_pos` to `key_positions[i]` and the head's DLA along the direction of
@@ -313,7 +313,7 @@ def attention_vs_contribution(model, cache, answer_tokens: Int[Tensor, "batch 2"
 
 
 # ---- every position, next-token views (German context neuron notebook) -------------------------------------------
-def next_token_dla(model, cache, tokens: Int[Tensor, "batch pos"]
+def next_token_dla(model: Model, cache, tokens: Int[Tensor, "batch pos"]
                    ) -> tuple[Float[Tensor, "component batch pos_minus_1"], list[Component]]:
     """DLA on the correct next token at every position.
 
@@ -338,7 +338,7 @@ def next_token_dla(model, cache, tokens: Int[Tensor, "batch pos"]
     return torch.stack(values + [bias.to(values[0])]), components + [Component.unembed_bias()]
 
 
-def dla_hook_names(model) -> list[str]:
+def dla_hook_names(model: Model) -> list[str]:
     """The hooks `next_token_dla` and `decompose_resid` read: the embeddings, every attention and MLP output and the
     final norm's scale (a `names_filter` for `run_with_cache`; a name the model lacks is simply not cached)."""
     writers = [component.hook_name() for layer in range(model.cfg.n_layers)
@@ -347,7 +347,7 @@ def dla_hook_names(model) -> list[str]:
 
 
 @torch.no_grad()
-def direct_patch_losses(model, tokens: Int[Tensor, "batch pos"], fwd_hooks,
+def direct_patch_losses(model: Model, tokens: Int[Tensor, "batch pos"], fwd_hooks,
                         components: Iterable[Component | str] | None = None
                         ) -> tuple[Float[Tensor, "component batch pos_minus_1"], list[Component],
                                    Float[Tensor, "batch pos_minus_1"], Float[Tensor, "batch pos_minus_1"]]:
@@ -391,7 +391,7 @@ def _losses_of_resid(model, resid: Float[Tensor, "batch pos d_model"], tokens: I
 
 
 # ---- one answer token at one position per prompt (SAE quotation notebook) ----------------------------------------
-def token_attribution_at(model, cache, answers: Int[Tensor, "batch"], positions: Int[Tensor, "batch"]
+def token_attribution_at(model: Model, cache, answers: Int[Tensor, "batch"], positions: Int[Tensor, "batch"]
                          ) -> Attribution:
     """DLA of one answer token per prompt at one position per prompt (prompts of different lengths, right-padded).
 
@@ -433,14 +433,14 @@ def token_attribution_at(model, cache, answers: Int[Tensor, "batch"], positions:
 
 
 # ---- who writes a direction (German context neuron notebook) -----------------------------------------------------
-def direction_write_hook_names(model) -> list[str]:
+def direction_write_hook_names(model: Model) -> list[str]:
     """The hooks `direction_writes` reads (a `names_filter` for `run_with_cache`): the embeddings, every attention
     and MLP output and every head's `z` (no final norm: a pass can stop after the last block)."""
     return [name for name in dla_hook_names(model) if not name.startswith("ln_final")] + \
         [hook_name("head", layer) for layer in range(model.cfg.n_layers)]
 
 
-def direction_writes(model, cache, direction: Float[Tensor, "d_model"]
+def direction_writes(model: Model, cache, direction: Float[Tensor, "d_model"]
                      ) -> tuple[Float[Tensor, "component batch pos"], list[Component]]:
     """Every writer of the final residual stream projected on one residual direction, at every position.
 

@@ -37,7 +37,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from helpers.core.components import hook_name
+from helpers.core.components import hook_name, Model
 from helpers.techniques.patching import PositionalMetric, learn_reads, unembedding_reads
 from helpers.techniques.replay import hooked_logits
 
@@ -114,7 +114,7 @@ def _kv_heads(model) -> int:
     return int(getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads)
 
 
-def supports_per_head_inputs(model) -> bool:
+def supports_per_head_inputs(model: Model) -> bool:
     """Whether the bridge can give every head its own q/k/v input (`use_split_qkv_input`)."""
     try:
         with _split_inputs(model, True):
@@ -123,7 +123,7 @@ def supports_per_head_inputs(model) -> bool:
         return False
 
 
-def build_graph(model) -> Graph:
+def build_graph(model: Model) -> Graph:
     """The edge graph of `model` (see the module docstring for its nodes and edges)."""
     n_layers, n_heads, n_kv = model.cfg.n_layers, model.cfg.n_heads, _kv_heads(model)
     per_head = supports_per_head_inputs(model)
@@ -209,12 +209,12 @@ def _sender_hook_names(graph: Graph) -> list[str]:
                                           for kind in ("head", "mlp")]
 
 
-def sender_activations(model, tokens: Int[Tensor, "batch pos"], graph: Graph
+def sender_activations(model: Model, tokens: Int[Tensor, "batch pos"], graph: Graph
                        ) -> Float[Tensor, "batch pos n_senders d_model"]:
     """Every sender's output on `tokens`, from one forward pass."""
     names = _sender_hook_names(graph)
     with _split_inputs(model, graph.per_head_inputs), torch.no_grad():   # as the patched runs compute
-        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
+        _, cache = model.run_with_cache(tokens, names_filter=names)
         return _senders_of_every_layer(model, cache, graph)
 
 
@@ -316,9 +316,11 @@ def _edge_patched_passes(model, clean_tokens: Tensor, corrupted_tokens: Tensor, 
             yield logits.unflatten(0, (len(chunk), -1))
 
 
-def edge_patched_logits(model, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
-                        graph: Graph, patched: Bool[Tensor, "... n_senders n_receivers"], *, alpha: float = 1.0,
-                        corrupted_senders: Tensor | None = None) -> Float[Tensor, "... batch pos d_vocab"]:
+def edge_patched_logits(model: Model, clean_tokens: Int[Tensor, "batch pos"],
+                        corrupted_tokens: Int[Tensor, "batch pos"], graph: Graph,
+                        patched: Bool[Tensor, "... n_senders n_receivers"], *, alpha: float = 1.0,
+                        corrupted_senders: Float[Tensor, "batch pos n_senders d_model"] | None = None
+                        ) -> Float[Tensor, "... batch pos d_vocab"]:
     """Logits of the clean prompts with the edges in `patched` reading their sender's corrupted output.
 
     `patched` is one mask `[S, R]` or a stack `[n, S, R]` (batched: as many circuits per forward pass as
@@ -332,9 +334,10 @@ def edge_patched_logits(model, clean_tokens: Int[Tensor, "batch pos"], corrupted
     return logits[0] if single else logits
 
 
-def edge_patched_metrics(model, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
-                         graph: Graph, patched: Bool[Tensor, "n n_senders n_receivers"], metric: Metric, *,
-                         corrupted_senders: Tensor | None = None) -> list[float]:
+def edge_patched_metrics(model: Model, clean_tokens: Int[Tensor, "batch pos"],
+                         corrupted_tokens: Int[Tensor, "batch pos"], graph: Graph,
+                         patched: Bool[Tensor, "n n_senders n_receivers"], metric: Metric, *,
+                         corrupted_senders: Float[Tensor, "batch pos n_senders d_model"] | None = None) -> list[float]:
     """`metric` of each circuit's `edge_patched_logits`, keeping one pass's logits at a time, and of those only the
     positions the metric reads (declared, or learned from a plain metric: `patching.learn_reads`)."""
     read_hooks, value = unembedding_reads(model, _narrowed(model, clean_tokens, corrupted_tokens, metric),
@@ -409,7 +412,7 @@ def _receiver_gradients(model, tokens: Tensor, graph: Graph, metric: Metric, emb
         yield slice(start, end), [_as_receivers(grad) for grad in grads], senders
 
 
-def edge_scores(model, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
+def edge_scores(model: Model, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
                 metric: Metric, *, graph: Graph | None = None, ig_steps: int = 1
                 ) -> Float[Tensor, "n_senders n_receivers"]:
     """The predicted change of `metric` when each edge alone is patched from the corrupted run: EAP for
@@ -447,7 +450,7 @@ def edge_scores(model, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens:
 
 def _embeddings(model, tokens: Tensor) -> Tensor:
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name == hook_name("embed"))
+        _, cache = model.run_with_cache(tokens, names_filter=[hook_name("embed")])
     return cache[hook_name("embed")]
 
 
@@ -530,8 +533,9 @@ def smallest_faithful(curve: CircuitCurve, target: float) -> int | None:
     return next((i for i, value in enumerate(curve.faithfulness) if value >= target), None)
 
 
-def faithfulness_curve(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Metric, graph: Graph,
-                       scores: Tensor, sizes: Sequence[int]) -> CircuitCurve:
+def faithfulness_curve(model: Model, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
+                       metric: Metric, graph: Graph, scores: Float[Tensor, "n_senders n_receivers"],
+                       sizes: Sequence[int]) -> CircuitCurve:
     """Evaluate the top-n circuit for each n in `sizes` by exact edge patching: every edge outside the circuit reads
     the corrupted run. The full graph gives the clean metric, the empty circuit the corrupted one."""
     circuits = [top_edges(graph, scores, n) for n in sizes]
@@ -544,9 +548,9 @@ def faithfulness_curve(model, clean_tokens: Tensor, corrupted_tokens: Tensor, me
                         [(value - corrupted_value) / span for value in values], clean_value, corrupted_value)
 
 
-def exact_edge_effects(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Metric, graph: Graph,
-                       edges: Sequence[tuple[int, int]] | None = None, *, batch_edges: int = 16
-                       ) -> Float[Tensor, "n_senders n_receivers"]:
+def exact_edge_effects(model: Model, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
+                       metric: Metric, graph: Graph, edges: Sequence[tuple[int, int]] | None = None, *,
+                       batch_edges: int = 16) -> Float[Tensor, "n_senders n_receivers"]:
     """The change of `metric` when each edge alone is patched from the corrupted run (the quantity EAP estimates),
     one forward pass per `batch_edges` edges. `edges`: `(sender, receiver)` indices (default: every edge)."""
     chosen = graph.edges.nonzero().tolist() if edges is None else [tuple(edge) for edge in edges]
@@ -610,8 +614,9 @@ def circuit_from_nodes(graph: Graph, nodes: set[str] | Sequence[str]) -> Bool[Te
     return graph.edges & sender_in[:, None] & receiver_in[None, :]
 
 
-def circuit_faithfulness(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Metric, graph: Graph,
-                         circuits: Sequence[Tensor]) -> list[float]:
+def circuit_faithfulness(model: Model, clean_tokens: Int[Tensor, "batch pos"],
+                         corrupted_tokens: Int[Tensor, "batch pos"], metric: Metric, graph: Graph,
+                         circuits: Sequence[Bool[Tensor, "n_senders n_receivers"]]) -> list[float]:
     """Faithfulness of each circuit (edges outside it patched from the corrupted run), normalised so the clean run
     is 1 and the corrupted run 0, batched (`edge_patched_metrics`)."""
     values = edge_patched_metrics(model, clean_tokens, corrupted_tokens, graph, ~torch.stack(list(circuits)), metric)
@@ -677,11 +682,11 @@ class CircuitComparison:
         jaccard: |A & B| / |A | B| of the two circuits' components (INPUT and LOGITS left out).
     """
 
-    scores: Tensor
+    scores: Float[Tensor, "n_senders n_receivers"]
     curve: CircuitCurve
-    circuit: Tensor
+    circuit: Bool[Tensor, "n_senders n_receivers"]
     reaches_target: bool
-    manual: Tensor
+    manual: Bool[Tensor, "n_senders n_receivers"]
     manual_faithfulness: float
     equal_size_faithfulness: float
     jaccard: float
@@ -691,7 +696,7 @@ class CircuitComparison:
         return int(self.circuit.sum())
 
 
-def compare_with_manual(model, graph: Graph, discovery: PromptSet, held_out: PromptSet, manual_nodes: set[str],
+def compare_with_manual(model: Model, graph: Graph, discovery: PromptSet, held_out: PromptSet, manual_nodes: set[str],
                         *, ig_steps: int = 5, target: float = 0.8, sizes: Sequence[int] | None = None
                         ) -> CircuitComparison:
     """Score every edge on `discovery` (EAP-IG with `ig_steps`), then on `held_out`: the faithfulness curve of the

@@ -17,7 +17,7 @@ from sklearn.metrics import accuracy_score, mean_squared_error, r2_score
 from sklearn.model_selection import train_test_split
 from torch import Tensor
 
-from helpers.core.components import hook_name, layers_needed, run_with_hooks
+from helpers.core.components import hook_name, layers_needed, Model, run_with_hooks
 from helpers.techniques.replay import kept_run_available, replayed_runs
 
 
@@ -48,9 +48,9 @@ def _numpy(value: Tensor | np.ndarray) -> np.ndarray:
     return value.detach().cpu().float().numpy() if isinstance(value, Tensor) else np.asarray(value)
 
 
-def fit_probe(features: Tensor | np.ndarray, targets: Tensor | np.ndarray, *, kind: str = "regression",
-              test_size: float = 0.3, seed: int = 0, groups: Tensor | np.ndarray | None = None,
-              **estimator_kwargs) -> ProbeResult:
+def fit_probe(features: Float[Tensor, "n d"] | np.ndarray, targets: Shaped[Tensor, " n"] | np.ndarray, *,
+              kind: str = "regression", test_size: float = 0.3, seed: int = 0,
+              groups: Shaped[Tensor, " n"] | np.ndarray | None = None, **estimator_kwargs) -> ProbeResult:
     """Fit a linear probe `features [n, d] -> targets [n]` on a seeded train/test split and score it held out.
 
     `kind="regression"` uses LinearRegression (score R^2); `kind="classification"` uses LogisticRegression
@@ -115,7 +115,7 @@ class LinearFit:
     intercept: float
 
 
-def linear_fit(features: Tensor | np.ndarray, targets: Tensor | np.ndarray) -> LinearFit:
+def linear_fit(features: Float[Tensor, "n *d"] | np.ndarray, targets: Float[Tensor, " n"] | np.ndarray) -> LinearFit:
     """Least-squares fit of `targets [n]` on `features [n, d]` (or `[n]`) over all rows, with its R^2."""
     X, y = _numpy(features), _numpy(targets)
     X = X.reshape(len(X), -1)
@@ -140,7 +140,7 @@ class RunningStats:
         self.min: Tensor | None = None
         self.max: Tensor | None = None
 
-    def update(self, x: Tensor) -> "RunningStats":
+    def update(self, x: Float[Tensor, "n *shape"]) -> "RunningStats":
         x = x.detach().double()
         n = x.shape[0]
         if n == 0:
@@ -161,20 +161,20 @@ class RunningStats:
         return self
 
     @property
-    def mean(self) -> Tensor:
+    def mean(self) -> Float[Tensor, "*shape"]:
         if self._mean is None:
             raise ValueError("no rows seen yet")
         return self._mean
 
     @property
-    def var(self) -> Tensor:
+    def var(self) -> Float[Tensor, "*shape"]:
         """Population variance (ddof=0)."""
         if self._m2 is None:
             raise ValueError("no rows seen yet")
         return self._m2 / self.count
 
     @property
-    def std(self) -> Tensor:
+    def std(self) -> Float[Tensor, "*shape"]:
         return self.var.sqrt()
 
 
@@ -238,14 +238,14 @@ class NeuronClassifierScores:
     """
 
     layers: list[int]
-    f1: Tensor
-    threshold: Tensor
-    direction: Tensor
-    auroc: Tensor
-    mean_pos: Tensor
-    mean_neg: Tensor
-    std_pos: Tensor
-    std_neg: Tensor
+    f1: Float[Tensor, "layer neuron"]
+    threshold: Float[Tensor, "layer neuron"]
+    direction: Int[Tensor, "layer neuron"]
+    auroc: Float[Tensor, "layer neuron"]
+    mean_pos: Float[Tensor, "layer neuron"]
+    mean_neg: Float[Tensor, "layer neuron"]
+    std_pos: Float[Tensor, "layer neuron"]
+    std_neg: Float[Tensor, "layer neuron"]
     n_pos: int
     n_neg: int
 
@@ -271,8 +271,8 @@ class NeuronClassifierAccumulator:
 
     COLUMNS = 2048
 
-    def __init__(self, shape: tuple[int, ...], bins: int = 512, low: Tensor | None = None, high: Tensor | None = None,
-                 margin: float = 0.5):
+    def __init__(self, shape: tuple[int, ...], bins: int = 512, low: Float[Tensor, "*shape"] | None = None,
+                 high: Float[Tensor, "*shape"] | None = None, margin: float = 0.5):
         self.shape, self.bins, self.margin = tuple(shape), bins, margin
         n = int(np.prod(shape))
         self.counts = torch.zeros(2, n, bins, dtype=torch.int32)                 # [class, neuron, bin]
@@ -281,7 +281,8 @@ class NeuronClassifierAccumulator:
         self.total = torch.zeros(2, n, dtype=torch.float64)                      # [class, neuron]: tokens seen
         self.sums = torch.zeros(2, 2, n, dtype=torch.float64)                    # [class, power 1/2, neuron]
 
-    def update(self, activations: Tensor, labels: Tensor, first_column: int = 0) -> "NeuronClassifierAccumulator":
+    def update(self, activations: Float[Tensor, "n_tokens ..."], labels: Shaped[Tensor, " n_tokens"],
+               first_column: int = 0) -> "NeuronClassifierAccumulator":
         """activations: `[n_tokens, *shape]`, or `[n_tokens, k]`: the flattened neurons `first_column` to
         `first_column + k` (e.g. one layer of a stack); labels: `[n_tokens]` 0/1."""
         x = activations.detach().reshape(activations.shape[0], -1)
@@ -354,8 +355,8 @@ class NeuronClassifierAccumulator:
         return torch.where(up_better, best_up, best_down), threshold, torch.where(up_better, 1, -1), area
 
 
-def mlp_activations(model, tokens: Int[Tensor, "batch pos"], layers: Sequence[int], *, hook: str = "post",
-                    fwd_hooks: Sequence = (), neurons: Tensor | Sequence[int] | None = None
+def mlp_activations(model: Model, tokens: Int[Tensor, "batch pos"], layers: Sequence[int], *, hook: str = "post",
+                    fwd_hooks: Sequence = (), neurons: Int[Tensor, " neurons"] | Sequence[int] | None = None
                     ) -> dict[int, Float[Tensor, "batch pos neurons"]]:
     """MLP activations `{layer: [batch, pos, d_mlp]}` (or `[batch, pos, len(neurons)]`) of one forward pass.
 
@@ -380,8 +381,9 @@ def mlp_activations(model, tokens: Int[Tensor, "batch pos"], layers: Sequence[in
     return captured
 
 
-def mlp_activations_each(model, tokens: Int[Tensor, "batch pos"], layers: Sequence[int], variants: Sequence[Sequence],
-                         *, hook: str = "post", neurons: Tensor | Sequence[int] | None = None
+def mlp_activations_each(model: Model, tokens: Int[Tensor, "batch pos"], layers: Sequence[int],
+                         variants: Sequence[Sequence], *, hook: str = "post",
+                         neurons: Int[Tensor, " neurons"] | Sequence[int] | None = None
                          ) -> list[dict[int, Float[Tensor, "batch pos neurons"]]]:
     """`mlp_activations` under each of `variants` (lists of forward hooks; `[]` for the clean run), sharing the
     blocks before each variant's first hooked or read block (`replay.replayed_runs`): `[{layer: [batch, pos,
@@ -401,9 +403,11 @@ def mlp_activations_each(model, tokens: Int[Tensor, "batch pos"], layers: Sequen
     return captured
 
 
-def scan_neurons(model, batches: Iterable[tuple[Tensor, Tensor, Tensor]], layers: Sequence[int] | None = None, *,
-                 hook: str = "post", fwd_hooks: Sequence = (), bins: int = 512,
-                 low: Tensor | None = None, high: Tensor | None = None) -> NeuronClassifierScores:
+def scan_neurons(model: Model,
+                 batches: Iterable[tuple[Int[Tensor, "b pos"], Shaped[Tensor, "b pos"], Shaped[Tensor, "b ..."]]],
+                 layers: Sequence[int] | None = None, *, hook: str = "post", fwd_hooks: Sequence = (), bins: int = 512,
+                 low: Float[Tensor, "layer d_mlp"] | None = None, high: Float[Tensor, "layer d_mlp"] | None = None
+                 ) -> NeuronClassifierScores:
     """Score every MLP neuron of `layers` as a classifier of a per-token binary label, streaming over batches.
 
     Args:
@@ -430,8 +434,8 @@ def scan_neurons(model, batches: Iterable[tuple[Tensor, Tensor, Tensor]], layers
     return accumulator.result(layers)
 
 
-def activation_difference_stats(model, batches: Iterable[tuple[Tensor, Tensor]], layers: Sequence[int],
-                                hooks_a: Sequence, hooks_b: Sequence, *, hook: str = "post"
+def activation_difference_stats(model: Model, batches: Iterable[tuple[Int[Tensor, "b pos"], Shaped[Tensor, "b pos"]]],
+                                layers: Sequence[int], hooks_a: Sequence, hooks_b: Sequence, *, hook: str = "post"
                                 ) -> dict[int, RunningStats]:
     """Streaming per-neuron mean and std of `activation(run with hooks_a) - activation(run with hooks_b)`.
 
@@ -449,8 +453,8 @@ def activation_difference_stats(model, batches: Iterable[tuple[Tensor, Tensor]],
     return stats
 
 
-def neuron_mean_activations(model, batches: Iterable[tuple[Tensor, Tensor]], layer: int,
-                            neurons: Sequence[int] | None = None, *, hook: str = "post",
+def neuron_mean_activations(model: Model, batches: Iterable[tuple[Int[Tensor, "b pos"], Shaped[Tensor, "b pos"]]],
+                            layer: int, neurons: Sequence[int] | None = None, *, hook: str = "post",
                             fwd_hooks: Sequence = ()) -> RunningStats:
     """Streaming statistics of one layer's neurons (all, or `neurons`) over the masked positions of `batches`."""
     stats = RunningStats()
@@ -465,9 +469,9 @@ class TopExamples:
     """The `k` highest values seen, with where they came from: `values [k]`, `batch_index [k]` (row in the
     concatenation of all batches), `position [k]`."""
 
-    values: Tensor
-    row: Tensor
-    position: Tensor
+    values: Float[Tensor, " k"]
+    row: Int[Tensor, " k"]
+    position: Int[Tensor, " k"]
 
 
 class TopKAccumulator:
@@ -479,7 +483,7 @@ class TopKAccumulator:
         self.row = torch.empty(0, dtype=torch.long)
         self.position = torch.empty(0, dtype=torch.long)
 
-    def update(self, scores: Tensor, mask: Tensor | None = None) -> "TopKAccumulator":
+    def update(self, scores: Float[Tensor, "b pos"], mask: Shaped[Tensor, "b pos"] | None = None) -> "TopKAccumulator":
         scores = scores.detach().double().cpu()
         if mask is not None:
             fill = -math.inf if self.largest else math.inf
@@ -506,7 +510,8 @@ def token_counts(tokens: Int[Tensor, "*shape"], vocab_size: int, mask: Shaped[Te
     return torch.bincount(flat.cpu().long(), minlength=vocab_size)
 
 
-def neuron_unembed_effect(model, layer: int, neuron: int, active: float, inactive: float) -> Float[Tensor, " vocab"]:
+def neuron_unembed_effect(model: Model, layer: int, neuron: int, active: float, inactive: float
+                          ) -> Float[Tensor, " vocab"]:
     """Direct effect on the logits of moving neuron `(layer, neuron)` from `inactive` to `active`: `[d_vocab]`.
 
     `(active - inactive) * W_out[layer, neuron] @ W_U` (the unembedding bias cancels; the final layer norm is

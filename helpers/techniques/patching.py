@@ -44,12 +44,12 @@ from typing import Callable, Sequence
 from weakref import WeakKeyDictionary
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from helpers.core import cache as result_cache
-from helpers.core.components import Component, all_heads, device_of, hook_name, run_with_hooks
+from helpers.core.components import Component, Model, all_heads, device_of, hook_name, run_with_hooks
 from helpers.techniques.replay import (FAST_HOOKS, QUERY_AXIS_HOOKS, NoFastPath, Trace, block_calls, equal_up_to_rounding,
                             fast_path, hooked_logits, logits_of, repeat_rows, sources_match_prefix)
 
@@ -72,12 +72,12 @@ def _chunks(n: int, size: int):
 
 
 # ---- heads under grouped-query attention --------------------------------------------------------------------------
-def n_kv_heads(model) -> int:
+def n_kv_heads(model: Model) -> int:
     """Key/value heads per layer: `cfg.n_key_value_heads` under grouped-query attention, else `cfg.n_heads`."""
     return getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads
 
 
-def kv_head(model, head: int) -> int:
+def kv_head(model: Model, head: int) -> int:
     """The key/value head that query head `head` reads: `head // (n_heads // n_kv_heads)` (`head` without GQA)."""
     return head // (model.cfg.n_heads // n_kv_heads(model))
 
@@ -116,7 +116,7 @@ def _uniform_pattern(pattern: Tensor, hook=None) -> Tensor:  # noqa: ARG001
 
 
 @torch.no_grad()
-def pattern_route(model) -> str:
+def pattern_route(model: Model) -> str:
     """Where this model's attention patterns can be patched; a probe on four tokens, run once per model.
 
     "pattern": writing `blocks.{L}.attn.hook_pattern` changes the output, so sweeps patch that hook, as
@@ -234,18 +234,21 @@ class PositionalMetric:
     position read. A plain callable metric is given every logit, so any metric stays correct.
     """
 
-    def __init__(self, positions: Sequence[int], read: Callable[[Tensor], Tensor],
-                 tokens: Sequence[int] | Tensor | None = None):
+    def __init__(self, positions: Sequence[int],
+                 read: Callable[[Float[Tensor, "batch read vocab_read"]], Float[Tensor, "*batch"]],
+                 tokens: Sequence[int] | Int[Tensor, " tokens"] | None = None):
         self.positions, self.read = tuple(int(p) for p in positions), read
         self.tokens = None if tokens is None else [int(t) for t in (tokens.tolist() if isinstance(tokens, Tensor)
                                                                     else tokens)]
 
-    def select(self, logits: Tensor) -> Tensor:
+    def select(self, logits: Float[Tensor, "batch pos vocab"] | Float[Tensor, "batch vocab"]
+               ) -> Float[Tensor, "batch read vocab_read"]:
         """The logits this metric reads, `[batch, len(positions), len(tokens) or vocab]`, from `[batch, pos, vocab]`."""
         chosen = logits[:, list(self.positions)] if logits.ndim == 3 else logits[:, None]
         return chosen if self.tokens is None else chosen[..., self.tokens]
 
-    def __call__(self, logits: Tensor) -> Tensor:
+    def __call__(self, logits: Float[Tensor, "batch pos vocab"] | Float[Tensor, "batch vocab"]
+                 ) -> Float[Tensor, "*batch"]:
         return self.read(self.select(logits))
 
 
@@ -362,7 +365,7 @@ def learn_reads(metric: Metric, runs: Sequence[Float[Tensor, "batch pos vocab"]]
     return learned
 
 
-def unembedding_reads(model, metric: Metric, n_pos: int) -> tuple[list[tuple[str, Callable]], Metric]:
+def unembedding_reads(model: Model, metric: Metric, n_pos: int) -> tuple[list[tuple[str, Callable]], Metric]:
     """`(hooks, value)`: for a `PositionalMetric`, a hook that hands the unembedding only the positions the metric
     reads (`unembed.hook_in`), so a run's logits are `[batch, len(positions), d_vocab]`, and `value(those logits)`,
     the metric; otherwise (or for a model without that hook) no hooks and the metric itself, on full logits."""
@@ -498,8 +501,8 @@ def _run_from_starts(model, tokens: Tensor, sources: dict[str, Tensor], variants
 
 
 @torch.no_grad()
-def run_patched_variants(model, tokens: Int[Tensor, "batch pos"], sources: dict[str, Tensor],
-                         variants: Sequence[Variant], metric: Metric, *,
+def run_patched_variants(model: Model, tokens: Int[Tensor, "batch pos"],
+                         sources: dict[str, Float[Tensor, "batch ..."]], variants: Sequence[Variant], metric: Metric, *,
                          other_runs: Sequence[Float[Tensor, "batch pos vocab"]] = (), max_rows: int | None = None,
                          progress: bool = False) -> Float[Tensor, " variant"]:
     """The metric for each variant, where a variant is a list of `(hook_name, index)` sites written from `sources`.
@@ -569,7 +572,7 @@ def _positions(tokens: Tensor, positions: Sequence[int] | None) -> list[int]:
 class Sweep:
     """One patch per site; `arrange` lays the flat `[len(sites)]` results out as the sweep's tensor."""
     sites: list[Site]
-    arrange: Callable[[Tensor], Tensor]
+    arrange: Callable[[Float[Tensor, " site"]], Float[Tensor, "..."]]
 
 
 @result_cache.storable
@@ -583,9 +586,9 @@ class SweepResult:
     agreement: on the exactly patched sites of a screened sweep, how the estimated effects compare with the exact
         ones: `rank_correlation` (Spearman), `correlation` (Pearson), `same_sign` (share); empty when not screened.
     """
-    values: Tensor
-    exact: Tensor
-    estimate: Tensor | None
+    values: Float[Tensor, "..."]
+    exact: Bool[Tensor, "..."]
+    estimate: Float[Tensor, "..."] | None
     baseline: float
     agreement: dict[str, float]
 
@@ -633,7 +636,7 @@ def _cached_logits(model, cache, metric: Metric) -> list[Tensor]:
     return [logits_of(model, cache[final])] if final in cache and not isinstance(metric, PositionalMetric) else []
 
 
-def run_sweep(model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, metric: Metric, sweep: Sweep, *,
+def run_sweep(model: Model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, metric: Metric, sweep: Sweep, *,
               exact_top: int | None = None, max_rows: int | None = None, progress: bool = False) -> SweepResult:
     """Patch each site of `sweep` from `clean_cache` into the corrupted run and apply `metric`.
 
@@ -665,7 +668,7 @@ def run_sweep(model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, me
                        baseline, _agreement(effects[chosen], exact.double() - baseline))
 
 
-def layer_pos_sweep(model, hooks: Sequence[str], positions: Sequence[int]) -> Sweep:
+def layer_pos_sweep(model: Model, hooks: Sequence[str], positions: Sequence[int]) -> Sweep:
     """One site per (hook, layer, position) of `blocks.{L}.hook_{hook}`: `[len(hooks), n_layers, len(positions)]`
     (the hook axis dropped for a single hook)."""
     n_layers, pos = model.cfg.n_layers, list(positions)
@@ -674,7 +677,7 @@ def layer_pos_sweep(model, hooks: Sequence[str], positions: Sequence[int]) -> Sw
     return Sweep(sites, lambda flat: flat.view(*shape))
 
 
-def head_sweep(model, site: str, by_position: bool, positions: Sequence[int]) -> Sweep:
+def head_sweep(model: Model, site: str, by_position: bool, positions: Sequence[int]) -> Sweep:
     """One site per head (and position) of `site`; laid out as `act_patch_heads` returns it."""
     if site not in HEAD_SITES:
         raise ValueError(f"unknown head site {site!r}; use one of {HEAD_SITES}")
@@ -693,7 +696,7 @@ def head_sweep(model, site: str, by_position: bool, positions: Sequence[int]) ->
     return Sweep(sites, lambda flat: flat.view(*shape))
 
 
-def heads_every_sweep(model, by_position: bool, positions: Sequence[int]) -> Sweep:
+def heads_every_sweep(model: Model, by_position: bool, positions: Sequence[int]) -> Sweep:
     """Output (z), q, k, v (and, over all positions, pattern) of every head in one sweep, stacked on a first axis;
     the k and v slices padded to `n_heads` columns under grouped-query attention, as TransformerLens pads them."""
     parts = [head_sweep(model, site, by_position, positions)
@@ -707,7 +710,7 @@ def heads_every_sweep(model, by_position: bool, positions: Sequence[int]) -> Swe
     return Sweep([site for part in parts for site in part.sites], arrange)
 
 
-def act_patch_layer_pos(model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, metric: Metric,
+def act_patch_layer_pos(model: Model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, metric: Metric,
                         hook: str = "resid_pre", *, positions: Sequence[int] | None = None,
                         max_rows: int | None = None, progress: bool = False) -> Float[Tensor, "layer pos"]:
     """Patch one (layer, position) of `blocks.{L}.hook_{hook}` at a time ("resid_pre", "resid_mid", "resid_post",
@@ -716,25 +719,25 @@ def act_patch_layer_pos(model, corrupted_tokens: Int[Tensor, "batch pos"], clean
     return run_sweep(model, corrupted_tokens, clean_cache, metric, sweep, max_rows=max_rows, progress=progress).values
 
 
-def act_patch_resid_pre(model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, metric: Metric,
+def act_patch_resid_pre(model: Model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, metric: Metric,
                         **kwargs) -> Float[Tensor, "layer pos"]:
     """`[n_layers, pos]`; equals `transformer_lens.patching.get_act_patch_resid_pre`."""
     return act_patch_layer_pos(model, corrupted_tokens, clean_cache, metric, "resid_pre", **kwargs)
 
 
-def act_patch_attn_out(model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, metric: Metric,
+def act_patch_attn_out(model: Model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, metric: Metric,
                        **kwargs) -> Float[Tensor, "layer pos"]:
     """`[n_layers, pos]`; equals `transformer_lens.patching.get_act_patch_attn_out`."""
     return act_patch_layer_pos(model, corrupted_tokens, clean_cache, metric, "attn_out", **kwargs)
 
 
-def act_patch_mlp_out(model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, metric: Metric,
+def act_patch_mlp_out(model: Model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, metric: Metric,
                       **kwargs) -> Float[Tensor, "layer pos"]:
     """`[n_layers, pos]`; equals `transformer_lens.patching.get_act_patch_mlp_out`."""
     return act_patch_layer_pos(model, corrupted_tokens, clean_cache, metric, "mlp_out", **kwargs)
 
 
-def act_patch_block_every(model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, metric: Metric, *,
+def act_patch_block_every(model: Model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, metric: Metric, *,
                           positions: Sequence[int] | None = None, max_rows: int | None = None,
                           progress: bool = False) -> Float[Tensor, "3 layer pos"]:
     """`[3, n_layers, pos]`: resid_pre, attn_out, mlp_out (like `get_act_patch_block_every`), in one sweep."""
@@ -742,8 +745,8 @@ def act_patch_block_every(model, corrupted_tokens: Int[Tensor, "batch pos"], cle
     return run_sweep(model, corrupted_tokens, clean_cache, metric, sweep, max_rows=max_rows, progress=progress).values
 
 
-def act_patch_heads(model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, metric: Metric, site: str = "z",
-                    *, by_position: bool = False, positions: Sequence[int] | None = None,
+def act_patch_heads(model: Model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, metric: Metric,
+                    site: str = "z", *, by_position: bool = False, positions: Sequence[int] | None = None,
                     max_rows: int | None = None, progress: bool = False) -> Float[Tensor, "layer ..."]:
     """Patch each head's `site` ("z" = head output, "q", "k", "v", "pattern").
 
@@ -757,7 +760,7 @@ def act_patch_heads(model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cac
     return run_sweep(model, corrupted_tokens, clean_cache, metric, sweep, max_rows=max_rows, progress=progress).values
 
 
-def act_patch_heads_every(model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, metric: Metric, *,
+def act_patch_heads_every(model: Model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, metric: Metric, *,
                           by_position: bool = False, max_rows: int | None = None,
                           progress: bool = False) -> Float[Tensor, "site layer ..."]:
     """`[5, n_layers, n_heads]` for output (z), q, k, v, pattern over all positions (one sweep), like
@@ -772,7 +775,7 @@ def act_patch_heads_every(model, corrupted_tokens: Int[Tensor, "batch pos"], cle
     return run_sweep(model, corrupted_tokens, clean_cache, metric, sweep, max_rows=max_rows, progress=progress).values
 
 
-def patch_components(model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, metric: Metric,
+def patch_components(model: Model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, metric: Metric,
                      variants: Sequence[Sequence[Component]], site: str | None = None, *,
                      max_rows: int | None = None, progress: bool = False) -> Float[Tensor, " variant"]:
     """Patch whole sets of components at once (e.g. candidate circuits): `[len(variants)]`. Heads are query heads;
@@ -833,11 +836,11 @@ def _sender_sets(model, senders) -> tuple[list, tuple | None]:
 
 def _path_caches(model, clean_tokens, corrupted_tokens, clean_cache, corrupted_cache) -> tuple:
     """The clean and corrupted head outputs and MLP outputs (passes A and B), unless given."""
-    names = {hook_name(kind, layer) for layer in range(model.cfg.n_layers) for kind in ("head", "mlp")}
+    names = [hook_name(kind, layer) for layer in range(model.cfg.n_layers) for kind in ("head", "mlp")]
     if clean_cache is None:
-        _, clean_cache = model.run_with_cache(clean_tokens, names_filter=lambda n: n in names)
+        _, clean_cache = model.run_with_cache(clean_tokens, names_filter=names)
     if corrupted_cache is None:
-        _, corrupted_cache = model.run_with_cache(corrupted_tokens, names_filter=lambda n: n in names)
+        _, corrupted_cache = model.run_with_cache(corrupted_tokens, names_filter=names)
     return clean_cache, corrupted_cache
 
 
@@ -912,7 +915,7 @@ def _path_pass(runner: _Runner, caches: tuple, sender_sets: list, sender_positio
 
 
 @torch.no_grad()
-def path_patch(model, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
+def path_patch(model: Model, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
                metric: Metric, receivers: Sequence[Component], receiver_site: str = "k",
                senders: Sequence[Sequence[Component]] | None = None, *,
                sender_positions: Sequence[int] | None = None, freeze_mlps: bool = False, clean_cache=None,
@@ -1025,8 +1028,8 @@ def _attribution(model, sources: dict[str, Tensor], tokens: Tensor, metric: Metr
     return float(value), out
 
 
-def attribution_patch(model, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
-                      metric: Metric, hook_names: Sequence[str]) -> dict[str, Tensor]:
+def attribution_patch(model: Model, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
+                      metric: Metric, hook_names: Sequence[str]) -> dict[str, Float[Tensor, "..."]]:
     """First-order estimate of patching each activation element from the clean into the corrupted run.
 
     Returns `{hook_name: (clean_act - corrupted_act) * d metric / d act}` summed over the batch, shape
@@ -1042,7 +1045,7 @@ def attribution_patch(model, clean_tokens: Int[Tensor, "batch pos"], corrupted_t
     return _attribution(model, _sources(clean_cache, names), corrupted_tokens, metric, names)[1]
 
 
-def attribution_patch_layer_pos(model, clean_tokens: Int[Tensor, "batch pos"],
+def attribution_patch_layer_pos(model: Model, clean_tokens: Int[Tensor, "batch pos"],
                                 corrupted_tokens: Int[Tensor, "batch pos"], metric: Metric, hook: str = "resid_pre"
                                 ) -> Float[Tensor, "layer pos"]:
     """Attribution-patching estimate for `blocks.{L}.hook_{hook}` per (layer, position): `[n_layers, pos]`."""
@@ -1051,8 +1054,9 @@ def attribution_patch_layer_pos(model, clean_tokens: Int[Tensor, "batch pos"],
     return torch.stack([out[name].sum(-1) for name in names])
 
 
-def attribution_patch_heads(model, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
-                            metric: Metric, site: str = "z", by_position: bool = False) -> Float[Tensor, "layer ..."]:
+def attribution_patch_heads(model: Model, clean_tokens: Int[Tensor, "batch pos"],
+                            corrupted_tokens: Int[Tensor, "batch pos"], metric: Metric, site: str = "z",
+                            by_position: bool = False) -> Float[Tensor, "layer ..."]:
     """Attribution-patching estimate per head: `[n_layers, n_heads]`, or by position `[n_layers, pos, n_heads]`
     (q/k/v/z) / `[n_layers, n_heads, dest_pos]` (pattern). Under grouped-query attention "k" and "v" have one
     column per key/value head, `[n_layers, n_kv]` / `[n_layers, pos, n_kv]`, as `act_patch_heads`."""
@@ -1070,9 +1074,9 @@ def attribution_patch_heads(model, clean_tokens: Int[Tensor, "batch pos"], corru
     return torch.stack(rows)
 
 
-def attribution_patch_neurons(model, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
-                              metric: Metric, by_position: bool = False, layers: Sequence[int] | None = None
-                              ) -> Float[Tensor, "layer ... d_mlp"]:
+def attribution_patch_neurons(model: Model, clean_tokens: Int[Tensor, "batch pos"],
+                              corrupted_tokens: Int[Tensor, "batch pos"], metric: Metric, by_position: bool = False,
+                              layers: Sequence[int] | None = None) -> Float[Tensor, "layer ... d_mlp"]:
     """Attribution-patching estimate per MLP neuron (`blocks.{L}.mlp.hook_post`): `[n_layers, d_mlp]`, or
     `[n_layers, pos, d_mlp]` by position (rows follow `layers` when given)."""
     layers = range(model.cfg.n_layers) if layers is None else layers

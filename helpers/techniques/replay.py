@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Float, Int, Shaped
 from torch import Tensor
 
-from helpers.core.components import device_of, hooks_on, layers_needed, run_with_hooks
+from helpers.core.components import device_of, hooks_on, layers_needed, Model, run_with_hooks
 
 
 def equal_up_to_rounding(value: Float[Tensor, "*shape"], reference: Float[Tensor, "*shape"]) -> bool:
@@ -81,7 +81,7 @@ def _argument_names(block) -> list[str]:
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
-def block_calls(model, tokens: Int[Tensor, "batch pos"], stop_at_layer: int | None = None
+def block_calls(model: Model, tokens: Int[Tensor, "batch pos"], stop_at_layer: int | None = None
                 ) -> tuple[list[dict], Float[Tensor, "batch pos ..."]]:
     """The arguments the model passes each block on `tokens`, by name (the hidden states first), and its logits (or,
     with `stop_at_layer`, only the blocks before it run and the residual stream there is returned)."""
@@ -154,7 +154,7 @@ def _cache_as_past_key_values(cache: _KeyValueCache):
     return hook
 
 
-def logits_of(model, hidden: Float[Tensor, "*batch d_model"], tokens: list[int] | None = None
+def logits_of(model: Model, hidden: Float[Tensor, "*batch d_model"], tokens: list[int] | None = None
               ) -> Float[Tensor, "*batch vocab"]:
     """Logits of `hidden [..., d_model]` (the last block's output): every token's, or only `tokens`' (in that order),
     from the unembedding's rows of those tokens."""
@@ -174,8 +174,8 @@ class Trace:
     unembedding's rows of the tokens read do not give the model's logits of those tokens, every token's logits are
     computed (and then selected)."""
 
-    def __init__(self, model, tokens: Tensor, read: list[int], vocab: list[int] | None = None,
-                 recorded: tuple[list[dict], Tensor] | None = None):
+    def __init__(self, model: Model, tokens: Int[Tensor, "batch pos"], read: list[int], vocab: list[int] | None = None,
+                 recorded: tuple[list[dict], Float[Tensor, "batch pos ..."]] | None = None):
         self.model, self.tokens, self.read, self.vocab = model, tokens, read, vocab
         self.calls, reference = recorded or block_calls(model, tokens)
         if len(self.calls) != model.cfg.n_layers:
@@ -221,7 +221,8 @@ class Trace:
             return logits_of(self.model, hidden, self.vocab)
         return logits_of(self.model, hidden)[..., self.vocab]
 
-    def run(self, first_layer: int, start: int, repeats: int, hooks, last_layer: int | None = None) -> Tensor:
+    def run(self, first_layer: int, start: int, repeats: int, hooks, last_layer: int | None = None
+            ) -> Float[Tensor, "rows suffix d_model"]:
         """Blocks `first_layer` on, positions `start:` of `repeats` copies of the batch, under `hooks`: the residual
         stream after `last_layer` (default: the last block), `[repeats * batch, pos - start, d_model]`."""
         prefix = {index: (keys[:, :, :start], values[:, :, :start])
@@ -242,7 +243,8 @@ class Trace:
                 and all(not name.startswith(last) or name.removeprefix(last).startswith(BEFORE_MLP)
                         for name, _ in hooks))
 
-    def logits_at_read(self, hidden: Tensor, start: int, repeats: int) -> Tensor:
+    def logits_at_read(self, hidden: Float[Tensor, "rows suffix d_model"], start: int, repeats: int
+                       ) -> Float[Tensor, "rows read vocab_read"]:
         """`[repeats * batch, len(read), len(vocab) or d_vocab]`: the read positions before `start` from this run (a
         patch from `start` on cannot change them), the others unembedded from `hidden` (positions `start:`)."""
         logits = self.logits.repeat(repeats, 1, 1)
@@ -296,7 +298,7 @@ class _KeptInputs:
 _KEPT: WeakKeyDictionary = WeakKeyDictionary()
 
 
-def keep_clean_block_inputs(model, layer: int | None) -> None:
+def keep_clean_block_inputs(model: Model, layer: int | None) -> None:
     """From now on, keep each clean run that `replayed_logits` and `replayed_runs` make (and so
     `ablation.token_losses_each`, `neurons.mlp_activations_each`) at the input of block `layer`, per batch of tokens:
     a later run of the same tokens whose hooks and reads all sit in block `layer` or after starts there, without
@@ -338,7 +340,7 @@ def _start_of(calls: list[dict | None], first: int) -> tuple[int, Tensor]:
 
 
 @torch.no_grad()
-def replayed_logits(model, tokens: Int[Tensor, "batch pos"], variants: Sequence[Sequence[tuple[str, Callable]]],
+def replayed_logits(model: Model, tokens: Int[Tensor, "batch pos"], variants: Sequence[Sequence[tuple[str, Callable]]],
                     *, clean: bool = True) -> Iterator[Float[Tensor, "batch pos d_vocab"]]:
     """The logits of `tokens` without hooks (unless `clean=False`), then under each variant's forward hooks
     (`[(hook_name, fn)]`, as `model.run_with_hooks` takes them), one `[batch, pos, d_vocab]` tensor at a time.
@@ -374,7 +376,7 @@ def replayed_logits(model, tokens: Int[Tensor, "batch pos"], variants: Sequence[
 
 
 @torch.no_grad()
-def replayed_runs(model, tokens: Int[Tensor, "batch pos"], variants: Sequence[Sequence[tuple[str, Callable]]]
+def replayed_runs(model: Model, tokens: Int[Tensor, "batch pos"], variants: Sequence[Sequence[tuple[str, Callable]]]
                   ) -> Iterator[int]:
     """Run `tokens` under each variant's forward hooks in turn, yielding the variant's index once its hooks have
     fired: for hooks that read activations (a capture) as much as for hooks that write them.
@@ -406,14 +408,14 @@ def replayed_runs(model, tokens: Int[Tensor, "batch pos"], variants: Sequence[Se
         yield index
 
 
-def kept_run_available(model, tokens: Int[Tensor, "batch pos"], hooks: Sequence[tuple[str, Callable]]) -> bool:
+def kept_run_available(model: Model, tokens: Int[Tensor, "batch pos"], hooks: Sequence[tuple[str, Callable]]) -> bool:
     """Whether `keep_clean_block_inputs` kept a clean run of `tokens` that a run under `hooks` can start from."""
     return fast_path(model) and _kept_calls(model, tokens, _first_hooked_layer(hooks, model.cfg.n_layers)) is not None
 
 
 @torch.no_grad()
-def activations(model, tokens: Int[Tensor, "batch pos"], names: Sequence[str],
-                fwd_hooks: Sequence[tuple[str, Callable]] = ()) -> dict[str, Tensor]:
+def activations(model: Model, tokens: Int[Tensor, "batch pos"], names: Sequence[str],
+                fwd_hooks: Sequence[tuple[str, Callable]] = ()) -> dict[str, Float[Tensor, "batch ..."]]:
     """`{name: activation}` at the hook points `names` of the run of `tokens` under `fwd_hooks` (default: the clean
     run): from the clean run `keep_clean_block_inputs` kept for these tokens where every hook and name is in its
     block or after (reading layer 29 of 30 then costs one block), or after the prefix `share_prefix` registered
@@ -441,7 +443,7 @@ def activations(model, tokens: Int[Tensor, "batch pos"], names: Sequence[str],
         except (NoFastPath, _PrefixWritten):
             captured.clear()
     with hooks_on(model, list(fwd_hooks)):
-        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names, stop_at_layer=last)
+        _, cache = model.run_with_cache(tokens, names_filter=list(names), stop_at_layer=last)
     return {name: cache[name] for name in names if name in cache}
 
 
@@ -452,7 +454,7 @@ class SuffixReplay:
     (position `p` at index `p - start`). Raises `ValueError` where the model's blocks cannot be replayed
     (`fast_path`, or the run does not reproduce the model's logits)."""
 
-    def __init__(self, model, tokens: Int[Tensor, "batch pos"], start: int):
+    def __init__(self, model: Model, tokens: Int[Tensor, "batch pos"], start: int):
         if not fast_path(model):
             raise ValueError("this model's blocks cannot be replayed")
         try:
@@ -533,7 +535,7 @@ _SHARED_PREFIX: WeakKeyDictionary = WeakKeyDictionary()
 
 
 @torch.no_grad()
-def share_prefix(model, prefix: Int[Tensor, " n"] | None) -> int:
+def share_prefix(model: Model, prefix: Int[Tensor, " n"] | None) -> int:
     """From now on, `hooked_logits` runs prompts that all begin with `prefix` (token ids, e.g. few-shot examples
     before every arithmetic prompt) from the end of one clean run of it: only the positions after it are computed,
     attending to its kept keys and values. Exact where the hooks leave the prefix's positions as they are (up to
@@ -628,7 +630,7 @@ def _run_after_prefix(model, shared: _SharedPrefix, tokens: Tensor, fwd_hooks: S
         return logits_of(model, final)
 
 
-def hooked_logits(model, tokens: Int[Tensor, "batch pos"], fwd_hooks: Sequence[tuple[str, Callable]] = ()
+def hooked_logits(model: Model, tokens: Int[Tensor, "batch pos"], fwd_hooks: Sequence[tuple[str, Callable]] = ()
                   ) -> Float[Tensor, "batch pos_read d_vocab"]:
     """`components.run_with_hooks(model, tokens, fwd_hooks)`, computing only the positions after the prefix that
     `share_prefix` registered where every prompt begins with it (see there): a few-shot prefix of 24 tokens before
@@ -644,7 +646,8 @@ def hooked_logits(model, tokens: Int[Tensor, "batch pos"], fwd_hooks: Sequence[t
     return run_with_hooks(model, tokens, fwd_hooks=list(fwd_hooks))
 
 
-def sources_match_prefix(model, tokens: Int[Tensor, "batch pos"], sources: dict[str, Tensor]) -> bool:
+def sources_match_prefix(model: Model, tokens: Int[Tensor, "batch pos"], sources: dict[str, Float[Tensor, "batch ..."]]
+                         ) -> bool:
     """Whether a run of `tokens` starts after a shared prefix and `sources` (activations of other prompts, by hook
     name inside the blocks) hold its clean activations at its positions: a difference there is then 0, and the
     gradient a run after the prefix does not compute at those positions is not needed."""
@@ -693,7 +696,7 @@ def _fast_path_problem(model) -> str | None:
 
 
 @torch.no_grad()
-def fast_path(model) -> bool:
+def fast_path(model: Model) -> bool:
     """Whether sweeps on `model` start each patched run at its patch (probed once per model, see `Trace`); where
     not, they run every variant from the embedding, as before, and say why once."""
     if model not in _FAST_PATH:

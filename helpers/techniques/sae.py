@@ -34,7 +34,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from helpers.core.components import device_of, hooks_on, layers_needed, run_with_hooks, unembed_only_at
+from helpers.core.components import device_of, hooks_on, layers_needed, Model, run_with_hooks, unembed_only_at
 from helpers.techniques.replay import SuffixReplay
 
 Hook = Callable[[Tensor, object], Tensor]
@@ -121,8 +121,8 @@ def load_sae(source: str | Path, sae_id: str | None = None, *, device: str | tor
 # Streaming activations
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def collect_activations(model, tokens: Int[Tensor, "batch seq"], hook_names: Sequence[str], *, skip_first: int = 1
-                        ) -> dict[str, Float[Tensor, "tokens d"]]:
+def collect_activations(model: Model, tokens: Int[Tensor, "batch seq"], hook_names: Sequence[str], *,
+                        skip_first: int = 1) -> dict[str, Float[Tensor, "tokens d"]]:
     """Activations of `hook_names`, flattened to `[batch * (seq - skip_first), d]` (the first `skip_first`
     positions, i.e. BOS, are left out)."""
     _, cache = model.run_with_cache(tokens.to(device_of(model)), names_filter=list(hook_names),
@@ -130,8 +130,8 @@ def collect_activations(model, tokens: Int[Tensor, "batch seq"], hook_names: Seq
     return {name: cache[name][:, skip_first:].reshape(-1, cache[name].shape[-1]).float() for name in hook_names}
 
 
-def activation_stream(model, tokens: Int[Tensor, "n_seq seq"], hook_names: Sequence[str], *, model_batch_size: int = 32,
-                      buffer_rows: int = 256, batch_size: int = 1024, seed: int = 0,
+def activation_stream(model: Model, tokens: Int[Tensor, "n_seq seq"], hook_names: Sequence[str], *,
+                      model_batch_size: int = 32, buffer_rows: int = 256, batch_size: int = 1024, seed: int = 0,
                       skip_first: int = 1) -> Iterator[dict[str, Float[Tensor, "batch d"]]]:
     """Endless shuffled batches `{hook: [batch_size, d]}` of activations, read `model_batch_size` sequences at a
     time into a buffer of `buffer_rows` sequences; the sequence order is reshuffled every pass over `tokens`."""
@@ -252,7 +252,7 @@ def _resample_dead(sae, optimizer, dead: Bool[Tensor, "d_sae"], x: Float[Tensor,
     return n_dead
 
 
-def train_saes(model, tokens: Int[Tensor, "n_seq seq"], hook_names: Sequence[str],
+def train_saes(model: Model, tokens: Int[Tensor, "n_seq seq"], hook_names: Sequence[str],
                config: SAETrainConfig = SAETrainConfig(), *,
                model_name: str = "", progress: bool = True) -> tuple[dict[str, object], dict[str, SAETrainStats]]:
     """Train one SAE per hook on the activations of `tokens [n_seq, seq]` (BOS first), sharing the model's forward
@@ -317,7 +317,7 @@ def train_saes(model, tokens: Int[Tensor, "n_seq seq"], hook_names: Sequence[str
     return saes, stats
 
 
-def cached_saes(model, tokens: Int[Tensor, "n_seq seq"], hook_names: Sequence[str],
+def cached_saes(model: Model, tokens: Int[Tensor, "n_seq seq"], hook_names: Sequence[str],
                 config: SAETrainConfig = SAETrainConfig(), *,
                 model_name: str = "", progress: bool = True, refresh: bool = False,
                 cache_dir: str | Path | None = None) -> tuple[dict[str, object], dict[str, SAETrainStats]]:
@@ -356,8 +356,8 @@ def _select(activation: Float[Tensor, "batch pos d"], positions: Tensor | None) 
     return mask[..., None]
 
 
-def splice_hook(sae, *, positions: Tensor | None = None, error_term: bool = False,
-                ablate: Sequence[int] | Tensor | None = None) -> Hook:
+def splice_hook(sae, *, positions: Bool[Tensor, "#batch pos"] | Int[Tensor, " batch"] | None = None,
+                error_term: bool = False, ablate: Sequence[int] | Int[Tensor, " features"] | None = None) -> Hook:
     """A forward hook that replaces activations `[batch, pos, d_in]` with the SAE's reconstruction.
 
     Args:
@@ -390,13 +390,15 @@ def splice_hook(sae, *, positions: Tensor | None = None, error_term: bool = Fals
     return hook
 
 
-def feature_ablation_hook(sae, features: Sequence[int] | Tensor, positions: Tensor | None = None) -> Hook:
+def feature_ablation_hook(sae, features: Sequence[int] | Int[Tensor, " features"],
+                          positions: Bool[Tensor, "#batch pos"] | Int[Tensor, " batch"] | None = None) -> Hook:
     """Remove the contributions of `features` (`acts[..., f] * W_dec[f]`) and keep the SAE error: the seed's
     "ablate the direction" hook, at `positions` (see `splice_hook`)."""
     return splice_hook(sae, positions=positions, error_term=True, ablate=features)
 
 
-def replace_hook(value: Tensor | float, positions: Tensor | None = None) -> Hook:
+def replace_hook(value: Float[Tensor, " d"] | float,
+                 positions: Bool[Tensor, "#batch pos"] | Int[Tensor, " batch"] | None = None) -> Hook:
     """Replace activations with `value` (0 for zero ablation, a `[d]` mean for mean ablation) at `positions`."""
 
     def hook(activation: Tensor, hook=None) -> Tensor:
@@ -410,7 +412,7 @@ def replace_hook(value: Tensor | float, positions: Tensor | None = None) -> Hook
 # Losses and metrics
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def next_token_losses(model, tokens: Int[Tensor, "batch seq"], hooks: Sequence[tuple[str, Hook]] = (), *,
+def next_token_losses(model: Model, tokens: Int[Tensor, "batch seq"], hooks: Sequence[tuple[str, Hook]] = (), *,
                       batch_size: int = 64) -> Float[Tensor, "batch seq_minus_1"]:
     """Cross-entropy of every next-token prediction (entry `[b, p]` predicts `tokens[b, p+1]`)."""
     from helpers.techniques.ablation import token_losses
@@ -430,7 +432,7 @@ def position_chunks(positions: Int[Tensor, "batch"], batch_size: int) -> Iterato
 
 
 @torch.no_grad()
-def logits_at(model, tokens: Int[Tensor, "batch seq"], positions: Int[Tensor, "batch"],
+def logits_at(model: Model, tokens: Int[Tensor, "batch seq"], positions: Int[Tensor, "batch"],
               hooks_for: HooksFor | None = None, *, batch_size: int = 64) -> Float[Tensor, "batch d_vocab"]:
     """Logits of the whole vocabulary at one position per prompt.
 
@@ -454,7 +456,7 @@ def logits_at(model, tokens: Int[Tensor, "batch seq"], positions: Int[Tensor, "b
 
 
 @torch.no_grad()
-def logits_at_each(model, tokens: Int[Tensor, "batch seq"], positions: Int[Tensor, "batch"],
+def logits_at_each(model: Model, tokens: Int[Tensor, "batch seq"], positions: Int[Tensor, "batch"],
                    variants: Sequence[HooksFor | None], *, batch_size: int = 8) -> list[Float[Tensor, "batch d_vocab"]]:
     """`logits_at` under each of `variants` (None: the clean model), for interventions at each prompt's predicting
     position only (as `at_positions` builds them): such a hook changes nothing before that position, so per chunk
@@ -490,7 +492,7 @@ def _replayed_or_run(model, chunk: Tensor, rows: Tensor, pos: Tensor, start: int
     return (logits[:, 0] if logits.shape[1] == 1 else logits[index, pos.to(logits.device)]).float().cpu()
 
 
-def logprobs_at(model, tokens: Int[Tensor, "batch seq"], positions: Int[Tensor, "batch"],
+def logprobs_at(model: Model, tokens: Int[Tensor, "batch seq"], positions: Int[Tensor, "batch"],
                 hooks_for: HooksFor | None = None, *, batch_size: int = 64) -> Float[Tensor, "batch d_vocab"]:
     """Log-probabilities of the whole vocabulary at one position per prompt (see `logits_at`)."""
     return logits_at(model, tokens, positions, hooks_for, batch_size=batch_size).log_softmax(-1)
@@ -536,7 +538,7 @@ def loss_recovered(clean: float, spliced: float, ablated: float) -> float:
 
 
 @torch.no_grad()
-def feature_activations(model, sae, tokens: Int[Tensor, "batch seq"], *, hook_name: str | None = None,
+def feature_activations(model: Model, sae, tokens: Int[Tensor, "batch seq"], *, hook_name: str | None = None,
                         positions: Int[Tensor, "batch"] | None = None, hooks_for: HooksFor | None = None,
                         batch_size: int = 64) -> Float[Tensor, "batch seq d_sae"] | Float[Tensor, "batch d_sae"]:
     """SAE feature activations: `[batch, seq, d_sae]`, or `[batch, d_sae]` at one position per prompt
@@ -590,7 +592,7 @@ class SAEMetrics:
 
 
 @torch.no_grad()
-def sae_metrics(model, sae, tokens: Int[Tensor, "n seq"], *, hook_name: str | None = None,
+def sae_metrics(model: Model, sae, tokens: Int[Tensor, "n seq"], *, hook_name: str | None = None,
                 batch_size: int = 64) -> SAEMetrics:
     """L0, dead fraction, MSE, explained variance and whole-sequence loss recovered of `sae` on `tokens [n, seq]`."""
     hook_name = hook_name or sae.cfg.metadata.hook_name
@@ -600,7 +602,7 @@ def sae_metrics(model, sae, tokens: Int[Tensor, "n seq"], *, hook_name: str | No
     sums, sq_sums = None, None
     for start in range(0, len(tokens), batch_size):
         chunk = tokens[start: start + batch_size].to(device_of(model))
-        _, cache = model.run_with_cache(chunk, names_filter=lambda name: name == hook_name)
+        _, cache = model.run_with_cache(chunk, names_filter=[hook_name])
         x = cache[hook_name][:, 1:].reshape(-1, sae.cfg.d_in).to(sae.W_dec.dtype)
         acts = sae.encode(x)
         recon = sae.decode(acts)

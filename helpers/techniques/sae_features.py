@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from helpers.core.components import Component, device_of, hook_name, labels
+from helpers.core.components import Component, device_of, hook_name, labels, Model
 
 _CENTRING_NORMS = ("LN", "LNPre")
 _NORMS = ("LN", "LNPre", "RMS", "RMSPre")
@@ -58,13 +58,13 @@ def _linear_norm(model, norm, stack: Float[Tensor, "... d_model"], scale: Float[
 # ----------------------------------------------------------------------------------------------------------------
 # Direct logit effects of features
 # ----------------------------------------------------------------------------------------------------------------
-def feature_writes(model, sae, layer: int) -> Float[Tensor, "d_sae d_model"]:
+def feature_writes(model: Model, sae, layer: int) -> Float[Tensor, "d_sae d_model"]:
     """What one unit of each feature's activation writes to the residual stream: `W_dec @ W_out[layer]`."""
     W_out = model.W_out[layer]
     return sae.W_dec.to(W_out) @ W_out
 
 
-def feature_logit_weights(model, sae, layer: int, ln_scale: Tensor | float | None = None
+def feature_logit_weights(model: Model, sae, layer: int, ln_scale: Float[Tensor, ""] | float | None = None
                           ) -> Float[Tensor, "d_sae d_vocab"]:
     """Weight-based direct logit effect of every feature per unit of activation: `W_dec @ W_out[layer]` through the
     final norm and `W_U`. Divided by the final norm's scale when `ln_scale` is given (a typical
@@ -74,7 +74,7 @@ def feature_logit_weights(model, sae, layer: int, ln_scale: Tensor | float | Non
     return writes @ model.W_U.to(writes)
 
 
-def feature_answer_dla(model, sae, layer: int, acts: Float[Tensor, "batch d_sae"], answers: Int[Tensor, "batch"],
+def feature_answer_dla(model: Model, sae, layer: int, acts: Float[Tensor, "batch d_sae"], answers: Int[Tensor, "batch"],
                        ln_scale: Float[Tensor, "batch"] | None) -> Float[Tensor, "batch d_sae"]:
     """Each feature's direct effect on each prompt's answer logit: `acts[b, f]` times feature f's write through the
     final norm (scale `ln_scale[b]`, the cached `ln_final.hook_scale` at the prompt's position) onto
@@ -87,7 +87,7 @@ def feature_answer_dla(model, sae, layer: int, acts: Float[Tensor, "batch d_sae"
     return acts.to(per_answer) * per_answer
 
 
-def mlp_vector_dla(model, layer: int, vectors: Float[Tensor, "batch d_mlp"], answers: Int[Tensor, "batch"],
+def mlp_vector_dla(model: Model, layer: int, vectors: Float[Tensor, "batch d_mlp"], answers: Int[Tensor, "batch"],
                    ln_scale: Float[Tensor, "batch"] | None) -> Float[Tensor, "batch"]:
     """Direct logit effect on each prompt's answer of a vector in MLP `layer`'s neuron space (its `hook_post`, an
     SAE reconstruction, its error): `vectors @ W_out[layer]` (no `b_out`) through the final norm (scale
@@ -130,7 +130,7 @@ class FeatureAttribution:
         return (self.per_prompt * weights).sum(-1) / weights.sum(-1).clamp(min=1)
 
 
-def mlp_input_pieces(model, cache, layer: int, rows: Int[Tensor, "batch"], positions: Int[Tensor, "batch"]
+def mlp_input_pieces(model: Model, cache, layer: int, rows: Int[Tensor, "batch"], positions: Int[Tensor, "batch"]
                      ) -> tuple[Float[Tensor, "component batch d_model"], list[Component]]:
     """The writers of the residual stream that MLP `layer` reads, at `positions[b]` of row `rows[b]` of the cache:
     `EMBED`, (`POS_EMBED`), every head `L{l}H{h}` (`z @ W_O`) and `ATTN_BIAS{l}` of the layers before it, and of its
@@ -166,7 +166,7 @@ def _mlp_linear_name(model, layer: int) -> str:
     return hook_name("neuron", layer, "pre_linear" if model.cfg.gated_mlp else "pre")
 
 
-def mlp_input_names(model, layer: int) -> Callable[[str], bool]:
+def mlp_input_names(model: Model, layer: int) -> Callable[[str], bool]:
     """`names_filter` for `model.run_with_cache` that keeps what `feature_input_attribution` reads for an SAE on MLP
     `layer`: the embeddings, every layer's `hook_z` / `hook_attn_out` / `hook_mlp_out`, and the MLP's norm scale,
     linear input and `hook_post`."""
@@ -183,7 +183,7 @@ def _bias(module, name: str) -> Tensor | None:
 
 
 @torch.no_grad()
-def feature_input_attribution(model, cache, sae, layer: int, features: Sequence[int],
+def feature_input_attribution(model: Model, cache, sae, layer: int, features: Sequence[int],
                               positions: Int[Tensor, "batch"]) -> FeatureAttribution:
     """Direct feature attribution: how much each component's write drives each of `features` of an SAE on
     `blocks.{layer}.mlp.hook_post`, at `positions[b]` of each row of `cache` (from `model.run_with_cache`).
@@ -270,7 +270,7 @@ class TokenDetectorStats:
 
 
 @torch.no_grad()
-def token_detector_statistics(model, sae, tokens: Int[Tensor, "batch seq"], *, hook_name: str | None = None,
+def token_detector_statistics(model: Model, sae, tokens: Int[Tensor, "batch seq"], *, hook_name: str | None = None,
                               threshold_fraction: float = 0.5, skip_first: int = 1,
                               batch_size: int = 64) -> TokenDetectorStats:
     """For every feature of `sae`: on which token it fires, over all positions of `tokens` after the first
@@ -281,7 +281,7 @@ def token_detector_statistics(model, sae, tokens: Int[Tensor, "batch seq"], *, h
     found_features, found_tokens, found_values = [], [], []
     for start in range(0, len(tokens), batch_size):
         chunk = tokens[start: start + batch_size]
-        _, cache = model.run_with_cache(chunk.to(device_of(model)), names_filter=lambda name: name == hook_name)
+        _, cache = model.run_with_cache(chunk.to(device_of(model)), names_filter=[hook_name])
         acts = sae.encode(cache[hook_name][:, skip_first:].to(sae.W_dec.dtype)).cpu()  # [batch, seq', d_sae]
         row, pos, feature = acts.nonzero(as_tuple=True)
         found_features.append(feature)
@@ -321,7 +321,7 @@ def _feature_reads(model, sae, layer: int) -> Float[Tensor, "d_model d_sae"]:
 
 
 @torch.no_grad()
-def virtual_cosine_blocks(model, sae_a, layer_a: int, sae_b, layer_b: int, *, block_rows: int = 1024
+def virtual_cosine_blocks(model: Model, sae_a, layer_a: int, sae_b, layer_b: int, *, block_rows: int = 1024
                           ) -> Iterator[tuple[int, Float[Tensor, "rows d_sae_b"]]]:
     """The cross-layer cosine matrix `[d_sae_a, d_sae_b]` in blocks of `block_rows` rows: yields `(first_row,
     block)`. Entry `[i, j]` is the cosine between what feature i of the SAE at `layer_a` writes to the residual
@@ -336,7 +336,7 @@ def virtual_cosine_blocks(model, sae_a, layer_a: int, sae_b, layer_b: int, *, bl
 
 
 @torch.no_grad()
-def virtual_cosines_into(model, sae_a, layer_a: int, sae_b, layer_b: int, features: Sequence[int]
+def virtual_cosines_into(model: Model, sae_a, layer_a: int, sae_b, layer_b: int, features: Sequence[int]
                          ) -> Float[Tensor, "d_sae_a n_features"]:
     """The columns of the cross-layer cosine matrix for a few later-layer `features`: every earlier feature's
     cosine with each of them."""
@@ -353,7 +353,7 @@ def top_pairs(matrix: Float[Tensor, "rows cols"], k: int, *, row_offset: int = 0
     return [(row_offset + i // n_cols, i % n_cols, v) for v, i in zip(top.values.tolist(), top.indices.tolist())]
 
 
-def top_virtual_pairs(model, sae_a, layer_a: int, sae_b, layer_b: int, k: int, *, block_rows: int = 1024
+def top_virtual_pairs(model: Model, sae_a, layer_a: int, sae_b, layer_b: int, k: int, *, block_rows: int = 1024
                       ) -> list[tuple[int, int, float]]:
     """The `k` largest cross-layer cosines `(earlier feature, later feature, cosine)`, largest first, found block
     by block (at most `block_rows x d_sae_b` values held at once)."""
