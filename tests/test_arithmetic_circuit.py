@@ -168,3 +168,24 @@ def test_counterfactual_prompt_set_scores_clean_as_one_and_partners_as_zero(tiny
     assert torch.equal(task_set.clean, clean) and torch.equal(task_set.corrupted, corrupt)
     assert float(task_set.metric(model(clean))) == pytest.approx(1.0, abs=1e-5)
     assert float(task_set.metric(model(corrupt))) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_the_acceptance_checks_pass_a_clear_run_and_fail_each_bar_alone():
+    passing = dict(accuracy={"+": 0.6, "-": 0.7}, chance={"+": 0.01, "-": 0.01},
+                   circuit_faithfulness={"+": 0.95, "-": 0.92}, circuit_sizes={"+": 6, "-": 8}, max_circuit_heads=9,
+                   saturation=[0.05, 0.3], full_faithfulness=[0.99, 0.95], faithfulness_target=0.9,
+                   mean_classified=0.6, related={"+": 0.4, "-": float("nan")}, unrelated={"+": 0.8, "-": 0.9},
+                   guided_gap=0.1)
+    assert all(AC.acceptance_checks(**passing).values())
+    circuit = "circuit of <= 9 heads + MLPs with faithfulness >= 0.9 for + and -"
+    for change, failed in [({"accuracy": {"+": 1.0, "-": 0.7}}, "accuracy above chance and below 1"),
+                           ({"circuit_sizes": {"+": 10, "-": 8}}, circuit),
+                           ({"circuit_faithfulness": {"+": 0.95, "-": 0.8}}, circuit),
+                           ({"saturation": [0.05, 0.4]}, "top-k curve of every faithful circuit saturates at <= 35% of d_mlp"),
+                           ({"full_faithfulness": [0.5, 0.5]}, "top-k curve of every faithful circuit saturates at <= 35% of d_mlp"),
+                           ({"mean_classified": 0.4}, ">= 50% of top neurons classified at 0.6"),
+                           ({"related": {"+": 0.9, "-": float("nan")}, "unrelated": {"+": 0.8, "-": 0.9}},
+                            "knockout: related hurt more than unrelated"),
+                           ({"guided_gap": 0.0}, "prompt-guided knockout below random control")]:
+        checks = AC.acceptance_checks(**{**passing, **change})
+        assert [name for name, ok in checks.items() if not ok] == [failed], change

@@ -123,15 +123,25 @@ def test_shift_histograms_hold_every_scored_position_of_both_languages(tiny):
     assert not torch.equal(values[(1, 3)]["on"], values[(1, 3)]["off"])
 
 
-def test_examples_and_the_findings_table(tiny):
+def test_examples_change_nothing_without_hooks(tiny):
     model, _, _ = tiny
     changes = context_neuron.example_loss_changes(model, model.tokenizer, ["Das ist ein Test", "All cats"], [], 10)
     assert [len(ids) == len(change) > 1 for ids, change in changes] == [True, True]
     assert all(torch.all(change == 0) for _, change in changes)
-    table = context_neuron.findings_table([("context neuron", "L3N669", "L1N20"), ("F1", "0.99", "0.97")])
-    lines = table.splitlines()
-    assert len(lines) == 3 and lines[0].split("|")[1].strip() == "paper (Pythia-70m)"
-    assert len({line.index("|") for line in lines}) == 1                  # aligned columns
+
+
+def test_the_acceptance_checks_hold_for_a_clear_detector_and_fail_each_bar_alone():
+    passing = dict(best_f1=0.99, runner_up_f1=0.90, german_change=12.0, english_change=0.1, boost_german=1.8,
+                   boost_english=0.3, ngram_found=True)
+    assert all(context_neuron.acceptance_checks(**passing).values())
+    specific = "English loss within 0.5% while German rises (a German-specific effect)"
+    for change, failed in [({"runner_up_f1": 0.985}, ["F1 >= 0.95 and clearly above the runner-up"]),
+                           ({"german_change": 4.0}, ["German loss +5% or more", specific]),
+                           ({"english_change": -0.6}, [specific]),
+                           ({"boost_german": 0.2}, ["direct boost larger on German unigrams"]),
+                           ({"ngram_found": False}, ["downstream neuron completes a German word only with context"])]:
+        checks = context_neuron.acceptance_checks(**{**passing, **change})
+        assert [name for name, ok in checks.items() if not ok] == failed
 
 
 def test_language_direction_and_writer_separation_equal_a_full_run(tiny):

@@ -85,10 +85,14 @@ def test_conditions_and_closing_comparison(toy):
     assert all(torch.allclose(loss, -clean["logprob"], atol=1e-4) for loss in increases.values())
 
 
-def test_seed_table():
-    found = {"closing-quote prompts": 10, "new figure": 1.5}
-    paper = Q.seed_figures("roneneldan/TinyStories-2Layers-33M")
-    table = Q.seed_table(found, paper)
-    assert list(table.index) == list(found) and table.loc["closing-quote prompts"].tolist() == [10, 4554]
-    assert table.loc["new figure"].tolist() == [1.5, "-"]
-    assert list(Q.seed_table(found, Q.seed_figures(None)).columns) == ["this run"]
+def test_the_acceptance_checks_pass_a_clear_feature_and_fail_each_bar_alone():
+    passing = dict(recovered=0.9, top_share=0.95, top_increase=0.1, increase_on_active=torch.tensor([0.1, 0.12, 0.09]),
+                   boosted_closings=['."'])
+    assert all(Q.acceptance_checks(**passing).values())
+    feature = "a feature active on most closing prompts raises the loss when ablated"
+    for change, failed in [({"recovered": 0.7}, "SAE splice recovers >= 80% of the loss at the quote position"),
+                           ({"top_share": 0.4}, feature), ({"top_increase": 0.01}, feature),
+                           ({"increase_on_active": torch.tensor([0.3, -0.3, 0.05])}, feature),
+                           ({"boosted_closings": []}, "its top boosted tokens include a closing-quote token")]:
+        checks = Q.acceptance_checks(**{**passing, **change})
+        assert [name for name, ok in checks.items() if not ok] == [failed]

@@ -36,6 +36,54 @@ from helpers.techniques.replay import activations
 Metric = Callable[[Tensor], Tensor]
 PROMPT_POSITIONS = (-4, -3, -2, -1)  # op1, operator, op2, '=': the last four positions, whatever precedes them
 
+REFERENCE_LABEL = "paper (Llama-3-8B)"
+REFERENCE: dict[str, dict[str, object]] = {
+    # Nikankin et al. 2025 on Llama-3-8B, keyed like the notebook's closing table
+    "meta-llama/Meta-Llama-3-8B": {
+        **{f"accuracy {op}": value for op, value in {"+": 0.97, "-": 0.96, "*": 0.84, "/": 0.92}.items()},  # Table 3
+        **{f"circuit {op}: heads, faithfulness (Eq. 2)": value                                             # Table 1
+           for op, value in {"+": "6, 0.97", "-": "6, 0.98", "*": "20, 0.90", "/": "6, 0.96"}.items()},
+        "first layer the answer is decodable at '='": 16,                                                  # Fig. 3
+        "top-k neurons reaching 90% faithfulness (fraction of d_mlp)": "~0.014",   # 200 of 14,336 (Fig. 4b)
+        "MLP0 neurons needed (fraction)": 0.01,                                                            # Fig. 12b
+        "top neurons classified at 0.6 (paper's statistic)": 0.91,
+        **{f"knockout {op}: related vs unrelated accuracy": value                                          # Fig. 7
+           for op, value in {"+": "0.56 vs 0.86", "-": "0.64 vs 0.88", "*": "0.80 vs 0.89", "/": "0.78 vs 0.91"}.items()},
+        "prompt-guided knockout below random control": "yes (Fig. 8)",
+        "mean IoU of top neurons between operators": 0.54,                                                 # Fig. 15
+    },
+}
+"""The paper's figures, by the model they were measured on: shown beside a run's, never used in its place."""
+
+TOPK_SATURATION_BAR = 0.35
+"""The top-k neuron curve of every faithful circuit must saturate at this fraction of d_mlp or less."""
+
+
+def acceptance_checks(accuracy: dict[str, float], chance: dict[str, float], circuit_faithfulness: dict[str, float],
+                      circuit_sizes: dict[str, int], max_circuit_heads: int, saturation: Sequence[float],
+                      full_faithfulness: Sequence[float], faithfulness_target: float, mean_classified: float,
+                      related: dict[str, float], unrelated: dict[str, float], guided_gap: float) -> dict[str, bool]:
+    """The notebook's bars (asserted on the toy), per operator where it says so (`saturation` and
+    `full_faithfulness` in the operators' order): accuracy above chance and below 1; a circuit of few heads (+ MLPs)
+    with faithfulness >= 0.9 for + and -; the top-k neuron curve of every faithful circuit saturating early (a curve
+    says something only where all neurons give a faithful circuit: on noise 90% of ~0 is reached at k=0); half the
+    top neurons classified; knockouts hurting related prompts more than unrelated ones (NaN operators left out); the
+    prompt-guided knockout below its random control."""
+    faithful = [s for s, full in zip(saturation, full_faithfulness) if full >= faithfulness_target]
+    return {
+        "accuracy above chance and below 1": all(chance[op] < accuracy[op] < 1 for op in accuracy),
+        f"circuit of <= {max_circuit_heads} heads + MLPs with faithfulness >= 0.9 for + and -": all(
+            circuit_faithfulness[op] >= 0.9 and circuit_sizes[op] <= max_circuit_heads
+            for op in ("+", "-") if op in circuit_faithfulness),
+        "top-k curve of every faithful circuit saturates at <= 35% of d_mlp":
+            bool(faithful) and max(faithful) <= TOPK_SATURATION_BAR,
+        ">= 50% of top neurons classified at 0.6": mean_classified >= 0.5,
+        "knockout: related hurt more than unrelated":
+            bool(np.nanmean(list(related.values())) < np.nanmean(list(unrelated.values()))),
+        "prompt-guided knockout below random control": guided_gap > 0,
+    }
+
+
 # ---- seeds: every random draw of the notebook from its one `seed` ---------------------------------------------------
 SEED_OFFSETS = {
     "discovery split": 0,       # which correct prompts are discovery / evaluation prompts (one per operator)

@@ -21,9 +21,10 @@ from helpers.techniques.dla import Attribution, token_attribution_at
 from helpers.core.components import device_of, hook_name, layers_needed, unembed_only_at
 from helpers.tasks.stories import QuotePrompts, closing_quote_prompts
 
-# The seed's figures for tiny-stories-2L-33M (SAEs 18_morning_sun / 98_hardy_firefly, 4554 validation prompts),
-# shown beside this run's; never used in place of a measurement. Keys are the rows of `seed_table`.
-SEED_FIGURES: dict[str, dict[str, object]] = {
+REFERENCE_LABEL = "original notebook (TinyStories-2Layers-33M)"
+REFERENCE: dict[str, dict[str, object]] = {
+    # the original notebook's figures for tiny-stories-2L-33M (SAEs 18_morning_sun / 98_hardy_firefly, 4554
+    # validation prompts), keyed like the run's `found`; shown beside this run's, never used in place of a measurement
     "roneneldan/TinyStories-2Layers-33M": {
         "closing-quote prompts": 4554,
         '`."` loss, original': 0.952,
@@ -35,34 +36,37 @@ SEED_FIGURES: dict[str, dict[str, object]] = {
         "DLA of the top MLP (MLP1)": 8.02,
         "DLA of the top head (L1H13)": 3.66,
         "DLA of MLP0": 3.09,
+        '`."` DLA without b_out: MLP / SAE reconstruction / SAE error': "6.94 / 6.04 / 0.90",
         "MLP DLA carried by the SAE reconstruction": 6.04 / 6.94,
         "top feature: loss increase when ablated": 0.559,
         "top feature: share of prompts active": 4442 / 4554,
+        'top feature: boost of `!"` / `."` (weights)': "0.73 / 0.57",
         "top-3 co-activation correlations": "-0.046, -0.067, -0.042",
         "top feature: largest driver (DFA)": "L1H13",
         "largest activation-scaled `.\"` DLA": 1.416,
         "features with mean activation > 0.05": 154,
         "layer-0 features: median top-token share": 0.99,
         "layer-0 features: share of live features with top-token share 1": 7505 / 16291,
+        "layer-0 features: live, exactly 1, below 0.2 (an earlier run)": "16291, 7505, 2629",
         "top-3 ablation: logprob / logit / rank difference": "0.835 / 2.280 / -1.19",
         "MLP mean-ablation: logprob / logit / rank difference": "1.049 / 6.219 / -1.66",
     },
 }
 
 
-def seed_figures(reference: str | None) -> dict[str, object]:
-    """The seed's figures for the published model `reference` (from `helpers.models.load.reference_model`), or `{}`."""
-    return SEED_FIGURES.get(reference, {}) if reference is not None else {}
-
-
-def seed_table(found: dict[str, object], paper: dict[str, object], keys: Sequence[str] | None = None
-               ) -> pd.DataFrame:
-    """This run's figures (`found`) beside the seed's (`paper`) for `keys` (default: every key found), one row per
-    figure; the seed's column only where the loaded model has seed figures."""
-    keys = list(found) if keys is None else list(keys)
-    frame = pd.DataFrame({"this run": [found.get(key) for key in keys],
-                          "seed (TinyStories-2Layers-33M)": [paper.get(key, "-") for key in keys]}, index=keys)
-    return frame if paper else frame[["this run"]]
+def acceptance_checks(recovered: float, top_share: float, top_increase: float,
+                      increase_on_active: Float[Tensor, "active"], boosted_closings: Sequence[str]) -> dict[str, bool]:
+    """The notebook's bars (asserted on the toy): the SAE splice recovers most of the loss at the quote position; the
+    top feature is active on most closing prompts and its ablation raises the loss by more than noise (`top_increase`,
+    the mean over all prompts, above 0.02 nats, and the mean over the prompts where it is active above 3 standard
+    errors); its top boosted tokens include a closing quote."""
+    significant = increase_on_active.mean() > 3 * increase_on_active.std() / len(increase_on_active) ** 0.5
+    return {
+        "SAE splice recovers >= 80% of the loss at the quote position": recovered >= 0.8,
+        "a feature active on most closing prompts raises the loss when ablated":
+            top_share > 0.5 and top_increase > 0.02 and bool(significant),
+        "its top boosted tokens include a closing-quote token": len(boosted_closings) > 0,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
