@@ -221,10 +221,11 @@ def test_reference_model_is_chosen_by_shape_not_by_name(tiny_checkpoint):
 def test_a_name_resolves_once_into_what_it_is_where_its_files_are_and_its_checkpoints(tiny_checkpoint, monkeypatch):
     by_name, by_folder = resolve_model("toy-bilingual"), resolve_model(zoo.checkpoint_dir("toy-bilingual"))
     assert by_name.is_toy and by_folder.is_toy and by_name.path == by_folder.path == zoo.checkpoint_dir("toy-bilingual")
+    assert by_name.toy == by_folder.toy == "toy-bilingual" and resolve_model("toy-stories").toy == "toy-stories"
     assert by_name.revisions == tuple(zoo.revisions("toy-bilingual")) and len(by_name.revisions) > 2
     assert by_name.weight_files("step0") == sorted(zoo.revision_dir("toy-bilingual", "step0").glob("*.safetensors"))
     local = resolve_model(tiny_checkpoint("gpt_neox"))
-    assert (local.kind, local.is_toy, local.revisions) == ("local", False, ())
+    assert (local.kind, local.is_toy, local.toy, local.revisions) == ("local", False, None, ())
     assert local.weight_files() == [local.path / "model.safetensors"]
     trained = resolve_model("smollm2-135m-instruct")
     assert trained.kind == "trained" and trained.path.suffix == ".gguf" and not trained.is_toy

@@ -55,6 +55,11 @@ class ModelSource:
         return self.kind == "zoo"
 
     @property
+    def toy(self) -> str | None:
+        """The zoo's name of a toy, whether it was given by name or by its folder; None for any other model."""
+        return self.path.name if self.kind == "zoo" else None
+
+    @property
     def is_local(self) -> bool:
         return self.kind != "hub"
 
@@ -62,7 +67,7 @@ class ModelSource:
         """The folder of training checkpoint `revision` of a toy (one of `revisions`)."""
         if self.kind != "zoo":
             raise ValueError(f"{self.name!r} ships no training checkpoints of its own; only the zoo's toys do")
-        return zoo.revision_dir(self.path.name, revision)
+        return zoo.revision_dir(self.toy, revision)
 
     def weight_files(self, revision: str | None = None) -> list[Path]:
         """The local weight files of the model (at `revision`), for cache keys: a retrained toy never reads its
