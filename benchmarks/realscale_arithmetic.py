@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from realscale_context_neuron import print_table, timed  # noqa: E402  (the same timer, sampler, table)
 
 from helpers.studies import arithmetic_circuit as AC  # noqa: E402
+from helpers.studies import heuristic_scheme as HS  # noqa: E402
 from helpers.studies import heuristics as H  # noqa: E402
 from helpers.techniques import replay  # noqa: E402
 from helpers.techniques.ablation import CircuitEvaluator, circuit_universe, normalized_logits, reference_activations  # noqa: E402
@@ -111,7 +112,7 @@ def main() -> None:
         AC.patch_neurons_at_last(model, *inputs, state["sample"])
 
     def analysis():
-        top = H.top_neurons_per_layer(state["attribution"][:, -1].abs(), args.top_neurons, range(n_layers))
+        top = HS.top_neurons_per_layer(state["attribution"][:, -1].abs(), args.top_neurons, range(n_layers))
         H.analyse_neurons(model, operator_tokens, numbers[chosen.results], chosen.pairs, chosen.results,
                           args.operator, top)
 

@@ -23,6 +23,7 @@ from realscale_context_neuron import print_table, timed  # noqa: E402  (the same
 
 from helpers.studies import quote_features as Q  # noqa: E402
 from helpers.techniques import sae as S  # noqa: E402
+from helpers.techniques import sae_training as T  # noqa: E402
 from helpers.core.components import hook_name  # noqa: E402
 from helpers.models.load import load_model  # noqa: E402
 from helpers.tasks.stories import closing_quote_prompts, generate_stories, pack_tokens  # noqa: E402
@@ -58,14 +59,14 @@ def main() -> None:
     prompts = closing_quote_prompts(stories[args.n_stories:], tokenizer, closings=('."',), openers=("said",),
                                     max_prompts=args.n_prompts, prepend_bos=bos)
     hook = hook_name("neuron", args.layer)
-    config = S.SAETrainConfig(expansion_factor=2, l1_coefficient=2.0, steps=args.sae_steps, batch_size=512)
+    config = T.SAETrainConfig(expansion_factor=2, l1_coefficient=2.0, steps=args.sae_steps, batch_size=512)
 
     def passes(tokens, stop_at_layer=None, rows=16):
         for start in range(0, len(tokens), rows):
             model(tokens[start:start + rows], stop_at_layer=stop_at_layer)
 
     def sae_steps():
-        sae = S.new_sae(model.cfg.d_mlp, 2 * model.cfg.d_mlp)
+        sae = T.new_sae(model.cfg.d_mlp, 2 * model.cfg.d_mlp)
         optimizer = torch.optim.Adam(sae.parameters())
         x = torch.randn(config.batch_size, model.cfg.d_mlp)
         with torch.enable_grad():
@@ -87,7 +88,7 @@ def main() -> None:
     state = {}
 
     def train():
-        saes, _ = S.train_saes(model, sae_tokens, [hook], config, progress=False)
+        saes, _ = T.train_saes(model, sae_tokens, [hook], config, progress=False)
         state["sae"] = saes[hook]
 
     def closing_dla():

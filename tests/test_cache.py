@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from helpers.core import cache
-from helpers.studies.heuristics import HeuristicScores
+from helpers.studies.heuristic_scheme import HeuristicScores
 
 
 def counting(value):
@@ -149,14 +149,15 @@ def heuristic_scores() -> HeuristicScores:
 
 
 def sae_entry() -> dict:
-    """What `sae.cached_saes` stores: per hook, the SAE as plain dicts and its training stats as a dict (skipped
+    """What `sae_training.cached_saes` stores: per hook, the SAE as plain dicts and its training stats as a dict (skipped
     where sae-lens is not installed, as in the transformer-lens 4 environment)."""
     pytest.importorskip("sae_lens")
     from helpers.techniques import sae as S
+    from helpers.techniques import sae_training as T
 
     hook = "blocks.0.mlp.hook_post"
-    stats = S.SAETrainStats(scale=1.5, mse=[0.5, 0.25], l0=[3.0, 2.0], loss=[1.0, 0.5], resampled={10: 2})
-    sae = S.new_sae(4, 8, hook_name=hook, model_name="toy-stories", context_size=16)
+    stats = T.SAETrainStats(scale=1.5, mse=[0.5, 0.25], l0=[3.0, 2.0], loss=[1.0, 0.5], resampled={10: 2})
+    sae = T.new_sae(4, 8, hook_name=hook, model_name="toy-stories", context_size=16)
     return {hook: {"sae": S.sae_to_dict(sae), "stats": dataclasses.asdict(stats)}}
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers.techniques import ablation, neurons
+from helpers.techniques import neurons
+from helpers.techniques.losses import token_losses
 from helpers.studies import context_neuron
 from tests.conftest import ARCHITECTURES
 
@@ -38,7 +39,7 @@ def test_documents_masks_and_batches(tiny):
 
 def test_mean_loss_is_token_weighted_over_scored_targets(tiny):
     model, german, _ = tiny
-    losses = ablation.token_losses(model, german.tokens)
+    losses = token_losses(model, german.tokens)
     expected = float(losses[german.scored[:, 1:]].double().mean())
     assert context_neuron.mean_loss(model, german) == pytest.approx(expected, rel=1e-6)
 

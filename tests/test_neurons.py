@@ -136,7 +136,8 @@ def test_scan_neurons_matches_cache(tiny):
 
 
 def test_identity_pin_changes_loss_by_zero_and_real_pin_writes_value(tiny):
-    from helpers.techniques.ablation import neuron_value_hooks, token_losses
+    from helpers.techniques.ablation import neuron_value_hooks
+    from helpers.techniques.losses import token_losses
 
     model, tokens = tiny
     clean = token_losses(model, tokens)
@@ -243,7 +244,8 @@ def test_runs_from_a_kept_clean_run_skip_the_blocks_before_it_and_change_nothing
     in block 1 start there: block 0 is not run again, and the losses and activations equal runs from the embedding.
     A hook in block 0 runs from the embedding."""
     from helpers.techniques import replay
-    from helpers.techniques.ablation import neuron_value_hooks, token_losses, token_losses_each
+    from helpers.techniques.ablation import neuron_value_hooks
+    from helpers.techniques.losses import token_losses, token_losses_each
     from helpers.models.load import load_model
 
     model = load_model(tiny_checkpoint(architecture), device="cpu")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from helpers.techniques import ablation
+from helpers.techniques.losses import token_losses
 from helpers.studies import ngrams
 from helpers.sources import realsize
 from helpers.core.paths import MODELS_DIR
@@ -152,7 +152,7 @@ def test_no_intervention_no_loss_change_and_a_shift_changes_the_loss(tiny):
     none, change = ngrams.loss_changes(model, tokens, [[], ngrams.shift_hooks(1, 3, 50.0)], batch_size=1)
     assert torch.all(none == 0)
     assert change.shape == (2, tokens.shape[1] - 1) and change.abs().max() > 0
-    expected = ablation.token_losses(model, tokens, ngrams.shift_hooks(1, 3, 50.0)) - ablation.token_losses(model, tokens)
+    expected = token_losses(model, tokens, ngrams.shift_hooks(1, 3, 50.0)) - token_losses(model, tokens)
     torch.testing.assert_close(change, expected, rtol=1e-4, atol=1e-5)
     activation = ngrams.neuron_activation(model, tokens, 1, 3, batch_size=1)
     assert activation.shape == tokens.shape

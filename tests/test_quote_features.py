@@ -9,6 +9,7 @@ pytest.importorskip("sae_lens")
 
 from helpers.studies import quote_features as Q  # noqa: E402
 from helpers.techniques import sae as S  # noqa: E402
+from helpers.techniques import sae_training as T  # noqa: E402
 from helpers.techniques.dla import token_attribution_at  # noqa: E402
 from helpers.core.components import hook_name  # noqa: E402
 from helpers.tasks.stories import generate_stories  # noqa: E402
@@ -29,7 +30,7 @@ def toy():
     model = load_model("toy-stories", device="cpu")
     stories = generate_stories(40, seed=11)
     sets = Q.closing_prompt_sets(stories, model.tokenizer, ('."', '!"', '?"'), max_prompts=12)
-    sae = S.new_sae(model.cfg.d_mlp, 2 * model.cfg.d_mlp, hook_name=HOOK, seed=3)
+    sae = T.new_sae(model.cfg.d_mlp, 2 * model.cfg.d_mlp, hook_name=HOOK, seed=3)
     return model, sets, sae
 
 

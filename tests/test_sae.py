@@ -7,6 +7,7 @@ import torch
 pytest.importorskip("sae_lens")  # the SAE notebook's stack; absent in the transformer-lens 4 environment
 
 from helpers.techniques import sae as S  # noqa: E402
+from helpers.techniques import sae_training as T  # noqa: E402
 from tests.conftest import ARCHITECTURES  # noqa: E402
 
 HOOK = "blocks.1.mlp.hook_post"
@@ -29,15 +30,15 @@ def tokens(model):
 
 @pytest.fixture(scope="module")
 def trained(model, tokens):
-    config = S.SAETrainConfig(expansion_factor=2, l1_coefficient=0.5, steps=40, batch_size=64, model_batch_size=24,
+    config = T.SAETrainConfig(expansion_factor=2, l1_coefficient=0.5, steps=40, batch_size=64, model_batch_size=24,
                               buffer_rows=24, resample_steps=(20,), dead_window=10, seed=1)
-    saes, stats = S.train_saes(model, tokens, ["blocks.0.mlp.hook_post", HOOK], config, model_name="tiny",
+    saes, stats = T.train_saes(model, tokens, ["blocks.0.mlp.hook_post", HOOK], config, model_name="tiny",
                                progress=False)
     return saes, stats, config
 
 
 def test_encode_decode_shapes():
-    sae = S.new_sae(64, 256, hook_name=HOOK, model_name="tiny")
+    sae = T.new_sae(64, 256, hook_name=HOOK, model_name="tiny")
     x = torch.randn(3, 7, 64)
     acts = sae.encode(x)
     assert acts.shape == (3, 7, 256) and (acts >= 0).all()
@@ -60,10 +61,10 @@ def test_training_one_sae_per_hook(trained, model):
 
 
 def test_training_is_deterministic(model, tokens):
-    config = S.SAETrainConfig(expansion_factor=1, steps=6, batch_size=64, model_batch_size=24, buffer_rows=24,
+    config = T.SAETrainConfig(expansion_factor=1, steps=6, batch_size=64, model_batch_size=24, buffer_rows=24,
                               resample_steps=(3,), dead_window=1, seed=4)
-    once, _ = S.train_saes(model, tokens, [HOOK], config, progress=False)
-    twice, _ = S.train_saes(model, tokens, [HOOK], config, progress=False)
+    once, _ = T.train_saes(model, tokens, [HOOK], config, progress=False)
+    twice, _ = T.train_saes(model, tokens, [HOOK], config, progress=False)
     assert torch.equal(once[HOOK].W_enc, twice[HOOK].W_enc) and torch.equal(once[HOOK].b_dec, twice[HOOK].b_dec)
 
 
@@ -128,21 +129,21 @@ def test_published_release_needs_network():
 
 
 def test_cached_saes_train_once(model, tokens, tmp_path, monkeypatch):
-    config = S.SAETrainConfig(expansion_factor=1, steps=5, batch_size=32, model_batch_size=8, buffer_rows=8,
+    config = T.SAETrainConfig(expansion_factor=1, steps=5, batch_size=32, model_batch_size=8, buffer_rows=8,
                               resample_steps=())
     calls = []
-    real = S.train_saes
+    real = T.train_saes
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(S, "train_saes", counting)
-    first, stats = S.cached_saes(model, tokens, [HOOK], config, cache_dir=tmp_path, progress=False)
-    second, stats2 = S.cached_saes(model, tokens, [HOOK], config, cache_dir=tmp_path, progress=False)
+    monkeypatch.setattr(T, "train_saes", counting)
+    first, stats = T.cached_saes(model, tokens, [HOOK], config, cache_dir=tmp_path, progress=False)
+    second, stats2 = T.cached_saes(model, tokens, [HOOK], config, cache_dir=tmp_path, progress=False)
     assert len(calls) == 1
     assert torch.equal(first[HOOK].W_enc, second[HOOK].W_enc) and stats.keys() == stats2.keys()
-    S.cached_saes(model, tokens, [HOOK], S.SAETrainConfig(**{**config.__dict__, "seed": 9}), cache_dir=tmp_path,
+    T.cached_saes(model, tokens, [HOOK], T.SAETrainConfig(**{**config.__dict__, "seed": 9}), cache_dir=tmp_path,
                   progress=False)
     assert len(calls) == 2  # a different config is a different key
 

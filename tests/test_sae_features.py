@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("sae_lens")
 
-from helpers.techniques import sae as S  # noqa: E402
+from helpers.techniques import sae_training as T  # noqa: E402
 from helpers.techniques import sae_features as SF  # noqa: E402
 from helpers.techniques.dla import token_attribution_at  # noqa: E402
 from helpers.core.components import Component, hook_name  # noqa: E402
@@ -41,7 +41,7 @@ def _sae(model, layer: int, seed: int = 0, d_in: int | None = None, hook: str | 
     """A random SAE on `blocks.{layer}.mlp.hook_post` with non-zero biases and encoder rows of the activation's
     scale, so that some features fire and some do not."""
     d_in = d_in or model.cfg.d_mlp
-    sae = S.new_sae(d_in, 2 * d_in, hook_name=hook or hook_name("neuron", layer), seed=seed)
+    sae = T.new_sae(d_in, 2 * d_in, hook_name=hook or hook_name("neuron", layer), seed=seed)
     generator = torch.Generator().manual_seed(seed + 1)
     sae.W_enc.data = torch.randn(sae.W_enc.shape, generator=generator)
     sae.b_enc.data = 0.05 * torch.randn(sae.b_enc.shape, generator=generator)

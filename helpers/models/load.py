@@ -19,7 +19,7 @@ from helpers.sources import realdata
 from helpers.core import folders
 from helpers.models import zoo
 from helpers.models.source import ModelSource, resolve_model
-from helpers.core.components import device_of
+from helpers.core.components import device_of, Model
 from helpers.core.hub import HubUnreachableError
 from helpers.core.paths import CACHE_DIR
 
@@ -51,14 +51,14 @@ KNOWN_MODELS = [
 ]
 
 
-def architecture_of(model) -> str:
+def architecture_of(model: Model) -> str:
     """The Hugging Face architecture a bridge wraps (`GPTNeoXForCausalLM`, ...); the class name when no config."""
     original = getattr(model, "original_model", None)
     names = getattr(getattr(original, "config", None), "architectures", None) or []
     return names[0] if names else type(original if original is not None else model).__name__
 
 
-def reference_model(model, reference: str | None = None) -> str | None:
+def reference_model(model: Model, reference: str | None = None) -> str | None:
     """The published model whose reference figures apply to `model`: `reference` when given (a hub id), else the
     known model with the same architecture, layer count, widths, heads and vocabulary; None for anything else.
 
@@ -210,7 +210,7 @@ def checkpoint_tokenizer_adds_bos(source: str, revision: str | None = None) -> b
     return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
-def bos_by_default(model, tokenizer_adds_bos: bool, zoo_model: bool = False) -> bool:
+def bos_by_default(model: Model, tokenizer_adds_bos: bool, zoo_model: bool = False) -> bool:
     """Whether the model's inputs start with a BOS token unless a caller says otherwise: as the model was trained.
 
     - the checkpoint's tokenizer adds BOS itself (`tokenizer_adds_bos`): the model was trained with it (Llama-3);

@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from jaxtyping import Float, Int, Shaped
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from helpers.core import cache
+from helpers.core.components import Model
 
-Batch = tuple[Tensor, ...]
-LossFn = Callable[[nn.Module, Batch], Tensor]
+Batch = tuple[Shaped[Tensor, "n *rest"], ...]
+LossFn = Callable[[nn.Module, Batch], Float[Tensor, ""]]
 EvalFn = Callable[[nn.Module], dict[str, float]]
 
 _CHECKPOINT = re.compile(r"step_(\d+)\.pt$")
@@ -97,7 +99,7 @@ def log_spaced_steps(total: int, n: int, first: int = 10) -> tuple[int, ...]:
     return (0, *sorted(rounded))
 
 
-def trainable_parameters(model: nn.Module, frozen: Sequence[str] = ()) -> list[nn.Parameter]:
+def trainable_parameters(model: Model | nn.Module, frozen: Sequence[str] = ()) -> list[nn.Parameter]:
     """Parameters to optimise; those whose name contains any of `frozen` get `requires_grad=False`."""
     params = []
     for name, param in model.named_parameters():
@@ -127,7 +129,7 @@ def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> dict:
+def load_checkpoint(model: Model | nn.Module, path: str | Path) -> dict:
     """Load a checkpoint written by `train` into `model`; returns the whole checkpoint dict.
 
     Loaded as plain data (`weights_only=True`): a file that would build any other object, such as a crafted
@@ -149,7 +151,7 @@ def _save_atomically(payload: dict, path: Path) -> None:
         raise
 
 
-def batch_indices(step: int, n_examples: int, batch_size: int | None, seed: int) -> Tensor:
+def batch_indices(step: int, n_examples: int, batch_size: int | None, seed: int) -> Int[Tensor, " batch"]:
     """Rows used at `step`: everything (full batch), or slice `step` of a per-epoch shuffle seeded by (seed, epoch).
 
     A pure function of its arguments, so a resumed run draws exactly the batches an uninterrupted one would.
@@ -163,8 +165,8 @@ def batch_indices(step: int, n_examples: int, batch_size: int | None, seed: int)
 
 
 def train(
-    model: nn.Module,
-    data: Tensor | Batch,
+    model: Model | nn.Module,
+    data: Shaped[Tensor, "n *rest"] | Batch,
     loss_fn: LossFn,
     config: TrainConfig,
     *,

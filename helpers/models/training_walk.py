@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 from tqdm.auto import tqdm
 
 from helpers.core import cache
+from helpers.core.components import Model
 from helpers.models.source import PYTHIA_REVISIONS, ModelSource, resolve_model
 
 Measurement = dict[str, Any]
@@ -75,19 +76,20 @@ class TrainingWalk:
 
 
 def walk_training(
-    model: str | ModelSource,
+    name: str | ModelSource,
     revisions: Sequence[str],
-    measure: Callable[[Any, str], Measurement],
+    measure: Callable[[Model, str], Measurement],
     *,
     key: dict[str, Any],
-    load: Callable[[str, str], Any] | None = None,
+    load: Callable[[ModelSource, str], Model] | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> TrainingWalk:
-    """Load each of `revisions` of `model` in turn, call `measure(model, revision)` on it and cache the result.
+    """Load each of `revisions` of the model `name` in turn, call `measure(model, revision)` on it and cache the
+    result.
 
     Args:
-        model: a zoo name, a local folder or a hub id (the hub's revisions are `step0` ... `step143000`), or any of
+        name: a zoo name, a local folder or a hub id (the hub's revisions are `step0` ... `step143000`), or any of
             these resolved (`resolve_model`).
         revisions: checkpoints in training order (each `step<N>`).
         measure: `(model, revision) -> {name: value}`; values must be cacheable (numbers, strings, lists, tensors).
@@ -96,7 +98,7 @@ def walk_training(
         load: `(source, revision) -> model`; `load_model` on CPU by default.
         cache_dir: where the cache lives (the project's `data/cache/` by default).
     """
-    source = resolve_model(model)
+    source = resolve_model(name)
     if not revisions:
         raise ValueError("revisions is empty: give at least one training checkpoint")
     steps = [revision_step(r) for r in revisions]

@@ -12,12 +12,17 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, TYPE_CHECKING
 
 import torch
+from jaxtyping import Shaped
+from torch import Tensor
 
 from helpers.core.folders import recover_stranded, write_checkpoint_atomically
 from helpers.core.paths import MODELS_DIR
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 @dataclass(frozen=True)
 class ZooModel:
@@ -107,8 +112,8 @@ REVISIONS = "revisions"
 """Subfolder of a zoo checkpoint that holds its training checkpoints, one Hugging Face folder `step{N}` each."""
 
 
-def save_hf_checkpoint(model, tokenizer, folder: Path, metadata: dict | None = None,
-                       training_checkpoints: dict[int, dict[str, torch.Tensor]] | None = None) -> Path:
+def save_hf_checkpoint(model: PreTrainedModel, tokenizer, folder: Path, metadata: dict | None = None,
+                       training_checkpoints: dict[int, dict[str, Shaped[Tensor, "..."]]] | None = None) -> Path:
     """Save a Hugging Face model + tokenizer (safetensors) atomically, with an optional `zoo.json` of metadata.
 
     `training_checkpoints` maps a training step to the model's state dict at that step; each is saved beside the

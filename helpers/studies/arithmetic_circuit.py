@@ -2,11 +2,12 @@
 effect (Eq. 1) of every head and MLP by position, the circuit of the fewest top-ranked heads, linear probes of the
 answer, per-neuron attribution and the top-k neuron curves, and the early MLP's token responses.
 
-The study's heuristics (scheme, classification, knockouts) are in `helpers.studies.heuristics`; the generic tools this
-module calls are `helpers.techniques.patching` (batched activation and attribution patching), `helpers.techniques.ablation` (the
-`CircuitEvaluator`), `helpers.techniques.neurons.fit_probe` and `helpers.techniques.attention`. Nothing here imports a task module:
-prompts arrive as tokens `[N, seq]` ending in op1, operator, op2, `=` (BOS and a few-shot prefix may come first)
-and answers as token ids `[N]`.
+The study's heuristics are in `helpers.studies.heuristic_scheme` (scheme, classification) and
+`helpers.studies.heuristics` (maps from the model, knockouts); the generic tools this module calls are
+`helpers.techniques.patching` (batched activation and attribution patching), `helpers.techniques.ablation` (the
+`CircuitEvaluator`), `helpers.techniques.neurons.fit_probe` and `helpers.techniques.attention`. Nothing here imports
+a task module: prompts arrive as tokens `[N, seq]` ending in op1, operator, op2, `=` (BOS and a few-shot prefix may
+come first) and answers as token ids `[N]`.
 
 Two averages, the paper's and ours (both are computed, so a real-model run can be set beside the paper's figures):
 - head IE: the paper ranks heads by `log1p(mean IE)` (mean over prompts, then over positions); we rank by the mean
@@ -27,7 +28,7 @@ from torch import Tensor
 from helpers.techniques.ablation import CircuitEvaluator
 from helpers.techniques.dla import logit_diff
 from helpers.techniques.eap import PromptSet
-from helpers.core.components import Component, all_mlps, hook_name
+from helpers.core.components import Component, all_mlps, hook_name, Model
 from helpers.techniques.neurons import fit_probe
 from helpers.techniques.patching import (Sweep, SweepResult, attribution_patch_neurons, normalised_logit_diff,
                               run_patched_variants, run_sweep)
@@ -104,9 +105,9 @@ def derived_seed(seed: int, purpose: str, index: int = 0) -> int:
     return seed + SEED_OFFSETS[purpose] + index
 
 
-def counterfactual_prompt_set(model, clean_tokens: Int[Tensor, "batch pos"], clean_answers: Int[Tensor, " batch"],
-                              corrupt_tokens: Int[Tensor, "batch pos"], corrupt_answers: Int[Tensor, " batch"]
-                              ) -> PromptSet:
+def counterfactual_prompt_set(model: Model, clean_tokens: Int[Tensor, "batch pos"],
+                              clean_answers: Int[Tensor, " batch"], corrupt_tokens: Int[Tensor, "batch pos"],
+                              corrupt_answers: Int[Tensor, " batch"]) -> PromptSet:
     """Prompts and their counterfactual partners as an edge-patching task: the metric is the logit difference of
     each prompt's answer over its partner's answer at the last position, normalised to 1 on the clean prompts and 0
     on the partners."""
@@ -132,15 +133,16 @@ def indirect_effect(pre: Float[Tensor, "batch vocab"], post: Float[Tensor, "batc
     return 0.5 * ((post_rp - pre_rp) / pre_rp + (pre_r - post_r) / post_r)
 
 
-def signed_log(values: Tensor) -> Tensor:
+def signed_log(values: Float[Tensor, "*shape"]) -> Float[Tensor, "*shape"]:
     """`sign * log(1 + |values|)`, elementwise: a log scale that keeps negative effects (log1p alone gives NaN
     below -1). Its gradient is 1 at 0, as its slope (`sign(x) * log1p(|x|)` would give autograd 0 there, and
     attribution patching at the unpatched run, where every IE is 0, would estimate nothing)."""
     return torch.where(values >= 0, torch.log1p(values.clamp(min=0)), -torch.log1p((-values).clamp(min=0)))
 
 
-def indirect_effect_metric(clean_logits: Tensor, clean_answers: Int[Tensor, "batch"],
-                           corrupt_answers: Int[Tensor, "batch"], pos: int = -1, log_scale: bool = False) -> Metric:
+def indirect_effect_metric(clean_logits: Float[Tensor, "batch pos vocab"] | Float[Tensor, "batch vocab"],
+                           clean_answers: Int[Tensor, "batch"], corrupt_answers: Int[Tensor, "batch"], pos: int = -1,
+                           log_scale: bool = False) -> Metric:
     """`metric(logits)` = mean indirect effect (probabilities) of a patched run of the CLEAN prompts against their
     unpatched distribution `clean_logits` (`[batch, pos, vocab]` or `[batch, vocab]`); with `log_scale`, the mean of
     `signed_log(IE)` over prompts, so that one prompt's exploding IE cannot dominate. Use it with noising: run the
@@ -160,7 +162,7 @@ def indirect_effect_metric(clean_logits: Tensor, clean_answers: Int[Tensor, "bat
 
 # ---- localisation: IE maps and the circuit ---------------------------------------------------------------------------
 @torch.no_grad()
-def ie_sweep(model, clean: Int[Tensor, "N seq"], corrupt: Int[Tensor, "N seq"], clean_answers: Int[Tensor, "N"],
+def ie_sweep(model: Model, clean: Int[Tensor, "N seq"], corrupt: Int[Tensor, "N seq"], clean_answers: Int[Tensor, "N"],
              corrupt_answers: Int[Tensor, "N"], log_scale: bool = True, exact_top: int | None = None) -> SweepResult:
     """The IE of patching each head (`hook_z`, column h) and each MLP (`hook_mlp_out`, the last column) from the
     counterfactual prompts into the clean ones, at each prompt position (op1, operator, op2, `=`), averaged over
@@ -180,7 +182,7 @@ def ie_sweep(model, clean: Int[Tensor, "N seq"], corrupt: Int[Tensor, "N seq"], 
     return run_sweep(model, clean, {n: corrupt_cache[n] for n in names}, metric, sweep, exact_top=exact_top)
 
 
-def ie_maps(model, clean: Int[Tensor, "N seq"], corrupt: Int[Tensor, "N seq"], clean_answers: Int[Tensor, "N"],
+def ie_maps(model: Model, clean: Int[Tensor, "N seq"], corrupt: Int[Tensor, "N seq"], clean_answers: Int[Tensor, "N"],
             corrupt_answers: Int[Tensor, "N"], log_scale: bool = True
             ) -> Float[Tensor, "4 n_layers n_heads_plus_1"]:
     """`ie_sweep`'s maps, every site patched exactly."""
@@ -218,7 +220,7 @@ def smallest_faithful_circuit(evaluate: CircuitEvaluator, ranked: Sequence[tuple
 
 # ---- where is the answer: linear probes ------------------------------------------------------------------------------
 @torch.no_grad()
-def answer_probe_accuracy(model, tokens: Int[Tensor, "N seq"], labels: Int[Tensor, "N"], seed: int = 0
+def answer_probe_accuracy(model: Model, tokens: Int[Tensor, "N seq"], labels: Int[Tensor, "N"], seed: int = 0
                           ) -> Float[Tensor, "4 n_layers_plus_1"]:
     """Held-out accuracy of a multinomial logistic probe (`fit_probe`) predicting `labels` from the residual stream
     at each prompt position (op1, operator, op2, `=`) after each layer (`hook_resid_post`; column 0 is the embedding
@@ -240,8 +242,9 @@ def first_answer_layer(probe_at_last: Float[Tensor, "n_layers_plus_1"], fraction
 
 
 # ---- neurons: attribution, its check, top-k curves ------------------------------------------------------------------
-def neuron_attribution(model, clean: Int[Tensor, "N seq"], corrupt: Int[Tensor, "N seq"], clean_answers: Int[Tensor, "N"],
-                       corrupt_answers: Int[Tensor, "N"]) -> Float[Tensor, "n_layers seq d_mlp"]:
+def neuron_attribution(model: Model, clean: Int[Tensor, "N seq"], corrupt: Int[Tensor, "N seq"],
+                       clean_answers: Int[Tensor, "N"], corrupt_answers: Int[Tensor, "N"]
+                       ) -> Float[Tensor, "n_layers seq d_mlp"]:
     """Attribution-patching estimate of each neuron's IE at each position: `(corrupt - clean) . dIE/dact` at the
     clean run, one backward pass for all neurons (CPU, float32)."""
     metric = indirect_effect_metric(model(clean), clean_answers, corrupt_answers)
@@ -249,7 +252,7 @@ def neuron_attribution(model, clean: Int[Tensor, "N seq"], corrupt: Int[Tensor, 
 
 
 @torch.no_grad()
-def patch_neurons_at_last(model, clean: Int[Tensor, "N seq"], corrupt: Int[Tensor, "N seq"],
+def patch_neurons_at_last(model: Model, clean: Int[Tensor, "N seq"], corrupt: Int[Tensor, "N seq"],
                           clean_answers: Int[Tensor, "N"], corrupt_answers: Int[Tensor, "N"],
                           neurons: Sequence[tuple[int, int]]) -> Float[Tensor, "n_neurons"]:
     """Activation patching of single neurons at `=` from the counterfactual run, scored as the IE maps are (mean of
@@ -270,7 +273,7 @@ def check_sample(importance: Float[Tensor, "n_layers d_mlp"], n_check: int, seed
             + torch.randperm(d_mlp, generator=generator)[:n_check].tolist()]
 
 
-def correlation(x: Tensor, y: Tensor) -> float:
+def correlation(x: Float[Tensor, " n"], y: Float[Tensor, " n"]) -> float:
     """Pearson r of two 1-D tensors."""
     return float(np.corrcoef(x.numpy(), y.numpy())[0, 1])
 
@@ -293,7 +296,7 @@ def saturation(curve: Float[Tensor, "n_k"], k_values: Sequence[int], d_mlp: int,
 
 # ---- the early MLP: token responses ---------------------------------------------------------------------------------
 @torch.no_grad()
-def token_responses(model, token_ids: Int[Tensor, "T"], layer: int, neurons: Sequence[int],
+def token_responses(model: Model, token_ids: Int[Tensor, "T"], layer: int, neurons: Sequence[int],
                     prepend_bos: bool = True) -> Float[Tensor, "n_neurons T"]:
     """Activation of MLP neurons of `layer` on each single token (the prompt BOS + token where the model takes a
     BOS, else the token alone; read at the token): how the early MLP responds to a number by itself (the paper's

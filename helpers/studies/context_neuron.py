@@ -22,7 +22,8 @@ from torch import Tensor
 
 from helpers.techniques import ablation, dla, neurons, replay
 from helpers.techniques.ablation import Hook
-from helpers.core.components import Component, device_of, final_resid_hook_name, hooks_on, layers_needed
+from helpers.techniques.losses import token_losses, token_losses_each
+from helpers.core.components import Component, device_of, final_resid_hook_name, hooks_on, layers_needed, Model
 from helpers.tasks.bilingual import tokenize_documents
 from helpers.core.uncertainty import Interval, bootstrap_interval, f1_statistic, percent_change_statistic
 from helpers.models.source import ModelSource
@@ -48,7 +49,7 @@ class Documents:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def batches(self, mask: str = "scored") -> Iterator[tuple[Tensor, Tensor]]:
+    def batches(self, mask: str = "scored") -> Iterator[tuple[Int[Tensor, "b pos"], Bool[Tensor, "b pos"]]]:
         """`(tokens [b, pos], mask [b, pos])` with `mask` "scored" or "present"."""
         chosen = self.scored if mask == "scored" else self.present
         for start in range(0, len(self.tokens), self.batch_size):
@@ -62,30 +63,32 @@ class Documents:
         return int(self.scored[:, 1:].sum())
 
 
-def labelled_batches(german: Documents, english: Documents) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+def labelled_batches(german: Documents, english: Documents
+                     ) -> Iterator[tuple[Int[Tensor, "b pos"], Bool[Tensor, "b pos"], Int[Tensor, " b"]]]:
     """`(tokens, scored mask, labels [b])` over both languages, German labelled 1 and English 0."""
     for documents, label in ((german, 1), (english, 0)):
         for tokens, mask in documents.batches():
             yield tokens, mask, torch.full((len(tokens),), label)
 
 
-def both_languages(german: Documents, english: Documents) -> Iterator[tuple[Tensor, Tensor]]:
+def both_languages(german: Documents, english: Documents
+                   ) -> Iterator[tuple[Int[Tensor, "b pos"], Bool[Tensor, "b pos"]]]:
     yield from german.batches()
     yield from english.batches()
 
 
 # ---- losses --------------------------------------------------------------------------------------------------------
-def document_loss_sums(model, documents: Documents, hooks: Sequence[Hook] = ()) -> Float[Tensor, " doc"]:
+def document_loss_sums(model: Model, documents: Documents, hooks: Sequence[Hook] = ()) -> Float[Tensor, " doc"]:
     """Each document's summed next-token loss over its scored targets, float64 on the CPU."""
     sums = []
     for tokens, mask in documents.batches():
-        losses = ablation.token_losses(model, tokens, hooks)                       # [b, pos - 1]
+        losses = token_losses(model, tokens, hooks)                                # [b, pos - 1]
         targets = mask[:, 1:].to(losses.device)
         sums.append((losses.double() * targets).sum(1).cpu())
     return torch.cat(sums)
 
 
-def mean_loss(model, documents: Documents, hooks: Sequence[Hook] = ()) -> float:
+def mean_loss(model: Model, documents: Documents, hooks: Sequence[Hook] = ()) -> float:
     """Token-weighted mean next-token loss over the scored targets (the seed averaged per-document means)."""
     return float(document_loss_sums(model, documents, hooks).sum()) / documents.n_scored_targets
 
@@ -94,8 +97,9 @@ def percent_change(value: float, clean: float) -> float:
     return 100 * (value - clean) / clean
 
 
-def neuron_means(model, batches: Iterable[tuple[Tensor, Tensor]], chosen: Sequence[tuple[int, int]], *,
-                 hook: str = "post", fwd_hooks: Sequence[Hook] = ()) -> dict[tuple[int, int], float]:
+def neuron_means(model: Model, batches: Iterable[tuple[Int[Tensor, "b pos"], Bool[Tensor, "b pos"]]],
+                 chosen: Sequence[tuple[int, int]], *, hook: str = "post", fwd_hooks: Sequence[Hook] = ()
+                 ) -> dict[tuple[int, int], float]:
     """Mean activation of each `(layer, neuron)` over the masked positions of `batches`, one forward pass per batch
     for all of them (under `fwd_hooks`)."""
     layers = sorted({layer for layer, _ in chosen})
@@ -107,7 +111,7 @@ def neuron_means(model, batches: Iterable[tuple[Tensor, Tensor]], chosen: Sequen
     return {(layer, neuron): float(stats[layer].mean[neuron]) for layer, neuron in chosen}
 
 
-def pin_means(model, documents: Documents, pinned: Sequence[tuple[int, int]], mask: str = "present"
+def pin_means(model: Model, documents: Documents, pinned: Sequence[tuple[int, int]], mask: str = "present"
               ) -> dict[tuple[int, int], float]:
     """Mean post-activation value of each `(layer, neuron)` over `documents` at the `mask` positions ("present":
     every position a pin writes, BOS included)."""
@@ -125,7 +129,7 @@ class LossChange:
     english: float  # percent change of the English loss
 
 
-def loss_changes(model, german: Documents, english: Documents, hooks: Sequence[Hook],
+def loss_changes(model: Model, german: Documents, english: Documents, hooks: Sequence[Hook],
                  clean: tuple[float, float]) -> LossChange:
     """Percent loss change on each language under `hooks`, against the clean `(german, english)` losses."""
     return LossChange(percent_change(mean_loss(model, german, hooks), clean[0]),
@@ -137,7 +141,7 @@ class VariantLosses:
     """Each document's summed loss over its scored targets, clean and under named variants of hooks, for both
     languages: `clean` and `hooked[name]` are `(german [doc], english [doc])` float64 sums."""
 
-    clean: tuple[Tensor, Tensor]
+    clean: tuple[Float[Tensor, " doc_de"], Float[Tensor, " doc_en"]]
     hooked: dict
     n_targets: tuple[int, int]
 
@@ -157,16 +161,16 @@ class VariantLosses:
                      for hooked, clean in zip(self.hooked[name], self.clean))
 
 
-def variant_losses(model, german: Documents, english: Documents, variants: dict) -> VariantLosses:
+def variant_losses(model: Model, german: Documents, english: Documents, variants: dict) -> VariantLosses:
     """Per-document loss sums of both languages, clean and under each `variants[name]` (a list of hooks), from one
     clean pass per batch: each variant's run starts at the first block its hooks sit in
-    (`ablation.token_losses_each`), so pins in late layers cost a fraction of a pass each."""
+    (`losses.token_losses_each`), so pins in late layers cost a fraction of a pass each."""
     names = list(variants)
     per_language = []
     for documents in (german, english):
         sums = []
         for tokens, mask in documents.batches():
-            losses = ablation.token_losses_each(model, tokens, [variants[name] for name in names])  # [1 + n, b, pos-1]
+            losses = token_losses_each(model, tokens, [variants[name] for name in names])         # [1 + n, b, pos-1]
             sums.append((losses.double() * mask[:, 1:].to(losses.device)).sum(-1).cpu())          # [1 + n, b]
         per_language.append(torch.cat(sums, dim=1))
     german_sums, english_sums = per_language
@@ -182,7 +186,7 @@ def pin_variants(means: dict[tuple[int, int], float], pinned_sets: Sequence[Sequ
 
 def detector_counts(german: Documents, english: Documents,
                     activations: tuple[Float[Tensor, "doc pos"], Float[Tensor, "doc pos"]], threshold: float,
-                    direction: int) -> tuple[Tensor, Tensor, Tensor]:
+                    direction: int) -> tuple[Int[Tensor, " doc"], Int[Tensor, " doc"], Int[Tensor, " doc"]]:
     """Per-document `(true positives, false positives, false negatives)` of a neuron read as a German detector at
     the scan's rule (`activation >= threshold` for `direction` +1, `<=` for -1) over the scored positions, from its
     `activations` at every position of each language's documents (e.g. `ngrams.neuron_activation`, the values the
@@ -251,7 +255,7 @@ class DirectPatching:
     hooked: float
 
 
-def direct_patching(model, documents: Documents, hooks: Sequence[Hook], components: Sequence[Component]
+def direct_patching(model: Model, documents: Documents, hooks: Sequence[Hook], components: Sequence[Component]
                     ) -> DirectPatching:
     """`dla.direct_patch_losses` over every batch, token-weighted over the scored targets."""
     patched_sum = torch.zeros(len(components), dtype=torch.float64)
@@ -269,7 +273,7 @@ def direct_patching(model, documents: Documents, hooks: Sequence[Hook], componen
                           hooked_sum / count)
 
 
-def dla_difference(model, documents: Documents, hooks: Sequence[Hook]
+def dla_difference(model: Model, documents: Documents, hooks: Sequence[Hook]
                    ) -> tuple[Float[Tensor, "component"], list[Component]]:
     """Mean over scored targets of each writer's direct logit attribution to the correct next token, clean minus
     under `hooks`: `(difference [n_components], components)`."""
@@ -300,8 +304,9 @@ def language_unigrams(german: Documents, english: Documents, d_vocab: int, n: in
 
 
 # ---- probes ------------------------------------------------------------------------------------------------------
-def sampled_features(model, german: Documents, english: Documents, *, fwd_hooks: Sequence[Hook] = (),
-                     per_doc: int = 8, seed: int = 0) -> tuple[Tensor, np.ndarray, np.ndarray]:
+def sampled_features(model: Model, german: Documents, english: Documents, *, fwd_hooks: Sequence[Hook] = (),
+                     per_doc: int = 8, seed: int = 0
+                     ) -> tuple[Float[Tensor, "n features"], np.ndarray, np.ndarray]:
     """A few seeded scored positions per document, every layer's neurons: `(features [n_docs * per_doc,
     n_layers * d_mlp], labels [n] (German 1), document ids [n])` for a document-level probe split."""
     generator = torch.Generator().manual_seed(seed)
@@ -321,9 +326,9 @@ def sampled_features(model, german: Documents, english: Documents, *, fwd_hooks:
 
 
 # ---- downstream neurons ------------------------------------------------------------------------------------------
-def shift_histogram_values(model, german: Documents, english: Documents, chosen: Sequence[tuple[int, int]],
+def shift_histogram_values(model: Model, german: Documents, english: Documents, chosen: Sequence[tuple[int, int]],
                            on_hooks: Sequence[Hook], off_hooks: Sequence[Hook]
-                           ) -> dict[tuple[int, int], dict[str, Tensor]]:
+                           ) -> dict[tuple[int, int], dict[str, Float[Tensor, " n"]]]:
     """Neurons' pre-activations at the scored positions of both languages with the context neuron pinned on and
     off (the seed's activated / deactivated histograms): `{(layer, neuron): {"on": [n], "off": [n]}}`."""
     layers = sorted({layer for layer, _ in chosen})
@@ -336,7 +341,7 @@ def shift_histogram_values(model, german: Documents, english: Documents, chosen:
     return {key: {which: torch.cat(parts) for which, parts in runs.items()} for key, runs in values.items()}
 
 
-def downstream_unembed(model, german: Documents, chosen: Sequence[tuple[int, int]], context_hooks: Sequence[Hook]
+def downstream_unembed(model: Model, german: Documents, chosen: Sequence[tuple[int, int]], context_hooks: Sequence[Hook]
                        ) -> dict[tuple[int, int], Float[Tensor, "d_vocab"]]:
     """Downstream neurons' direct effect on the logits when the context neuron is on rather than ablated: each
     one's post-activation mean on German text, clean minus with the context neuron ablated, times `W_out @ W_U` (the seed
@@ -355,7 +360,7 @@ def downstream_unembed(model, german: Documents, chosen: Sequence[tuple[int, int
 
 
 # ---- who writes the language direction -----------------------------------------------------------------------------
-def masked_mean(model, documents: Documents, hook: str, select=lambda act: act, mask: str = "scored"
+def masked_mean(model: Model, documents: Documents, hook: str, select=lambda act: act, mask: str = "scored"
                 ) -> Float[Tensor, "..."]:
     """Streaming mean of `select(activation)` at the `mask` positions ("scored" or "present"): `[d]` (e.g.
     `d_model`, or `d_head` for one head's `z`)."""
@@ -366,14 +371,14 @@ def masked_mean(model, documents: Documents, hook: str, select=lambda act: act, 
     return stats.mean.float()
 
 
-def language_direction(model, german: Documents, english: Documents) -> Float[Tensor, "d_model"]:
+def language_direction(model: Model, german: Documents, english: Documents) -> Float[Tensor, "d_model"]:
     """Unit vector of mean final residual stream on German minus English scored tokens."""
     final = final_resid_hook_name(model)
     direction = masked_mean(model, german, final) - masked_mean(model, english, final)
     return direction / direction.norm()
 
 
-def writer_separation(model, german: Documents, english: Documents, direction: Float[Tensor, "d_model"]
+def writer_separation(model: Model, german: Documents, english: Documents, direction: Float[Tensor, "d_model"]
                       ) -> tuple[Float[Tensor, "component"], list[Component]]:
     """Each writer's projection on `direction` (`dla.direction_writes`): (mean German - mean English) /
     pooled std, `(separation [n_components], components)`."""
@@ -391,7 +396,7 @@ def writer_separation(model, german: Documents, english: Documents, direction: F
     return separation, components
 
 
-def english_mean_hooks(model, english: Documents, writer: Component) -> list[Hook] | None:
+def english_mean_hooks(model: Model, english: Documents, writer: Component) -> list[Hook] | None:
     """Hooks pinning a writer of the residual stream to its English mean at every position (measured over every
     position, as the pin writes): an MLP through its output, a head through its `z`; None for other kinds (the
     embedding, biases)."""
@@ -406,7 +411,7 @@ def english_mean_hooks(model, english: Documents, writer: Component) -> list[Hoo
 
 
 # ---- examples and the closing table --------------------------------------------------------------------------------
-def example_loss_changes(model, tokenizer, sentences: Sequence[str], hooks: Sequence[Hook], n_ctx: int
+def example_loss_changes(model: Model, tokenizer, sentences: Sequence[str], hooks: Sequence[Hook], n_ctx: int
                          ) -> list[tuple[list[int], Float[Tensor, "n_minus_1"]]]:
     """Hand-written sentences (BOS where the model takes one, then the tokens; no EOS): each one's predicted token ids
     (all after the first position) and the loss change under `hooks` of predicting each (`change[j]` belongs to
@@ -414,7 +419,7 @@ def example_loss_changes(model, tokenizer, sentences: Sequence[str], hooks: Sequ
     tokens, present = tokenize_documents(tokenizer, sentences, n_ctx, append_eos=False,
                                          prepend_bos=model.cfg.default_prepend_bos)
     tokens = tokens.to(device_of(model))
-    change = (ablation.token_losses(model, tokens, hooks) - ablation.token_losses(model, tokens)).cpu()
+    change = (token_losses(model, tokens, hooks) - token_losses(model, tokens)).cpu()
     return [(tokens[i, 1:int(present[i].sum())].tolist(), change[i, :int(present[i].sum()) - 1])
             for i in range(len(sentences))]
 
@@ -504,7 +509,7 @@ class TrackedCircuit:
                    tuple((index[row], pos) for row, pos in ngram_test.positions), *unigrams)
 
 
-def checkpoint_measurement(model, german: Documents, english: Documents, tracked: TrackedCircuit, *,
+def checkpoint_measurement(model: Model, german: Documents, english: Documents, tracked: TrackedCircuit, *,
                            bins: int = 1024) -> dict[str, float | str]:
     """The study's headline figures on one training checkpoint, for the final model's neurons in `tracked`.
 

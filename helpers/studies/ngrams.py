@@ -32,11 +32,12 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float, Int, Shaped
 from torch import Tensor
 
-from helpers.techniques.ablation import Hook, token_losses_each
-from helpers.core.components import hook_name, run_with_hooks
+from helpers.techniques.ablation import Hook
+from helpers.techniques.losses import token_losses_each
+from helpers.core.components import hook_name, Model, run_with_hooks
 from helpers.techniques.neurons import RunningStats, mlp_activations, mlp_activations_each
 
 MAX_CHARACTER_TOKENS = 4  # the longest UTF-8 character is 4 bytes, so at most 4 byte-level tokens
@@ -142,28 +143,29 @@ def shift_hooks(layer: int, neuron: int, shift: float) -> list[Hook]:
     return [(hook_name("neuron", layer, "pre"), hook)]
 
 
-def over_rows(fn: Callable[[Tensor], Tensor], tokens: Int[Tensor, "doc pos"], batch_size: int) -> Tensor:
+def over_rows(fn: Callable[[Int[Tensor, "b pos"]], Shaped[Tensor, "b *rest"]], tokens: Int[Tensor, "doc pos"],
+              batch_size: int) -> Shaped[Tensor, "doc *rest"]:
     """`fn(tokens[b, pos]) -> [b, ...]` over the rows of `tokens` in batches, on the CPU: `[doc, ...]`."""
     return torch.cat([fn(tokens[start:start + batch_size]).cpu() for start in range(0, len(tokens), batch_size)])
 
 
-def loss_changes(model, tokens: Int[Tensor, "doc pos"], variants: Sequence[Sequence[Hook]], batch_size: int
+def loss_changes(model: Model, tokens: Int[Tensor, "doc pos"], variants: Sequence[Sequence[Hook]], batch_size: int
                  ) -> Float[Tensor, "variant doc pos_minus_1"]:
     """Per-token next-token loss under each variant's hooks minus the clean loss (entry `[v, doc, i]`: predicting
-    token `i + 1`), from one clean pass per batch (`ablation.token_losses_each`)."""
+    token `i + 1`), from one clean pass per batch (`losses.token_losses_each`)."""
     each = torch.cat([token_losses_each(model, tokens[start:start + batch_size], variants).cpu()
                       for start in range(0, len(tokens), batch_size)], dim=1)    # [1 + n, doc, pos - 1]
     return each[1:] - each[:1]
 
 
-def neuron_activation(model, tokens: Int[Tensor, "doc pos"], layer: int, neuron: int, batch_size: int,
+def neuron_activation(model: Model, tokens: Int[Tensor, "doc pos"], layer: int, neuron: int, batch_size: int,
                       hooks: Sequence[Hook] = ()) -> Float[Tensor, "doc pos"]:
     """One neuron's post-activation value at every position, under `hooks`."""
     return over_rows(lambda t: mlp_activations(model, t, [layer], neurons=[neuron], fwd_hooks=hooks)[layer][..., 0],
                      tokens, batch_size)
 
 
-def neuron_activation_each(model, tokens: Int[Tensor, "doc pos"], layer: int, neuron: int, batch_size: int,
+def neuron_activation_each(model: Model, tokens: Int[Tensor, "doc pos"], layer: int, neuron: int, batch_size: int,
                            variants: Sequence[Sequence[Hook]]) -> Float[Tensor, "variant doc pos"]:
     """`neuron_activation` under each of `variants`, sharing the blocks before each one's first hook
     (`neurons.mlp_activations_each`)."""
@@ -249,16 +251,16 @@ def word_positions(words: WordIndex, inside: Bool[Tensor, "doc pos_minus_1"], ro
     return [(row, pos) for row, pos in positions if row in docs]
 
 
-def mean_at(values: Tensor, docs: Sequence[int], positions: Iterable[tuple[int, int]]) -> float:
+def mean_at(values: Float[Tensor, "n_docs pos"], docs: Sequence[int], positions: Iterable[tuple[int, int]]) -> float:
     """Mean of `values [len(docs), pos]` (rows are `docs`, in order) at the `(row, pos)` pairs."""
     index = {row: i for i, row in enumerate(docs)}
     return float(np.mean([float(values[index[row], pos]) for row, pos in positions]))
 
 
-def examine_candidate(model, tokens: Int[Tensor, "doc pos"], words: WordIndex, inside: Bool[Tensor, "doc pos_minus_1"],
-                   search: Bool[Tensor, "doc 1"], candidate: Candidate, diff: Float[Tensor, "doc pos_minus_1"],
-                   context_hooks: Sequence[Hook], english_mean: float, *, max_rows: int, batch_size: int
-                   ) -> NgramTest | None:
+def examine_candidate(model: Model, tokens: Int[Tensor, "doc pos"], words: WordIndex,
+                      inside: Bool[Tensor, "doc pos_minus_1"], search: Bool[Tensor, "doc 1"], candidate: Candidate,
+                      diff: Float[Tensor, "doc pos_minus_1"], context_hooks: Sequence[Hook], english_mean: float, *,
+                      max_rows: int, batch_size: int) -> NgramTest | None:
     """Choose the candidate's word on the `search` rows and test it on the others (`NgramTest`); None when no word
     has 3 completion tokens in both halves (or 3 in the held-out documents examined)."""
     word = choose_word(diff, inside, search, words)
@@ -290,7 +292,7 @@ class PredictionDifference:
 
 
 @torch.no_grad()
-def prediction_difference(model, tokens: Int[Tensor, "1 pos"], position: int, hooks_a: Sequence[Hook],
+def prediction_difference(model: Model, tokens: Int[Tensor, "1 pos"], position: int, hooks_a: Sequence[Hook],
                           hooks_b: Sequence[Hook], k: int = 5, min_logprob: float = -7.0) -> PredictionDifference:
     """The seed's `get_top_differences_at_position`: the next-token distributions at `position` of runs under
     `hooks_a` and `hooks_b`, their top `k`, and the `k` tokens whose log-probability is most raised / lowered in a

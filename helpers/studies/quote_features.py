@@ -18,7 +18,7 @@ from torch import Tensor
 from helpers.techniques import sae as S
 from helpers.techniques import sae_features as SF
 from helpers.techniques.dla import Attribution, token_attribution_at
-from helpers.core.components import device_of, hook_name, layers_needed, unembed_only_at
+from helpers.core.components import device_of, hook_name, layers_needed, Model, unembed_only_at
 from helpers.tasks.stories import QuotePrompts, closing_quote_prompts
 
 REFERENCE_LABEL = "original notebook (TinyStories-2Layers-33M)"
@@ -78,7 +78,7 @@ def _dla_names(name: str) -> bool:
 
 
 @torch.no_grad()
-def closing_dla(model, prompts: QuotePrompts, *, batch_size: int = 16) -> Attribution:
+def closing_dla(model: Model, prompts: QuotePrompts, *, batch_size: int = 16) -> Attribution:
     """Direct logit attribution of each prompt's closing token at its predicting position, every component
     (embeddings, heads, attention biases, MLPs, the unembedding bias), in chunks of `batch_size` prompts of similar
     length (only the hooks DLA reads are cached, and only the predicting positions unembedded): mean
@@ -97,7 +97,7 @@ def closing_dla(model, prompts: QuotePrompts, *, batch_size: int = 16) -> Attrib
 
 
 @torch.no_grad()
-def final_scales(model, prompts: QuotePrompts) -> Float[Tensor, "prompt"]:
+def final_scales(model: Model, prompts: QuotePrompts) -> Float[Tensor, "prompt"]:
     """The final norm's scale (`ln_final.hook_scale`) at each prompt's predicting position."""
     _, cache = model.run_with_cache(prompts.tokens.to(device_of(model)), names_filter="ln_final.hook_scale")
     return cache["ln_final.hook_scale"][torch.arange(len(prompts)), prompts.last_pos.to(device_of(model)), 0].cpu()
@@ -106,7 +106,7 @@ def final_scales(model, prompts: QuotePrompts) -> Float[Tensor, "prompt"]:
 # ----------------------------------------------------------------------------------------------------------------
 # Features at the closing position
 # ----------------------------------------------------------------------------------------------------------------
-def quote_losses_each(model, prompts: QuotePrompts, hook: str, interventions: Sequence[Callable]
+def quote_losses_each(model: Model, prompts: QuotePrompts, hook: str, interventions: Sequence[Callable]
                       ) -> list[Float[Tensor, "prompt"]]:
     """Loss of each prompt's closing token at its predicting position under each intervention `make(positions) ->
     hook function` on `hook` at that position, from one clean run per chunk of prompts (`S.logits_at_each`)."""
@@ -115,15 +115,15 @@ def quote_losses_each(model, prompts: QuotePrompts, hook: str, interventions: Se
     return [S.answer_losses(values.log_softmax(-1), prompts.answers) for values in logits]
 
 
-def ablation_losses(model, sae, hook: str, prompts: QuotePrompts, features: Sequence[int]
+def ablation_losses(model: Model, sae, hook: str, prompts: QuotePrompts, features: Sequence[int]
                     ) -> dict[int, Float[Tensor, "prompt"]]:
     """`{feature: loss per prompt}` with that one feature ablated (error kept) at the predicting position."""
     interventions = [lambda pos, f=feature: S.feature_ablation_hook(sae, [f], pos) for feature in features]
     return dict(zip(features, quote_losses_each(model, prompts, hook, interventions)))
 
 
-def condition_measures(model, sae, hook: str, prompts: QuotePrompts, clean: dict[str, Tensor],
-                       top_features: Sequence[int], mean_activation: Tensor, layer_label: str
+def condition_measures(model: Model, sae, hook: str, prompts: QuotePrompts, clean: dict[str, Float[Tensor, "prompt"]],
+                       top_features: Sequence[int], mean_activation: Float[Tensor, " d"], layer_label: str
                        ) -> dict[str, dict[str, Float[Tensor, "prompt"]]]:
     """The closing token's `S.answer_measures` (logprob, logit, rank) per prompt under the seed's five conditions,
     all at the predicting position only: `original` (the given `clean` measures); the MLP zero-ablated;
@@ -142,7 +142,7 @@ def condition_measures(model, sae, hook: str, prompts: QuotePrompts, clean: dict
 
 
 @torch.no_grad()
-def closing_activations(model, prompts: QuotePrompts, hook: str, *, batch_size: int = 16
+def closing_activations(model: Model, prompts: QuotePrompts, hook: str, *, batch_size: int = 16
                         ) -> tuple[Float[Tensor, "prompt d"], Float[Tensor, "prompt"]]:
     """`hook`'s activation (e.g. an MLP's `hook_post`) and the final norm's scale at each prompt's predicting
     position; the scale is 1 for a model without a final norm. Prompts run in chunks of similar length, only the
@@ -163,7 +163,7 @@ def closing_activations(model, prompts: QuotePrompts, hook: str, *, batch_size: 
 
 
 @torch.no_grad()
-def feature_drivers(model, sae, layer: int, prompts: QuotePrompts, features: Sequence[int], *,
+def feature_drivers(model: Model, sae, layer: int, prompts: QuotePrompts, features: Sequence[int], *,
                     batch_size: int = 100) -> SF.FeatureAttribution:
     """Direct feature attribution (`SF.feature_input_attribution`) of `features` at every prompt's predicting
     position, in chunks of `batch_size` prompts."""
@@ -179,7 +179,7 @@ def feature_drivers(model, sae, layer: int, prompts: QuotePrompts, features: Seq
                                  parts[0].features)
 
 
-def input_feature_drops(model, saes: dict, hooks: dict, earlier: int, later: int, feature: int,
+def input_feature_drops(model: Model, saes: dict, hooks: dict, earlier: int, later: int, feature: int,
                         inputs: Sequence[int], prompts: QuotePrompts) -> dict[int, float]:
     """`{earlier feature: mean drop of the later `feature`'s activation}` when that one earlier-layer feature is
     ablated (error kept) at the predicting position: the causal check of a cross-layer cosine."""
@@ -206,8 +206,8 @@ def closing_prompt_sets(stories: Sequence[str], tokenizer, closings: Sequence[st
     return sets
 
 
-def closing_token_comparison(model, sae, hook: str, prompt_sets: dict[str, QuotePrompts], top_features: Sequence[int]
-                             ) -> pd.DataFrame:
+def closing_token_comparison(model: Model, sae, hook: str, prompt_sets: dict[str, QuotePrompts],
+                             top_features: Sequence[int]) -> pd.DataFrame:
     """The feature layer's story for each closing token (`."`, `!"`, `?"`): per prompt set, the clean loss and top-1
     accuracy, how often the top feature fires, what ablating it and the top features does, and how much of the
     loss the SAE splice recovers against zero-ablating the MLP there."""

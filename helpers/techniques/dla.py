@@ -38,7 +38,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from helpers.techniques import replay
-from helpers.techniques.ablation import loss_chunk_rows, losses_from_logits
+from helpers.techniques.losses import loss_chunk_rows, losses_from_logits
 from helpers.core.components import as_components, Component, final_resid_hook_name, hook_name, Model
 
 Position = int | slice

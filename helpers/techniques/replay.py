@@ -300,10 +300,10 @@ _KEPT: WeakKeyDictionary = WeakKeyDictionary()
 
 def keep_clean_block_inputs(model: Model, layer: int | None) -> None:
     """From now on, keep each clean run that `replayed_logits` and `replayed_runs` make (and so
-    `ablation.token_losses_each`, `neurons.mlp_activations_each`) at the input of block `layer`, per batch of tokens:
+    `losses.token_losses_each`, `neurons.mlp_activations_each`) at the input of block `layer`, per batch of tokens:
     a later run of the same tokens whose hooks and reads all sit in block `layer` or after starts there, without
     re-running the blocks before it (exact: a hook cannot change the blocks before its own). Those two, and
-    `ablation.token_losses`, `neurons.mlp_activations` and `activations`, start there where they can.
+    `losses.token_losses`, `neurons.mlp_activations` and `activations`, start there where they can.
     Notebook 04 keeps the residual stream at its context neuron's layer, where every later ablation starts. Memory:
     one `[batch, pos, d_model]` tensor per batch seen. `None` drops what was kept; a new `layer` starts afresh."""
     if layer is None:

@@ -110,6 +110,7 @@ def test_worked_examples_teach_one_digit_addition(smollm2):
 
 def test_an_sae_on_one_mlp_layer_explains_most_of_its_variance(smollm2):
     from helpers.techniques import sae as S
+    from helpers.techniques import sae_training as T
     from helpers.core.components import hook_name
     from helpers.tasks.stories import generate_stories, pack_tokens
 
@@ -117,9 +118,9 @@ def test_an_sae_on_one_mlp_layer_explains_most_of_its_variance(smollm2):
     train, held_out = (pack_tokens(part, smollm2.tokenizer, seq_len=64, prepend_bos=smollm2.cfg.default_prepend_bos)
                        for part in (stories[:200], stories[200:]))
     hook = hook_name("neuron", 3)
-    config = S.SAETrainConfig(expansion_factor=1, l1_coefficient=2.0, steps=150, batch_size=256, resample_steps=())
+    config = T.SAETrainConfig(expansion_factor=1, l1_coefficient=2.0, steps=150, batch_size=256, resample_steps=())
     with torch.enable_grad():
-        saes, _ = S.train_saes(smollm2, train, [hook], config, progress=False)
+        saes, _ = T.train_saes(smollm2, train, [hook], config, progress=False)
     metrics = S.sae_metrics(smollm2, saes[hook], held_out[:16], hook_name=hook)
     assert metrics.explained_variance >= 0.6, metrics.as_dict()   # 0.80 measured on the 2-core CPU
     assert metrics.dead_fraction < 0.1, metrics.as_dict()

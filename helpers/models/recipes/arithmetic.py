@@ -31,12 +31,18 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from jaxtyping import Float, Int
+from torch import Tensor
 
 from helpers.tasks import arithmetic as task
 from helpers.models.training import TrainConfig, train as train_loop
 from helpers.models.zoo import save_hf_checkpoint
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 SEED = 0
 MAX_OP = 150
@@ -92,13 +98,14 @@ def make_splits(tokenizer, max_op: int = MAX_OP, seed: int = SEED, held_out: flo
     return splits
 
 
-def answer_loss(model, batch) -> torch.Tensor:
+def answer_loss(model: PreTrainedModel, batch: tuple[Int[Tensor, "batch pos"], Int[Tensor, " batch"]]
+                ) -> Float[Tensor, ""]:
     tokens, answers = batch
     logits = model(input_ids=tokens).logits[:, -1]
     return torch.nn.functional.cross_entropy(logits, answers)
 
 
-def head_group_norms(model) -> torch.Tensor:
+def head_group_norms(model: PreTrainedModel) -> Float[Tensor, ""]:
     """Sum over layers of the group-lasso norms of the attention heads: the Frobenius norm of each head's block of
     the output projection (`o_proj`, columns of that head) plus that of each key/value group's block of `v_proj`."""
     cfg = model.config

@@ -30,12 +30,18 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
 
 from helpers.tasks import bilingual
 from helpers.tasks.bilingual import tokenize_documents
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,8 @@ def build_model(recipe: Recipe, vocab_size: int):
     return GPTNeoXForCausalLM(config)
 
 
-def lm_loss(model, batch) -> torch.Tensor:
+def lm_loss(model: PreTrainedModel, batch: tuple[Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"]]
+            ) -> Float[Tensor, ""]:
     """Mean next-token cross-entropy over the unmasked target positions of `batch = (tokens, mask)`."""
     tokens, mask = batch
     logits = model(input_ids=tokens).logits[:, :-1]

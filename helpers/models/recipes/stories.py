@@ -13,13 +13,19 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from jaxtyping import Float, Int
+from torch import Tensor
 
 from helpers.core.cache import fingerprint
 from helpers.tasks.stories import FORCED_TOKENS, generate_stories, pack_tokens
 from helpers.models.training import TrainConfig, train as train_loop
 from helpers.models.zoo import save_hf_checkpoint, train_bpe_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 SEED = 0
 VOCAB_SIZE = 1024
@@ -48,7 +54,7 @@ def build_model(vocab_size: int, bos_id: int, seed: int = SEED):
     return GPTNeoForCausalLM(config)
 
 
-def lm_loss(model, batch) -> torch.Tensor:
+def lm_loss(model: PreTrainedModel, batch: tuple[Int[Tensor, "batch pos"]]) -> Float[Tensor, ""]:
     tokens = batch[0]
     return model(input_ids=tokens, labels=tokens).loss
 

@@ -21,12 +21,18 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from jaxtyping import Float, Int
+from torch import Tensor
 
 from helpers.tasks import syllogisms as task
 from helpers.models.training import TrainConfig, train as train_loop
 from helpers.models.zoo import save_hf_checkpoint, train_bpe_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 SEED = 0
 HELD_OUT_CATEGORIES = task.CATEGORIES[-4:]
@@ -104,7 +110,8 @@ def make_corpus(n_rows: int = N_ROWS, seed: int = SEED) -> list[tuple[str, str]]
     return rows
 
 
-def encode_corpus(tokenizer, rows: list[tuple[str, str]], max_len: int = MAX_LEN):
+def encode_corpus(tokenizer, rows: list[tuple[str, str]], max_len: int = MAX_LEN
+                  ) -> tuple[Int[Tensor, "n max_len"], Float[Tensor, "n max_len"]]:
     """Tokens `[n, max_len]` (BOS first, EOS-padded) and loss weights `[n, max_len]` for predicting token t+1."""
     bos = tokenizer.bos_token_id
     tokens = torch.full((len(rows), max_len), tokenizer.eos_token_id, dtype=torch.long)
@@ -133,7 +140,8 @@ def build_model(tokenizer, seed: int = SEED, **overrides):
     return GPTNeoXForCausalLM(config)
 
 
-def lm_loss(model, batch) -> torch.Tensor:
+def lm_loss(model: PreTrainedModel, batch: tuple[Int[Tensor, "batch pos"], Float[Tensor, "batch pos"]]
+            ) -> Float[Tensor, ""]:
     tokens, weights = batch
     length = int((weights > 0).any(0).nonzero().max()) + 2  # trim the batch's common padding
     tokens, weights = tokens[:, :length], weights[:, :length]
