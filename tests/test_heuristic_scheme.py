@@ -114,8 +114,8 @@ def test_multi_value_heuristic_for_division():
     kv = torch.isin(prompts.results, torch.tensor([3, 4])).float()[None]
     scores = HS.classify(torch.zeros_like(kv), kv, scheme, [(0, 0)])
     assert scores.neuron_scores(0)["result_multi_value_2=[3, 4]"] == pytest.approx(1.0)
-    # the seed deleted ÷'s trivial classes (result 0/1 covers most prompts) because every neuron matched them; with
-    # chance correction an unrelated map scores ~0 on them and a map that tracks them exactly still scores 1
+    # the original notebook deleted ÷'s trivial classes (result 0/1 covers most prompts) because every neuron matched
+    # them; with chance correction an unrelated map scores ~0 on them and a map that tracks them exactly still scores 1
     trivial = [n for n in scheme.names if n.startswith("result_range_0_")]
     assert trivial
     noise = torch.rand(1, len(prompts), generator=torch.Generator().manual_seed(0))

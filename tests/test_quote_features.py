@@ -1,5 +1,6 @@
 """The quotation study's pipeline on the toy story model: closing prompts per closing token, DLA at the closing
-position, the seed's five conditions and the per-closing comparison, checked against direct computations."""
+position, the original notebook's five conditions and the per-closing comparison, checked against direct
+computations."""
 from __future__ import annotations
 
 import pytest

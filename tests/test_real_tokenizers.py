@@ -39,7 +39,8 @@ def test_only_llama_3_prepends_bos_like_the_hub_tokenizers(real_tokenizer):
 def test_syllogisms_on_the_gpt_neox_tokenizer_have_one_layout(real_tokenizer):
     tokenizer = real_tokenizer("gpt-neox-20b")
     data = syllogisms.build_dataset(tokenizer, syllogisms.make_syllogisms(n=400, seed=0))
-    assert len(data) >= 40  # the modal layout keeps 1 in 10 Pythia-tokenised prompts (the seed: 104 of a pool of 1440)
+    # the modal layout keeps 1 in 10 Pythia-tokenised prompts (the original notebook: 104 of a pool of 1440)
+    assert len(data) >= 40
     assert data.clean_tokens.shape == data.corrupted_tokens.shape
     pos = data.positions
     assert torch.equal(data.clean_tokens[:, 0], torch.full((len(data),), tokenizer.bos_token_id))

@@ -165,8 +165,8 @@ def test_metrics_and_loss_recovered(trained, model, tokens):
 
 
 def test_measures_at_one_position(trained, model, tokens):
-    """`logits_at` under a hook at each prompt's position, the answer's logprob / logit / rank, and the seed's
-    original-minus-ablated changes with intervals from the prompts actually used."""
+    """`logits_at` under a hook at each prompt's position, the answer's logprob / logit / rank, and the original
+    notebook's original-minus-ablated changes with intervals from the prompts actually used."""
     saes, _, _ = trained
     sae = saes[HOOK]
     positions = torch.arange(len(tokens)) % (tokens.shape[1] - 2) + 1

@@ -184,8 +184,8 @@ def test_a_heads_part_is_what_removing_it_changes_with_norm_and_gains_frozen(mod
 
 
 def test_token_detector_statistics_match_a_dense_count(models):
-    """Sparse counting equals the dense `[d_sae, d_vocab]` count of the seed, and a planted single-token detector
-    (an SAE on `hook_embed` whose feature 0 reads one token's embedding) is found with share 1."""
+    """Sparse counting equals the dense `[d_sae, d_vocab]` count of the original notebook, and a planted single-token
+    detector (an SAE on `hook_embed` whose feature 0 reads one token's embedding) is found with share 1."""
     model = models["gpt2"]
     tokens, _ = _tokens(model, n=16, seq=24, seed=7)
     sae = _sae(model, 0, d_in=model.cfg.d_model, hook="hook_embed")
@@ -231,7 +231,7 @@ def test_virtual_cosines_in_blocks_equal_the_dense_matrix(models):
     assert [(row, col) for row, col, _ in pairs] == expected
     assert torch.allclose(torch.tensor([v for _, _, v in pairs]), top.values, atol=1e-5)
     assert torch.allclose(SF.virtual_cosines_into(model, sae_a, 0, sae_b, 1, [3, 9]), dense[:, [3, 9]], atol=1e-5)
-    # top_pairs takes the column count from the matrix (the seed used the other SAE's size)
+    # top_pairs takes the column count from the matrix (the original notebook used the other SAE's size)
     rect = torch.zeros(3, 5)
     rect[2, 4], rect[1, 0] = 1.0, 0.5
     assert [(r, c) for r, c, _ in SF.top_pairs(rect, 2, row_offset=10)] == [(12, 4), (11, 0)]

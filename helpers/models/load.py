@@ -145,7 +145,8 @@ def load_model(
             (`resolve_model`).
         device: `"auto"` (cuda, then mps, then cpu) or an explicit device. Ignored when `device_map` is given.
         dtype: torch dtype or its name; float32 by default.
-        fold_ln, center_writing_weights, center_unembed: the seeds' HookedTransformer processing, each on by default.
+        fold_ln, center_writing_weights, center_unembed: the original notebooks' HookedTransformer processing, each on
+            by default.
         process_weights: False skips all weight processing (raw HF numerics, hook aliases still enabled).
             When processing changes the next-token log-probs of a few probe tokens (transformer-lens 3.9 does so for
             a GPT-NeoX with d_mlp == d_model), a warning is issued and the model is loaded unprocessed instead.

@@ -1,7 +1,7 @@
 """One training loop for every model the project trains: the zoo's toys and the grokking transformer.
 
-Seeded and deterministic on CPU, AdamW with the seeds' knobs, full-batch or minibatch, an eval callback, atomic
-checkpoints every N steps that make a run resumable, and tqdm progress.
+Seeded and deterministic on CPU, AdamW with the original notebooks' knobs, full-batch or minibatch, an eval callback,
+atomic checkpoints every N steps that make a run resumable, and tqdm progress.
 
 A checkpoint holds plain data only (tensors, numbers, strings, lists, tuples and dicts: the config and history go in
 as `asdict(...)`), so it is loaded with `torch.load(weights_only=True)` and no class of the project is allow-listed.
@@ -33,10 +33,10 @@ _CHECKPOINT = re.compile(r"step_(\d+)\.pt$")
 
 @dataclass
 class TrainConfig:
-    """Knobs of `train`. Defaults are the grokking seed's (AdamW lr 1e-3, weight decay 1, betas 0.9/0.98).
+    """Knobs of `train`. Defaults are the original grokking notebook's (AdamW lr 1e-3, weight decay 1, betas 0.9/0.98).
 
     Attributes:
-        steps: optimiser steps (an "epoch" of the grokking seed is one full-batch step).
+        steps: optimiser steps (an "epoch" of the original grokking notebook is one full-batch step).
         batch_size: examples per step; None trains full-batch.
         lr_schedule: "constant", or "cosine" (decay to 10% of lr after warmup).
         frozen: substrings of parameter names that are not trained (e.g. "bias").

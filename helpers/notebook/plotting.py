@@ -159,7 +159,7 @@ def whole_character_tokens(tokenizer: Any, ids: Sequence[int], values: Any) -> t
 def token_heatmap_html(tokens: Sequence[str], values: Any, *, max_value: float | None = None,
                        tooltips: Sequence[str] | None = None, title: str | None = None,
                        save: str | Path | None = None) -> str:
-    """Tokens as coloured HTML spans: red for positive values, blue for negative, white at 0 (the seed's
+    """Tokens as coloured HTML spans: red for positive values, blue for negative, white at 0 (the original notebook's
     `print_strings_as_html`). Values are scaled by `max_value` (default: the largest |value|) and clipped to
     [-1, 1]; the text turns white on dark cells. `tooltips[i]` is shown on hover. The text wraps between tokens
     (and after a newline token, shown as `\\n`), so a long document stays inside the page. Returns the HTML string

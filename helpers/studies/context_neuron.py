@@ -89,7 +89,8 @@ def document_loss_sums(model: Model, documents: Documents, hooks: Sequence[Hook]
 
 
 def mean_loss(model: Model, documents: Documents, hooks: Sequence[Hook] = ()) -> float:
-    """Token-weighted mean next-token loss over the scored targets (the seed averaged per-document means)."""
+    """Token-weighted mean next-token loss over the scored targets (the original notebook averaged per-document
+    means)."""
     return float(document_loss_sums(model, documents, hooks).sum()) / documents.n_scored_targets
 
 
@@ -209,8 +210,8 @@ def f1_interval(german: Documents, english: Documents,
 
 @dataclass
 class BackupTest:
-    """The other language neurons ablated one by one and together (the seed's joint-ablation test, without its
-    scoping bug: each neuron pinned to its own English mean, in its own layer).
+    """The other language neurons ablated one by one and together (the original notebook's joint-ablation test, without
+    its scoping bug: each neuron pinned to its own English mean, in its own layer).
 
     `single`: `{(layer, neuron): LossChange}`; `joint`: all of them at once; `with_context`: the German percent change
     with all of them and the context neuron pinned. Backups for each other when `joint.german` exceeds the
@@ -330,7 +331,7 @@ def shift_histogram_values(model: Model, german: Documents, english: Documents, 
                            on_hooks: Sequence[Hook], off_hooks: Sequence[Hook]
                            ) -> dict[tuple[int, int], dict[str, Float[Tensor, " n"]]]:
     """Neurons' pre-activations at the scored positions of both languages with the context neuron pinned on and
-    off (the seed's activated / deactivated histograms): `{(layer, neuron): {"on": [n], "off": [n]}}`."""
+    off (the original notebook's activated / deactivated histograms): `{(layer, neuron): {"on": [n], "off": [n]}}`."""
     layers = sorted({layer for layer, _ in chosen})
     values: dict[tuple[int, int], dict[str, list[Tensor]]] = {key: {"on": [], "off": []} for key in chosen}
     for tokens, mask in both_languages(german, english):
@@ -344,8 +345,8 @@ def shift_histogram_values(model: Model, german: Documents, english: Documents, 
 def downstream_unembed(model: Model, german: Documents, chosen: Sequence[tuple[int, int]], context_hooks: Sequence[Hook]
                        ) -> dict[tuple[int, int], Float[Tensor, "d_vocab"]]:
     """Downstream neurons' direct effect on the logits when the context neuron is on rather than ablated: each
-    one's post-activation mean on German text, clean minus with the context neuron ablated, times `W_out @ W_U` (the seed
-    fed pre-GELU means here)."""
+    one's post-activation mean on German text, clean minus with the context neuron ablated, times `W_out @ W_U` (the
+    original notebook fed pre-GELU means here)."""
     layers = sorted({layer for layer, _ in chosen})
     stats = {(which, layer): neurons.RunningStats() for which in ("on", "off") for layer in layers}
     for tokens, mask in german.batches():

@@ -6,31 +6,32 @@ from the model in `helpers.studies.heuristics`). Shapes: `pairs [N, 2]` long (op
 
 A *direct* heuristic (one that promotes result tokens: `result_*`) is classified on a neuron's KV map (activation
 times its value vector's logit of the answer), an *indirect* one (operand ranges, moduli, patterns, values,
-identical operands) on its K map (the activation); this is the seed's "HYBRID" mode.
+identical operands) on its K map (the activation); this is the original notebook's "HYBRID" mode.
 
-The heuristic scheme (digest §4.H), with the seed's inconsistencies resolved ONE way, used by the classifier and by
-`Heuristic.matches` alike (so "which prompts does a heuristic concern" never disagrees with "what was classified"):
+The heuristic scheme (digest §4.H), with the original notebook's inconsistencies resolved ONE way, used by the
+classifier and by `Heuristic.matches` alike (so "which prompts does a heuristic concern" never disagrees with "what was
+classified"):
 - names: `op1_3mod7`, `op2_range_10_40`, `both_operands_2mod5`, `both_operands_range_0_10`, `same_operand`,
   `op1_pattern_.8.`, `op2_value_042`, `result_5mod9`, `result_range_100_130`, `result_pattern_..5`,
-  `result_value_000`, `result_multi_value_3=[0, 1, 2]` (the seed emitted `*_range_*` but matched `*_region_*`;
-  here it is `range` everywhere);
-- ranges are half-open `[a, b)` everywhere (the seed mixed half-open and inclusive); starts step by
+  `result_value_000`, `result_multi_value_3=[0, 1, 2]` (the original notebook emitted `*_range_*` but matched
+  `*_region_*`; here it is `range` everywhere);
+- ranges are half-open `[a, b)` everywhere (the original notebook mixed half-open and inclusive); starts step by
   `min(size, range_step)` for operands and results alike, so e.g. [10, 40) exists;
 - results use integer division `x // y` everywhere (the caller passes integer `results`);
 - moduli are the paper's n in {2..9, 11, 13, 15} (mod 10 is the `..d` digit pattern);
 - digit patterns: every mask of the `pattern_width`-digit zero-padded number that fixes at least one digit, except
   the all-fixed mask (a `value`) and the prefix masks `d..`, `dd.` (ranges cover them); width 3 by default;
-- each heuristic's k is the size of its own relevant set `R` (the number of valid pairs it concerns), not the seed's
-  per-type formulas and caps; heuristics with fewer than `min_relevant` pairs, or that concern every pair, are left
-  out;
+- each heuristic's k is the size of its own relevant set `R` (the number of valid pairs it concerns), not the original
+  notebook's per-type formulas and caps; heuristics with fewer than `min_relevant` pairs, or that concern every pair,
+  are left out;
 - the score is chance-corrected: `(precision@k - |R|/N) / (1 - |R|/N)`, where precision@k is the fraction of the
   neuron's top-k pairs that lie in R (R-precision; ties in the map are shared out evenly). It is 1 for a neuron that
-  fires exactly on R, about 0 for a neuron unrelated to H whatever the size of R. This replaces the seed's ad hoc
-  fixes for heuristics that cover most prompts (÷'s deleted `result_range_0_*` / `[0, 1]` classes, ×'s zeroed
+  fires exactly on R, about 0 for a neuron unrelated to H whatever the size of R. This replaces the original notebook's
+  ad hoc fixes for heuristics that cover most prompts (÷'s deleted `result_range_0_*` / `[0, 1]` classes, ×'s zeroed
   mod-after-`result_value_000`), which fall to ~0 by themselves;
 - K maps are checked from the top AND the bottom (gated SiLU activations are signed; a neuron that is most negative
   exactly on R implements H too), for every heuristic type; KV maps from the top only (promoting the answer);
-- multi-value result heuristics (the seed's ÷-only `result_multi_value`): the n in `multi_value_sizes` most
+- multi-value result heuristics (the original notebook's ÷-only `result_multi_value`): the n in `multi_value_sizes` most
   frequent results among the neuron's top `multi_value_top` KV pairs, scored like every other heuristic.
 A neuron "implements" H when its score >= the threshold (0.6 in the paper).
 """
@@ -262,7 +263,7 @@ def build_scheme(pairs: Int[Tensor, "N 2"], results: Int[Tensor, "N"], operator:
     """All heuristics of `operator` over the valid pairs `[N, 2]` with integer `results [N]`.
 
     Args:
-        operand_range_sizes / result_range_sizes: range lengths (defaults: the seed's per operator,
+        operand_range_sizes / result_range_sizes: range lengths (defaults: the original notebook's per operator,
             `OPERAND_RANGE_SIZES` / `RESULT_RANGE_SIZES`); starts step by `min(size, range_step)` from 0.
         pattern_width: digits of the zero-padded numbers the patterns look at (3: `.8.` is "tens digit 8").
         min_relevant: heuristics concerning fewer pairs are left out (their top-k is too short to mean anything).
@@ -490,7 +491,8 @@ class HeuristicScores:
         return out
 
     def classes(self, threshold: float) -> dict[str, list[tuple[int, int, float]]]:
-        """`{heuristic: [(layer, neuron, score), ...]}` for scores >= threshold (the seed's `heuristic_classes`)."""
+        """`{heuristic: [(layer, neuron, score), ...]}` for scores >= threshold (the original notebook's
+        `heuristic_classes`)."""
         out: dict[str, list[tuple[int, int, float]]] = defaultdict(list)
         for neuron, found in self.by_neuron(threshold).items():
             for name, s in found:
@@ -524,7 +526,7 @@ class HeuristicScores:
 def classify(k_maps: Float[Tensor, "n N"], kv_maps: Float[Tensor, "n N"], scheme: Scheme, neurons: Sequence[Neuron],
              check_bottom_k: bool = True, chance_correct: bool = True) -> HeuristicScores:
     """Classify neurons: indirect heuristics scored on the K maps `[n, N]`, direct (result) heuristics on the KV
-    maps `[n, N]` (the seed's HYBRID mode), plus the data-dependent multi-value heuristics on the KV maps.
+    maps `[n, N]` (the original notebook's HYBRID mode), plus the data-dependent multi-value heuristics on the KV maps.
     `chance_correct=False` scores with the paper's uncorrected precision (`precision_at_size`)."""
     direct = scheme.direct_mask()
     k_scores, k_bottom = score_maps(k_maps, scheme, check_bottom_k, chance_correct)

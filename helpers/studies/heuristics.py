@@ -14,12 +14,13 @@ Maps (paper Fig. 6, Algorithm 1). For an MLP neuron (layer l, index n) and the p
     KV map: K * logit_lens(v)[correct answer], with v = W_out[l, n] the neuron's value vector and
             logit_lens(v) = v @ W_U (the final norm's weight is folded into W_U by the loader)
 A *direct* heuristic (one that promotes result tokens: `result_*`) is classified on the KV map, an *indirect* one
-(operand ranges, moduli, patterns, values, identical operands) on the K map; this is the seed's "HYBRID" mode.
+(operand ranges, moduli, patterns, values, identical operands) on the K map; this is the original notebook's "HYBRID"
+mode.
 
 Knockouts (paper §4.2) ablate neurons at every position from `from_position` on (default every one; after worked
-examples, the prompt's) with zero ablation (labelled as such; the seed's docstrings said "mean") or mean ablation;
-"unrelated" prompts exclude every related prompt, baselines are measured, neurons of a prompt are ranked by their
-classification score (paper) and the random control draws per layer from the top neurons NOT associated with the
+examples, the prompt's) with zero ablation (labelled as such; the original notebook's docstrings said "mean") or mean
+ablation; "unrelated" prompts exclude every related prompt, baselines are measured, neurons of a prompt are ranked by
+their classification score (paper) and the random control draws per layer from the top neurons NOT associated with the
 prompt (paper), never more than exist.
 """
 from __future__ import annotations

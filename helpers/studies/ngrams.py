@@ -2,7 +2,7 @@
 
 Quirke et al. (2023) found in Pythia-70m that the German context neuron L3N669 feeds later MLP neurons which
 complete German words split into several tokens (`V|orsch|lä|ge`) only when the context is German: an AND of "the
-document is German" and "the previous tokens start this word". The test, as in the seed notebook:
+document is German" and "the previous tokens start this word". The test, as in the original notebook:
 
 1. *candidates*: pin the context neuron to its German mean ("on") and to its English mean ("off"); later neurons
    whose pre-activation moves most consistently (`|mean shift| - std`) read it (`rank_candidates`).
@@ -17,9 +17,9 @@ document is German" and "the previous tokens start this word". The test, as in t
 
 A candidate that the German context switches *on* completes a word only with context when it is on there, falls by
 at least half with the context neuron ablated, is lower on English text, and its shift raises the completion's loss
-by at least 0.1 nats. A candidate that the context switches *off* (context-suppressed: the seed's L5N213 before
-` w|obe|i`) passes the mirror image: ablating the context neuron at least doubles it, it is higher on English text,
-and its shift (turning it on) raises the completion's loss by at least 0.1 nats.
+by at least 0.1 nats. A candidate that the context switches *off* (context-suppressed: the original notebook's L5N213
+before ` w|obe|i`) passes the mirror image: ablating the context neuron at least doubles it, it is higher on English
+text, and its shift (turning it on) raises the completion's loss by at least 0.1 nats.
 
 Words are found from token strings with whole characters: a byte-level BPE tokenizer splits "ä" into two tokens
 that decode alone to "\\ufffd", so `token_texts` gives a character to the token where it starts and "" to the rest.
@@ -294,10 +294,10 @@ class PredictionDifference:
 @torch.no_grad()
 def prediction_difference(model: Model, tokens: Int[Tensor, "1 pos"], position: int, hooks_a: Sequence[Hook],
                           hooks_b: Sequence[Hook], k: int = 5, min_logprob: float = -7.0) -> PredictionDifference:
-    """The seed's `get_top_differences_at_position`: the next-token distributions at `position` of runs under
-    `hooks_a` and `hooks_b`, their top `k`, and the `k` tokens whose log-probability is most raised / lowered in a
-    relative to b, among the tokens with log-probability above `min_logprob` in either run (the seed's -7 filter;
-    fewer than `k` when fewer tokens are that likely)."""
+    """The original notebook's `get_top_differences_at_position`: the next-token distributions at `position` of runs
+    under `hooks_a` and `hooks_b`, their top `k`, and the `k` tokens whose log-probability is most raised / lowered in a
+    relative to b, among the tokens with log-probability above `min_logprob` in either run (the original notebook's -7
+    filter; fewer than `k` when fewer tokens are that likely)."""
     def logprobs(hooks):
         logits = run_with_hooks(model, tokens, fwd_hooks=list(hooks)) if hooks else model(tokens)
         return torch.log_softmax(logits[0, position].float(), dim=-1).cpu()

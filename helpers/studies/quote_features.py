@@ -1,10 +1,11 @@
-"""The quotation-closing SAE study (notebook 05): the seed's figures, `."` losses and DLA at the closing position,
-features ranked by ablation, the same measures for `!"` and `?"` quotes, and the run-vs-seed table.
+"""The quotation-closing SAE study (notebook 05): the original notebook's figures, `."` losses and DLA at the closing
+position, features ranked by ablation, the same measures for `!"` and `?"` quotes, and the table of the run's figures
+beside the original notebook's.
 
 Every measurement reads one position per prompt, the last real token of a `QuotePrompts` (right-padded prompts
 that end just before a closing quote); interventions act at that position only. The SAE techniques themselves
 live in `helpers.techniques.sae` (training, hooks, losses) and `helpers.techniques.sae_features` (logit effects, attribution, token
-statistics); this module strings them together the way the seed notebook did.
+statistics); this module strings them together the way the original notebook did.
 """
 from __future__ import annotations
 
@@ -125,10 +126,10 @@ def ablation_losses(model: Model, sae, hook: str, prompts: QuotePrompts, feature
 def condition_measures(model: Model, sae, hook: str, prompts: QuotePrompts, clean: dict[str, Float[Tensor, "prompt"]],
                        top_features: Sequence[int], mean_activation: Float[Tensor, " d"], layer_label: str
                        ) -> dict[str, dict[str, Float[Tensor, "prompt"]]]:
-    """The closing token's `S.answer_measures` (logprob, logit, rank) per prompt under the seed's five conditions,
-    all at the predicting position only: `original` (the given `clean` measures); the MLP zero-ablated;
-    mean-ablated (`mean_activation`, its mean over non-BOS positions; the seed's mean included BOS); the top
-    features ablated (error kept); the SAE spliced in (no error term). The loss is `-logprob`."""
+    """The closing token's `S.answer_measures` (logprob, logit, rank) per prompt under the original notebook's five
+    conditions, all at the predicting position only: `original` (the given `clean` measures); the MLP zero-ablated;
+    mean-ablated (`mean_activation`, its mean over non-BOS positions; the original notebook's mean included BOS); the
+    top features ablated (error kept); the SAE spliced in (no error term). The loss is `-logprob`."""
     intervention: dict[str, Callable] = {
         f"{layer_label} zero-ablated": lambda pos: S.replace_hook(0.0, pos),
         f"{layer_label} mean-ablated": lambda pos: S.replace_hook(mean_activation, pos),

@@ -9,12 +9,12 @@ is one token (Llama-3, the `toy-arithmetic` zoo model), a prompt is four tokens,
 
 With BOS and no prefix (the default, and the paper's layout) that is five tokens, BOS at position 0.
 
-One integer convention is used everywhere (the seed mixed float `eval` and `int(eval)`):
+One integer convention is used everywhere (the original notebook mixed float `eval` and `int(eval)`):
     +  x + y            -  x - y (only y <= x, so no negative results)
-    *  x * y            /  x // y (integer division; y >= 1, and for non-negative operands this is the seed's
-                                   truncation `int(x / y)`)
+    *  x * y            /  x // y (integer division; y >= 1, and for non-negative operands this is the
+                                   original notebook's truncation `int(x / y)`)
 A prompt is *valid* when its result lies in [0, max_single_token] (a single answer token). Operands lie in
-[min_op, max_op); the seed's default minimum is 1 for division (both operands) and 0 otherwise.
+[min_op, max_op); the original notebook's default minimum is 1 for division (both operands) and 0 otherwise.
 
 Golden counts (tests/test_arithmetic.py) with max_single_token 999: max_op=300 gives + 90,000, - 45,150,
 * 5,784, / 89,401 prompts; max_op=50 gives 2,500 / 1,275 / 1,946 / 2,401.
@@ -59,7 +59,7 @@ def apply(op: str, x: int, y: int) -> int | None:
 
 
 def default_min_op(op: str) -> int:
-    """The seed's smallest operand: 1 for division (both operands), 0 for the others."""
+    """The original notebook's smallest operand: 1 for division (both operands), 0 for the others."""
     return 1 if op == "/" else 0
 
 
@@ -172,8 +172,8 @@ def grid_prompts(op: str, min_op: int, max_op: int) -> PromptSet:
 def mean_ablation_prompts(max_op: int, n_per_operator: int | None, seed: int,
                           operators: Sequence[str] = OPERATORS) -> list[PromptSet]:
     """The reference distribution of mean ablation: prompts `x op y` over the whole grid [0, max_op)^2 of every
-    operator, including undefined ones (x/0, negative differences), as the seed does, so the operators are balanced.
-    `n_per_operator` (None: the whole grid) samples each operator's grid with `seed`."""
+    operator, including undefined ones (x/0, negative differences), as the original notebook does, so the operators are
+    balanced. `n_per_operator` (None: the whole grid) samples each operator's grid with `seed`."""
     sets = []
     for i, op in enumerate(operators):
         grid = grid_prompts(op, 0, max_op)
@@ -352,7 +352,8 @@ def accuracy(model: Model, tokenizer, prompts: PromptSet, batch_size: int = 512,
 def split_by_correctness(model: Model, tokenizer, prompts: PromptSet, batch_size: int = 512,
                          prompt_format: PromptFormat = PromptFormat()) -> tuple[PromptSet, PromptSet]:
     """(correct, incorrect) prompts by the model's own greedy prediction. Incorrect prompts are those where the
-    model predicts a *number* that is wrong (the seed's `validate_numerals=True`); `predictions` holds the guesses."""
+    model predicts a *number* that is wrong (the original notebook's `validate_numerals=True`); `predictions` holds the
+    guesses."""
     predictions = predict_numbers(model, tokenizer, prompts, batch_size, prompt_format=prompt_format)
     prompts = PromptSet(prompts.op, prompts.x, prompts.y, prompts.results, predictions, dict(prompts.meta))
     correct = predictions == prompts.results
@@ -363,8 +364,8 @@ def split_by_correctness(model: Model, tokenizer, prompts: PromptSet, batch_size
 def corrupt_partners(clean: PromptSet, pool: Sequence[PromptSet], seed: int
                      ) -> tuple[list[str], Int[Tensor, "n 2"], Int[Tensor, " n"]]:
     """A counterfactual prompt for every clean prompt, drawn from `pool` (prompt sets of any operators, as in the
-    seed: random discovery prompts of all operators), such that the corrupt answer differs from the clean answer and
-    the corrupt prompt is not the clean prompt (the seed guaranteed neither).
+    original notebook: random discovery prompts of all operators), such that the corrupt answer differs from the clean
+    answer and the corrupt prompt is not the clean prompt (the original notebook guaranteed neither).
 
     Returns `(ops [n], x_y [n, 2], results [n])` of the corrupt prompts.
     """

@@ -1,8 +1,9 @@
 """Bilingual (German / English) documents: a deterministic generator, and a loader for real text.
 
 The generator writes one-language documents of a few hundred characters from one shared "meaning" grammar, so the
-two languages talk about the same things (no domain confound, unlike the seed's KDE-docs vs. parliament-news pair).
-It is built so that knowing the document's language pays off for next-token prediction at many positions:
+two languages talk about the same things (no domain confound, unlike the original notebook's KDE-docs vs.
+parliament-news pair). It is built so that knowing the document's language pays off for next-token prediction at many
+positions:
 
 - language-specific function words and word order (German V2 inversion, verb-final subordinate clauses);
 - many long German words (compounds such as `Vorschläge`, `Haushaltsplan`, `Zusammenarbeit`) that a small BPE
@@ -12,7 +13,7 @@ It is built so that knowing the document's language pays off for next-token pred
 - many language-neutral tokens (names, cities, numbers) so that the language must be carried from context.
 
 `load_text_documents` reads real text (a local file with one document per line, or a Hugging Face dataset for users
-with network), for running the notebook on natural German and English as the seed did.
+with network), for running the notebook on natural German and English as the original notebook did.
 """
 from __future__ import annotations
 

@@ -55,7 +55,8 @@ class ArithmeticData:
 
 
 def make_data(p: int, task: str = "modular", frac_train: float = 0.3, seed: int = 598) -> ArithmeticData:
-    """All p*p pairs of the task, split with `torch.randperm` seeded by `seed` (the seed's DATA_SEED is 598)."""
+    """All p*p pairs of the task, split with `torch.randperm` seeded by `seed` (the original notebook's DATA_SEED is
+    598)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if p < 2:
@@ -76,8 +77,8 @@ def make_data(p: int, task: str = "modular", frac_train: float = 0.3, seed: int 
 
 
 def last_position_loss(logits: Float[Tensor, "batch *seq vocab"], labels: Int[Tensor, " batch"]) -> Float[Tensor, ""]:
-    """Cross-entropy at the final position in float64 (the seed's loss_fn); `logits` with or without a position
-    axis."""
+    """Cross-entropy at the final position in float64 (the original notebook's loss_fn); `logits` with or without a
+    position axis."""
     if logits.ndim == 3:
         logits = logits[:, -1]
     log_probs = logits.to(torch.float64).log_softmax(-1)

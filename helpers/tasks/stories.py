@@ -7,7 +7,7 @@ and never close a quote (`Mom said that they could go.`). It guarantees thousand
 positions, the object of the quotation notebook.
 
 `closing_quote_prompts` turns token sequences into prompts that end just before a closing-quote token, checking
-that the quote being closed is the one opened after a speech verb (the seed matched the first `."` after
+that the quote being closed is the one opened after a speech verb (the original notebook matched the first `."` after
 `said, "`, which could close a different quote). `load_tinystories` reads the real corpus from a local parquet or
 text file, or from the Hugging Face hub for users with network.
 """
@@ -325,7 +325,7 @@ def load_tinystories(source: str | Path | None = None, *, limit: int | None = No
     Args:
         source: a local `.parquet` file (column `text_column`), or a `.txt` file of stories separated by
             `<|endoftext|>` lines (the format of `TinyStoriesV2-GPT4-valid.txt`), or None to download the validation
-            parquet from the Hugging Face hub (needs network; the seed's 21990 validation stories).
+            parquet from the Hugging Face hub (needs network; the original notebook's 21990 validation stories).
         limit: keep only the first `limit` stories.
     """
     if source is None:

@@ -4,12 +4,13 @@
 
 The corrupted prompt swaps A and B, which flips the answer; both orders of every descriptor pair are in a data set,
 so the mean corrupted logit difference is minus the clean one. Word lists are fixed in this module (no generated
-text, no network); descriptor pairs are explicit tuples (the seed paired them by list parity, §6.8).
+text, no network); descriptor pairs are explicit tuples (the original notebook paired them by list parity, §6.8).
 
 Token positions are derived from the tokenizer, not hard-coded: each prompt's slots (category, A, B, Noun, ...) are
 located through the fast tokenizer's character offsets, and a data set keeps only prompts with one common
 token-count signature, so all prompts of a batch have equal length with A and B at known positions (`positions`).
-For Pythia's BPE and the seed's lists that is the 22-token layout with A at 4, B at 9 and the final " are" at 21.
+For Pythia's BPE and the original notebook's lists that is the 22-token layout with A at 4, B at 9 and the final " are"
+at 21.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from torch import Tensor
 from helpers.core.components import Model, run_with_hooks, unembed_only_at
 
 TEMPLATE = "All {category} are {A}, not {B}. {Noun} are {category}. Therefore, {noun} are"
-# the seed's variant (also in the toy's training corpus): the negated descriptor comes first
+# the original notebook's variant (also in the toy's training corpus): the negated descriptor comes first
 TEMPLATE_NOT_FIRST = "All {category} are not {B}, but {A}. {Noun} are {category}. Therefore, {noun} are"
 
 CATEGORIES = (
@@ -35,7 +36,7 @@ CATEGORIES = (
     "amphibians", "animals", "creatures", "beasts", "pets", "livestock", "vertebrates", "critters", "wildlife",
     "invertebrates",
 )
-# explicit (descriptor, opposite) tuples; the seed's five pairs come first
+# explicit (descriptor, opposite) tuples; the original notebook's five pairs come first
 DESCRIPTOR_PAIRS = (
     ("endothermic", "ectothermic"), ("herbivorous", "carnivorous"), ("bipedal", "quadrupedal"),
     ("exoskeletal", "endoskeletal"), ("digitigrade", "plantigrade"), ("nocturnal", "diurnal"),
@@ -43,7 +44,7 @@ DESCRIPTOR_PAIRS = (
     ("oviparous", "viviparous"), ("domestic", "feral"), ("venomous", "harmless"), ("territorial", "nomadic"),
     ("furry", "scaly"), ("predatory", "docile"),
 )
-# capitalised plural nouns (the seed's list without its duplicate "Pigs", plus ten more)
+# capitalised plural nouns (the original notebook's list without its duplicate "Pigs", plus ten more)
 NOUNS = (
     "Dogs", "Elephants", "Lions", "Zebras", "Cows", "Horses", "Pigs", "Monkeys", "Wolves", "Deer", "Foxes", "Bears",
     "Mice", "Bats", "Snakes", "Lizards", "Seals", "Whales", "Cats", "Squid", "Dolphins", "Crabs", "Snails", "Bees",

@@ -2,7 +2,7 @@
 
 Hooks are returned as `[(hook_name, fn), ...]` lists for `components.run_with_hooks(model, tokens, hooks)` or the
 context manager `with components.hooks_on(model, hooks): model.run_with_cache(tokens)`; nothing is left attached to
-the model (the seed's global `add_hook` state is gone).
+the model (the original notebook's global `add_hook` state is gone).
 
 Reference activations (`reference_activations`) are what mean and resample ablation write:
     mean:      the average over a reference batch, per position: `[1, pos, ...]`
@@ -250,7 +250,7 @@ def neuron_mask_hooks(masks: dict[int, Bool[Tensor, "*batch d_mlp"]],
 
 
 def neuron_value_hooks(values: dict, from_position: int = 0) -> list[Hook]:
-    """Hooks that pin single MLP neurons to fixed values at every position `>= from_position` (the seed's
+    """Hooks that pin single MLP neurons to fixed values at every position `>= from_position` (the original notebook's
     "mean ablation": a neuron set to its mean over a reference distribution, e.g. English text).
 
     `values` maps `Component.neuron(layer, index)` or `(layer, index)` to a float (or 0-d tensor). Each layer's

@@ -52,8 +52,8 @@ def ov_transition(model: Model, layer: int, head: int, token_ids: Int[Tensor, "T
     """The OV circuit of a head between tokens: `[n_tokens (input), n_tokens (output)]` logits.
 
     Input vectors are the tokens' embeddings (`source="embed"`, RMS-normalised as the attention input is) or their
-    unembedding directions (`source="unembed"`, the seed's choice for heads that copy number representations);
-    the output is read with `W_U`. Grouped-query attention is handled (query head h uses value head
+    unembedding directions (`source="unembed"`, the original notebook's choice for heads that copy number
+    representations); the output is read with `W_U`. Grouped-query attention is handled (query head h uses value head
     `h // (n_heads / n_kv_heads)`).
     """
     token_ids = torch.as_tensor(token_ids).long()

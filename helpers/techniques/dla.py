@@ -356,8 +356,8 @@ def direct_patch_losses(model: Model, tokens: Int[Tensor, "batch pos"], fwd_hook
     Runs `tokens [batch, pos]` clean and under `fwd_hooks`. For each component (`EMBED`, (`POS_EMBED`), `ATTN{l}`,
     `MLP{l}`; all, or those given in `components`, as Components or labels) the clean final residual stream gets
     that component's output from the hooked run instead of its clean one; the final LayerNorm and unembedding are
-    recomputed (the seed's `get_direct_loss_increase_for_component`). The effects of different components are not
-    additive. Both runs read only the final residual stream and the components' outputs (`replay.activations`:
+    recomputed (the original notebook's `get_direct_loss_increase_for_component`). The effects of different components
+    are not additive. Both runs read only the final residual stream and the components' outputs (`replay.activations`:
     from a kept clean run where the hooks and components are all in its block or after).
 
     Returns `(patched [n_components, batch, pos - 1], components, clean [batch, pos - 1], hooked [batch, pos - 1])`,

@@ -156,8 +156,8 @@ def splice_hook(sae, *, positions: Bool[Tensor, "#batch pos"] | Int[Tensor, " ba
 
 def feature_ablation_hook(sae, features: Sequence[int] | Int[Tensor, " features"],
                           positions: Bool[Tensor, "#batch pos"] | Int[Tensor, " batch"] | None = None) -> Hook:
-    """Remove the contributions of `features` (`acts[..., f] * W_dec[f]`) and keep the SAE error: the seed's
-    "ablate the direction" hook, at `positions` (see `splice_hook`)."""
+    """Remove the contributions of `features` (`acts[..., f] * W_dec[f]`) and keep the SAE error: the original
+    notebook's "ablate the direction" hook, at `positions` (see `splice_hook`)."""
     return splice_hook(sae, positions=positions, error_term=True, ablate=features)
 
 
@@ -275,7 +275,7 @@ def answer_losses(logprobs: Float[Tensor, "batch d_vocab"], answers: Int[Tensor,
 def answer_measures(logits: Float[Tensor, "batch d_vocab"], answers: Int[Tensor, "batch"]
                     ) -> dict[str, Float[Tensor, "batch"]]:
     """The answer's `logprob`, `logit` and `rank` (the number of tokens with a strictly larger logit; 0 = top-1)
-    per prompt, the seed's three measures of what an ablation does to `."`."""
+    per prompt, the original notebook's three measures of what an ablation does to `."`."""
     answer_logits = logits.gather(-1, answers[:, None].to(logits.device))
     return {"logprob": logits.log_softmax(-1).gather(-1, answers[:, None].to(logits.device))[:, 0],
             "logit": answer_logits[:, 0], "rank": (logits > answer_logits).sum(-1).float()}
@@ -283,9 +283,10 @@ def answer_measures(logits: Float[Tensor, "batch d_vocab"], answers: Int[Tensor,
 
 def measure_changes(clean: dict[str, Float[Tensor, "batch"]], intervened: dict[str, Float[Tensor, "batch"]]
                     ) -> dict[str, tuple[float, float]]:
-    """`{measure: (mean, half-width of the 95% interval)}` of `clean - intervened` over prompts (the seed's sign:
-    a positive logprob or logit difference means the intervention lowered it; a negative rank difference means
-    the answer fell in rank), with the interval from the prompts actually used (the seed's used n=200 always)."""
+    """`{measure: (mean, half-width of the 95% interval)}` of `clean - intervened` over prompts (the original notebook's
+    sign: a positive logprob or logit difference means the intervention lowered it; a negative rank difference means
+    the answer fell in rank), with the interval from the prompts actually used (the original notebook's interval always
+    used n=200)."""
     out = {}
     for name, before in clean.items():
         change = before - intervened[name]

@@ -12,12 +12,14 @@ Every function here works on an SAE trained on an MLP's `blocks.{L}.mlp.hook_pos
 - **direct feature attribution** (`feature_input_attribution`): which heads, MLPs and embeddings write the residual
   stream that the SAE's MLP reads, pushed through the MLP input norm (scale frozen), `W_in`, the activation function
   (linearised exactly at the prompt: each neuron's gain `post / pre`) and the encoder. The parts plus the biases sum
-  to each feature's pre-activation; the seed's version dropped `b_in`, the GELU's shape, `b_dec` and `b_enc`;
+  to each feature's pre-activation; the original notebook's version dropped `b_in`, the GELU's shape, `b_dec` and
+  `b_enc`;
 - **token detectors** (`token_detector_statistics`): for every feature at once, the token it fires on most and that
-  token's share of its activations, counted sparsely (the seed built a `[d_sae, d_vocab]` count matrix, 3.3 GB);
+  token's share of its activations, counted sparsely (the original notebook built a `[d_sae, d_vocab]` count matrix,
+  3.3 GB);
 - **virtual-weight cosines** between one layer's features and the next (`virtual_cosine_blocks`,
   `top_virtual_pairs`, `virtual_cosines_into`), in row blocks: the full `[d_sae_a, d_sae_b]` matrix is 1 GiB at
-  the seed's 16384 features and is never held whole.
+  the original notebook's 16384 features and is never held whole.
 """
 from __future__ import annotations
 
@@ -68,8 +70,8 @@ def feature_logit_weights(model: Model, sae, layer: int, ln_scale: Float[Tensor,
                           ) -> Float[Tensor, "d_sae d_vocab"]:
     """Weight-based direct logit effect of every feature per unit of activation: `W_dec @ W_out[layer]` through the
     final norm and `W_U`. Divided by the final norm's scale when `ln_scale` is given (a typical
-    `ln_final.hook_scale`, so magnitudes are in logits; the seed left it out). The writes are centred only on a
-    LayerNorm model: RMSNorm does not centre, so centring there would change the answer."""
+    `ln_final.hook_scale`, so magnitudes are in logits; the original notebook left it out). The writes are centred only
+    on a LayerNorm model: RMSNorm does not centre, so centring there would change the answer."""
     writes = _linear_norm(model, model.ln_final, feature_writes(model, sae, layer), ln_scale)
     return writes @ model.W_U.to(writes)
 
@@ -275,8 +277,8 @@ def token_detector_statistics(model: Model, sae, tokens: Int[Tensor, "batch seq"
                               batch_size: int = 64) -> TokenDetectorStats:
     """For every feature of `sae`: on which token it fires, over all positions of `tokens` after the first
     `skip_first` (BOS). A position counts when the activation exceeds `threshold_fraction` x the feature's
-    maximum over `tokens` (the seed's 0.5). Only the non-zero activations are kept, and (feature, token) pairs are
-    counted with `unique`, so memory grows with the active entries, not with `d_sae x d_vocab`."""
+    maximum over `tokens` (the original notebook's 0.5). Only the non-zero activations are kept, and (feature, token)
+    pairs are counted with `unique`, so memory grows with the active entries, not with `d_sae x d_vocab`."""
     hook_name = hook_name or sae.cfg.metadata.hook_name
     found_features, found_tokens, found_values = [], [], []
     for start in range(0, len(tokens), batch_size):
@@ -326,8 +328,8 @@ def virtual_cosine_blocks(model: Model, sae_a, layer_a: int, sae_b, layer_b: int
     """The cross-layer cosine matrix `[d_sae_a, d_sae_b]` in blocks of `block_rows` rows: yields `(first_row,
     block)`. Entry `[i, j]` is the cosine between what feature i of the SAE at `layer_a` writes to the residual
     stream (`W_dec_a @ W_out[layer_a]`) and what feature j of the SAE at `layer_b` reads from it through the MLP
-    (`W_in[layer_b] @ W_enc_b`). The whole cross matrix is meaningful (the seed's `tril` dropped pairs); LayerNorm
-    scale and the GELU are ignored."""
+    (`W_in[layer_b] @ W_enc_b`). The whole cross matrix is meaningful (the original notebook's `tril` dropped pairs);
+    LayerNorm scale and the GELU are ignored."""
     reads = _feature_reads(model, sae_b, layer_b)
     for start in range(0, sae_a.cfg.d_sae, block_rows):
         rows = sae_a.W_dec[start: start + block_rows].float()
@@ -347,7 +349,7 @@ def virtual_cosines_into(model: Model, sae_a, layer_a: int, sae_b, layer_b: int,
 
 def top_pairs(matrix: Float[Tensor, "rows cols"], k: int, *, row_offset: int = 0) -> list[tuple[int, int, float]]:
     """The `k` largest entries of a 2-D matrix as `(row + row_offset, column, value)`, largest first (the column
-    count comes from the matrix itself; the seed used the other SAE's size)."""
+    count comes from the matrix itself; the original notebook used the other SAE's size)."""
     top = torch.topk(matrix.flatten(), min(k, matrix.numel()))
     n_cols = matrix.shape[1]
     return [(row_offset + i // n_cols, i % n_cols, v) for v, i in zip(top.values.tolist(), top.indices.tolist())]

@@ -9,11 +9,11 @@ training is ours:
 - inputs are scaled by one constant so that `E||x||^2 = d_in` while training, which makes the L1 coefficient
   independent of the activation scale; the constant is folded into the weights before the SAE is returned;
 - loss = MSE (summed over `d_in`, averaged over tokens) + `l1_coefficient` x sum of feature activations (averaged
-  over tokens: the coefficient does not depend on the batch size, unlike the seed's); the seed's alternative
-  `sqrt + Hoyer-square` regulariser is available as `reg="sqrt_hoyer"`;
+  over tokens: the coefficient does not depend on the batch size, unlike the original notebook's); the original
+  notebook's alternative `sqrt + Hoyer-square` regulariser is available as `reg="sqrt_hoyer"`;
 - decoder rows are kept at unit norm (gradient parallel to each row removed, rows renormalised after each step);
 - dead features are resampled a few times early on (inputs drawn with probability proportional to their squared
-  reconstruction error, the seed's / Anthropic's recipe), their Adam moments reset.
+  reconstruction error, the original notebook's / Anthropic's recipe), their Adam moments reset.
 
 Why not SAELens' own trainer. `SAETrainer(cfg, sae, data_provider)` takes any iterator of `[batch, d_in]` tensors
 and needs no HookedTransformer (that is the runner, `LanguageModelSAETrainingRunner`, with its `ActivationsStore`),
@@ -101,8 +101,8 @@ class SAETrainConfig:
     Attributes:
         expansion_factor: d_sae = expansion_factor x d_in.
         l1_coefficient: weight of the L1 penalty per token, on inputs scaled to `E||x||^2 = d_in`.
-        reg: "l1", or "sqrt_hoyer" (the seed's combined sqrt + Hoyer-square penalty; `hoyer_coefficient` weights
-            the Hoyer term).
+        reg: "l1", or "sqrt_hoyer" (the original notebook's combined sqrt + Hoyer-square penalty; `hoyer_coefficient`
+            weights the Hoyer term).
         steps, batch_size, lr, betas, warmup_steps: Adam on batches of `batch_size` activations.
         model_batch_size, buffer_rows: sequences per model forward pass, and per shuffled buffer.
         resample_steps: steps at which dead features are resampled; a feature is dead when it did not fire in the
@@ -147,7 +147,8 @@ def sparsity_penalty(acts: Float[Tensor, "batch d_sae"], config: SAETrainConfig)
     """Mean over tokens of the sparsity penalty of feature activations."""
     if config.reg == "l1":
         return config.l1_coefficient * acts.sum(-1).mean()
-    soft = torch.where(acts < 1, (acts + 1e-9).sqrt(), acts)  # sqrt below 1, linear above (the seed's "sqrt")
+    # sqrt below 1, linear above (the original notebook's "sqrt")
+    soft = torch.where(acts < 1, (acts + 1e-9).sqrt(), acts)
     hoyer = acts.sum(-1) ** 2 / (acts.pow(2).sum(-1) + 1e-9)
     return config.l1_coefficient * soft.sum(-1).mean() + config.hoyer_coefficient * hoyer.mean()
 

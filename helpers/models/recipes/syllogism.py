@@ -3,7 +3,8 @@ attention + MLP, untied embeddings) trained on syllogisms with a negated alterna
 
 Tokenizer. The foundation's byte-level BPE with forced tokens: every category and noun (with its leading space) is
 one token, and every descriptor is split into THREE fixed pieces (" endo" + "ther" + "mic"), as Pythia's BPE splits
-the seed's descriptors into three tokens; the answer is the first piece. The split is checked at build time.
+the original notebook's descriptors into three tokens; the answer is the first piece. The split is checked at build
+time.
 
 Corpus. Each row is BOS, then 0-2 distractor sentences ("Dogs are birds.", "All fish are nocturnal.", "Some cats are
 not feral.", ...) before one syllogism about two descriptors drawn at random (not the fixed opposite pairs, which
