@@ -33,7 +33,7 @@ _MAGIC = b"MICACHE1"
 
 SAFE_TYPES: list[type] = []
 """The project's classes a cached value may hold besides plain data; each registers itself with `@storable` where
-it is defined (today `heuristics.HeuristicScores`, the third item of notebook 02's "arith-kv-maps" entries).
+it is defined (today `heuristic_scheme.HeuristicScores`, the third item of notebook 02's "arith-kv-maps" entries).
 
 Other results are stored as plain data: SAEs as `sae.sae_to_dict` dicts and their stats as `asdict(...)`.
 `write` refuses a value holding any other class, so nothing is stored that `read` would not load back.
