@@ -49,11 +49,10 @@ trained: setup fixtures
 
 nbtest: setup
 	$(PY) -m pytest -q --nbval-lax --nbval-sanitize-with notebooks/sanitize.cfg notebooks/*.ipynb
-	$(PY) -m helpers.notebook.run_notebooks --only 01_grokking --set task=addition --out runs/ci-addition
 
 # the checked outputs under other reduction orders: nbval at 1 and 3 torch threads, each on an empty cache, against
 # the committed outputs (another CPU's vector kernels add floats in another order, as another thread count does).
-# Not part of `make test`: CI has no room for it (about 4 min for notebook 05 alone at 1 thread, 20+ for all five).
+# Not part of `make test`: CI has no room for it (about 4 min for notebook 05 alone at 1 thread, 20+ for all six).
 # `make nbtest-threads THREAD_COUNTS=1 THREAD_NOTEBOOKS=notebooks/05_sae_quote_features.ipynb` is the quick check.
 # Passive waiting keeps 3 threads on 2 cores from spinning against each other (it changes no result).
 THREAD_COUNTS ?= 1 3

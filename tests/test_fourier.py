@@ -197,3 +197,33 @@ def test_helpers_and_progress_measures_agree_on_cpu_and_cuda():
                                        gpu_data.test_indices, p, [1])
     for name in ("train_loss", "test_loss", "restricted_loss", "excluded_loss", "logit_residual"):
         assert getattr(on_gpu, name) == pytest.approx(getattr(on_cpu, name), rel=1e-4), name
+
+
+
+MEMORISED = "test accuracy reaches 99% (final 62.0%; this seed memorised)"
+
+
+def test_the_acceptance_checks_pass_a_grokked_run_and_fail_each_bar_alone():
+    passing = dict(final_test_accuracy=1.0, grokked=True, n_key_frequencies=3, excluded_loss=2.76,
+                   residual_start=0.87, residual_end=0.13)
+    assert fourier.acceptance_checks(**passing) == {
+        "test accuracy reaches 99% (final 100.0%)": True, "at least two key frequencies": True,
+        "excluded loss above 1 at the end": True, "logit residual fraction falls across training": True}
+    for change, failed in [({"final_test_accuracy": 0.62, "grokked": False}, MEMORISED),
+                           ({"n_key_frequencies": 1}, "at least two key frequencies"),
+                           ({"excluded_loss": 0.9}, "excluded loss above 1 at the end"),
+                           ({"residual_end": 0.9}, "logit residual fraction falls across training")]:
+        checks = fourier.acceptance_checks(**{**passing, **change})
+        assert [name for name, ok in checks.items() if not ok] == [failed]
+
+
+def test_a_planted_memorising_run_fails_every_bar():
+    checks = fourier.acceptance_checks(0.62, False, 1, 0.4, 0.5, 0.7)
+    assert checks == {MEMORISED: False, "at least two key frequencies": False,
+                      "excluded loss above 1 at the end": False, "logit residual fraction falls across training": False}
+
+
+def test_the_reference_holds_the_papers_figures_by_what_they_describe():
+    assert fourier.REFERENCE["key frequencies"] == "17, 25, 32, 47"
+    assert set(fourier.RECIPE) == {"p", "frac_train", "lr", "num_epochs", "weight_decay", "betas", "data_seed",
+                                   "model_seed"}

@@ -3,6 +3,7 @@ type fails at once with a message naming it (no notebook is run)."""
 from __future__ import annotations
 
 import ast
+import importlib
 from types import SimpleNamespace
 
 import nbformat
@@ -50,10 +51,14 @@ BAD = [  # (notebook, parameter, value, words the message must contain)
     ("04_german_context_neuron", "german_source", "/nonexistent/de.txt", "existing file"),
     ("05_sae_quote_features", "story_source", "/nonexistent", "'generated', or 'tinystories', or the path"),
     ("05_sae_quote_features", "sae_layers", [], "at least 1 item"),
-    ("01_grokking", "p", 0, "None or an integer >= 2"),
-    ("01_grokking", "lr", 0, "None or a finite number > 0"),
-    ("01_grokking", "task", "multiplication", "one of 'modular', 'addition'"),
+    ("01_grokking", "p", 0, "an integer >= 2"),
+    ("01_grokking", "lr", 0, "a finite number > 0"),
+    ("01_grokking", "p", None, "an integer >= 2"),
     ("01_grokking", "device", "gpu", "'cuda'"),
+    ("01_grokking", "betas", (0.9, 0.98, 0.999), "exactly two betas"),
+    ("01b_plain_addition", "p", 1, "an integer >= 2"),
+    ("01b_plain_addition", "num_epochs", 0, "an integer >= 1"),
+    ("01b_plain_addition", "frac_train", 0.0, "a finite number > 0 and <= 1"),
 ]
 
 
@@ -64,6 +69,13 @@ def test_bad_value_names_the_parameter_and_what_is_allowed(stem, name, value, wo
         params.NOTEBOOKS[stem].check(values)
     message = str(error.value)
     assert f"{name}={value!r}" in message and words in message
+
+
+@pytest.mark.parametrize("stem, study", [("01_grokking", "fourier"), ("01b_plain_addition", "plain_addition")])
+def test_the_grokking_notebooks_default_to_the_recipe_their_bars_are_asserted_on(stem, study):
+    recipe = importlib.import_module(f"helpers.studies.{study}").RECIPE
+    values = defaults(stem)
+    assert {name: values[name] for name in recipe} == recipe
 
 
 def test_layers_are_checked_against_the_loaded_model():

@@ -130,6 +130,12 @@ def test_committed_notebooks_hold_no_machine_path(path):
     assert str(REPO_ROOT) not in metadata and "/home/" not in metadata and "/tmp/" not in metadata
 
 
+def test_every_notebook_runs_by_default_and_by_its_stem():
+    assert [path.stem for path in run_notebooks.notebooks(None)] == list(params.NOTEBOOKS)
+    assert [path.stem for path in run_notebooks.notebooks(["01b_plain_addition", "01_grokking"])] == [
+        "01b_plain_addition", "01_grokking"]
+
+
 def test_drop_machine_paths_makes_papermill_paths_relative(tmp_path):
     notebook = nbformat.v4.new_notebook()
     notebook.metadata["papermill"] = {"input_path": str(NOTEBOOKS_DIR / "01_grokking.ipynb"),

@@ -19,7 +19,7 @@ from helpers.notebook.plotting import read_saved_figure, static_figure
 DOCS_FIGURES = REPO_ROOT / "docs" / "figures"
 
 KEY_FIGURES = {  # PNG name -> the figure a default run saves (relative to figs/)
-    "01_grokking_progress_measures": "01_grokking/modular/progress_measures.html",
+    "01_grokking_progress_measures": "01_grokking/progress_measures.html",
     "02_arithmetic_faithfulness_vs_heads": "02_arithmetic_heuristics/faithfulness_vs_heads.html",
     "03_syllogism_head_dla": "03_syllogism_circuit/head_dla.html",
     "04_german_context_neuron_histogram": "04_german_context_neuron/context_neuron_histogram.html",

@@ -183,15 +183,25 @@ def _common(model_default: bool = True) -> dict[str, Rule]:
     return rules
 
 
+def _training_recipe() -> dict[str, Rule]:
+    """The grokking transformer's training recipe, shared by notebooks 01 and 01b."""
+    return dict(p=integer(2), frac_train=number(0, 1, low_open=True), lr=number(0, low_open=True),
+                weight_decay=number(0), betas=sequence(number(0, 1), min_items=2), num_epochs=integer(1),
+                checkpoint_every=integer(1), data_seed=integer(0), model_seed=integer(0))
+
+
+_TWO_BETAS = Relation("exactly two betas", ("betas",), lambda betas: len(betas) == 2)
+
 GROKKING = NotebookParameters(
     rules=dict(
-        task=choice("modular", "addition"), p=integer(2, optional=True), frac_train=number(0, 1, low_open=True,
-                                                                                         optional=True),
-        lr=number(0, low_open=True, optional=True), weight_decay=number(0),
-        betas=sequence(number(0, 1), min_items=2), num_epochs=integer(1, optional=True), checkpoint_every=integer(1),
-        data_seed=integer(0), model_seed=integer(0), key_frequency_threshold=number(0, 1, low_open=True),
+        **_training_recipe(), key_frequency_threshold=number(0, 1, low_open=True),
         key_frequency_share=number(0, 1, low_open=True), strict=flag(optional=True), **_common(model_default=False)),
-    relations=(Relation("exactly two betas", ("betas",), lambda betas: len(betas) == 2),),
+    relations=(_TWO_BETAS,),
+)
+
+PLAIN_ADDITION = NotebookParameters(
+    rules=dict(**_training_recipe(), strict=flag(optional=True), **_common(model_default=False)),
+    relations=(_TWO_BETAS,),
 )
 
 OPERATORS = ("+", "-", "*", "/")
@@ -294,6 +304,7 @@ SAE_QUOTE_FEATURES = NotebookParameters(
 
 NOTEBOOKS: dict[str, NotebookParameters] = {
     "01_grokking": GROKKING,
+    "01b_plain_addition": PLAIN_ADDITION,
     "02_arithmetic_heuristics": ARITHMETIC_HEURISTICS,
     "03_syllogism_circuit": SYLLOGISM_CIRCUIT,
     "04_german_context_neuron": GERMAN_CONTEXT_NEURON,

@@ -1,7 +1,7 @@
 """Execute the notebooks headless with papermill on their defaults and print each one's wall time.
 
     python -m helpers.notebook.run_notebooks                          # every notebook -> runs/<name>.ipynb, figures -> figs/
-    python -m helpers.notebook.run_notebooks --only 01_grokking --set task=addition --out runs/addition
+    python -m helpers.notebook.run_notebooks --only 01_grokking 01b_plain_addition --set data_seed=1 --out runs/seed1
     python -m helpers.notebook.run_notebooks --inplace                # refresh the committed outputs
     python -m helpers.notebook.run_notebooks --only 04_german_context_neuron --report runs/report.jsonl   # + time and memory
 
@@ -70,14 +70,15 @@ def sweep_grid(sweeps: list[tuple[str, list]]) -> list[dict]:
 
 
 def run_name(parameters: dict) -> str:
-    """A file name for one run of a sweep: `seed=3`, `seed=3_task=addition` (unsafe characters become `-`)."""
+    """A file name for one run of a sweep: `seed=3`, `data_seed=1_model_seed=2` (unsafe characters become `-`)."""
     text = "_".join(f"{name}={value}" for name, value in parameters.items()) or "defaults"
     return re.sub(r"[^A-Za-z0-9=._+-]+", "-", text).strip("-")
 
 
 def notebooks(only: list[str] | None) -> list[Path]:
-    """The notebooks to run, in order; `only` holds stems like `01_grokking` or paths of other `.ipynb` files."""
-    found = sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+    """The notebooks to run, in order; `only` holds stems like `01_grokking` or `01b_plain_addition`, or paths of
+    other `.ipynb` files."""
+    found = sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]*_*.ipynb"))
     if only:
         stems = {path.stem: path for path in found}
         paths = {name: Path(name) for name in only if name.endswith(".ipynb") and Path(name).is_file()}
