@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from helpers.core.components import Model
 from helpers.core.hub import HubUnreachableError
 from helpers.models.source import ModelNotFoundError, resolve_model
 from helpers.sources import realdata
@@ -166,7 +167,7 @@ class NotebookParameters:
                 shown = ", ".join(f"{name}={values[name]!r}" for name in relation.names)
                 raise ParameterError(f"{shown}: needs {relation.description}")
 
-    def check_model(self, values: Mapping[str, Any], model) -> None:
+    def check_model(self, values: Mapping[str, Any], model: Model) -> None:
         """The checks that need the loaded model: layer indices below `model.cfg.n_layers`."""
         n_layers = model.cfg.n_layers
         for name in self.layer_lists:

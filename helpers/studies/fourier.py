@@ -21,7 +21,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from helpers.core.components import hook_name
+from helpers.core.components import Model, hook_name
+from helpers.tasks.modular import last_position_loss
 
 RECIPE = dict(p=41, frac_train=0.5, lr=3e-3, num_epochs=3500, weight_decay=1.0, betas=(0.9, 0.98), data_seed=598,
               model_seed=999)
@@ -229,7 +230,7 @@ def trig_outer_product(basis: FourierBasis, row_a: int, row_b: int) -> Float[Ten
     return torch.outer(basis.matrix[row_a], basis.matrix[row_b])
 
 
-def logit_trig_fit(logits: Float[Tensor, "p p p"], frequencies: list[int]) -> dict[str, Tensor]:
+def logit_trig_fit(logits: Float[Tensor, "p p p"], frequencies: list[int]) -> dict[str, Float[Tensor, "..."]]:
     """How well `cos(w_k (a + b - c))` terms explain the logits (the paper's third progress measure).
 
     Args:
@@ -278,7 +279,7 @@ class ProgressMeasures:
     logit_residual: float
 
 
-def progress_measures(model, tokens: Int[Tensor, "pairs 3"], labels: Int[Tensor, " pairs"],
+def progress_measures(model: Model, tokens: Int[Tensor, "pairs 3"], labels: Int[Tensor, " pairs"],
                       train_indices: Int[Tensor, " n_train"], test_indices: Int[Tensor, " n_test"],
                       p: int, frequencies: list[int]) -> ProgressMeasures:
     """Compute the progress measures of a 1-layer modular-addition model on all p*p inputs (rows a*p + b).
@@ -286,11 +287,9 @@ def progress_measures(model, tokens: Int[Tensor, "pairs 3"], labels: Int[Tensor,
     Args:
         model: a TransformerBridge with p answer classes and `W_out`, `W_U`, `b_U`.
     """
-    from helpers.tasks.modular import last_position_loss  # the grokking loss; tasks never import techniques
-
     post, resid = hook_name("neuron", 0), hook_name("resid_mid", 0)
     with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in {post, resid})
+        logits, cache = model.run_with_cache(tokens, names_filter=[post, resid])
         logits = logits[:, -1].double()                         # [p*p, p]
         acts = cache[post][:, -1].double()                      # [p*p, d_mlp]
         resid_mid = cache[resid][:, -1].double()                # [p*p, d_model]
