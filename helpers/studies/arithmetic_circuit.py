@@ -257,8 +257,8 @@ def patch_neurons_at_last(model: Model, clean: Int[Tensor, "N seq"], corrupt: In
                           neurons: Sequence[tuple[int, int]]) -> Float[Tensor, "n_neurons"]:
     """Activation patching of single neurons at `=` from the counterfactual run, scored as the IE maps are (mean of
     `signed_log(IE)`): the ground truth `neuron_attribution` estimates."""
-    names = {Component.neuron(l, 0).hook_name() for l, _ in neurons}
-    _, cache = model.run_with_cache(corrupt, names_filter=lambda n: n in names)
+    names = sorted({Component.neuron(l, 0).hook_name() for l, _ in neurons})
+    _, cache = model.run_with_cache(corrupt, names_filter=names)
     metric = indirect_effect_metric(model(clean), clean_answers, corrupt_answers, log_scale=True)
     variants = [[(Component.neuron(l, 0).hook_name(), (clean.shape[1] - 1, n))] for l, n in neurons]
     return run_patched_variants(model, clean, {k: cache[k] for k in names}, variants, metric)
@@ -305,5 +305,5 @@ def token_responses(model: Model, token_ids: Int[Tensor, "T"], layer: int, neuro
     bos = model.tokenizer.bos_token_id
     tokens = torch.stack([torch.full_like(token_ids, bos), token_ids], dim=1) if prepend_bos else token_ids[:, None]
     name = Component.neuron(layer, 0).hook_name()
-    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n == name)
+    _, cache = model.run_with_cache(tokens, names_filter=[name])
     return cache[name][:, -1, list(neurons)].float().T.cpu()
