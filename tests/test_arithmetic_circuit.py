@@ -178,11 +178,11 @@ def test_the_acceptance_checks_pass_a_clear_run_and_fail_each_bar_alone():
                    guided_gap=0.1)
     assert all(AC.acceptance_checks(**passing).values())
     circuit = "circuit of <= 9 heads + MLPs with faithfulness >= 0.9 for + and -"
+    curve = "top-k curve of every faithful circuit saturates at <= 35% of d_mlp"
     for change, failed in [({"accuracy": {"+": 1.0, "-": 0.7}}, "accuracy above chance and below 1"),
                            ({"circuit_sizes": {"+": 10, "-": 8}}, circuit),
                            ({"circuit_faithfulness": {"+": 0.95, "-": 0.8}}, circuit),
-                           ({"saturation": [0.05, 0.4]}, "top-k curve of every faithful circuit saturates at <= 35% of d_mlp"),
-                           ({"full_faithfulness": [0.5, 0.5]}, "top-k curve of every faithful circuit saturates at <= 35% of d_mlp"),
+                           ({"saturation": [0.05, 0.4]}, curve), ({"full_faithfulness": [0.5, 0.5]}, curve),
                            ({"mean_classified": 0.4}, ">= 50% of top neurons classified at 0.6"),
                            ({"related": {"+": 0.9, "-": float("nan")}, "unrelated": {"+": 0.8, "-": 0.9}},
                             "knockout: related hurt more than unrelated"),

@@ -5,9 +5,9 @@ from helpers.studies import syllogism_circuit
 def test_the_acceptance_checks_pass_a_clear_circuit_and_fail_each_bar_alone():
     passing = dict(heldout_top1=0.97, n_movers=4, knockout_left=0.36, n_level2=2)
     assert all(syllogism_circuit.acceptance_checks(**passing).values())
+    knockout = "mover knockout lowers the (clean-normalised) logit diff by >= 50%"
     for change, failed in [({"heldout_top1": 0.94}, "held-out accuracy >= 95%"),
-                           ({"n_movers": 0}, "mover knockout lowers the (clean-normalised) logit diff by >= 50%"),
-                           ({"knockout_left": 0.51}, "mover knockout lowers the (clean-normalised) logit diff by >= 50%"),
+                           ({"n_movers": 0}, knockout), ({"knockout_left": 0.51}, knockout),
                            ({"n_level2": 0}, "path patching names earlier heads feeding the movers")]:
         checks = syllogism_circuit.acceptance_checks(**{**passing, **change})
         assert [name for name, ok in checks.items() if not ok] == [failed]

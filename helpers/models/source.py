@@ -121,5 +121,6 @@ def _zoo_source(text: str, toy: str) -> ModelSource:
                                  f"with: python -m helpers.models.zoo repair {toy}")
     if not (folder / "config.json").is_file():
         raise ModelNotFoundError(
-            f"zoo model {toy!r} has no checkpoint at {folder}; rebuild it with: python -m helpers.models.zoo train {toy}")
+            f"zoo model {toy!r} has no checkpoint at {folder}; rebuild it with: "
+            f"python -m helpers.models.zoo train {toy}")
     return ModelSource(text, "zoo", folder, tuple(zoo.revisions(toy)))

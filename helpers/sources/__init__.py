@@ -1,1 +1,2 @@
-"""Files from the package registries, pinned and checksummed: real tokenizers, real-config checkpoints, a trained model, real prose."""
+"""Files from the package registries, pinned and checksummed: real tokenizers, real-config checkpoints, a trained
+model, real prose."""

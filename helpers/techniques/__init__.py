@@ -1,1 +1,2 @@
-"""Interpretability techniques, independent of any one study: patching and its replay engine, ablation, DLA, edge attribution, neurons, SAEs."""
+"""Interpretability techniques, independent of any one study: the run engine, patching, ablation, DLA, edge
+attribution, neurons, SAEs."""
