@@ -1,5 +1,5 @@
-"""Head views (helpers.techniques.attention) against the model's own cache, on every test architecture; the OV circuit by hand
-under grouped-query attention."""
+"""Head views (helpers.techniques.attention) against the model's own cache, on every test architecture; the OV circuit
+by hand under grouped-query attention."""
 from __future__ import annotations
 
 import pytest

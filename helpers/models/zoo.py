@@ -102,7 +102,8 @@ def revision_dir(name: str, revision: str) -> Path:
 
 def checkpoint_dir(name: str) -> Path:
     """The folder that holds the checkpoint of zoo model `name`. A read: nothing is moved or deleted (a checkpoint a
-    killed save stranded is put back by the next save, or `python -m helpers.models.zoo repair NAME`; see `stranded`)."""
+    killed save stranded is put back by the next save, or `python -m helpers.models.zoo repair NAME`; see
+    `helpers.core.folders.stranded`)."""
     if name not in ZOO:
         raise KeyError(f"unknown zoo model {name!r}; the zoo has: {', '.join(names())}")
     return MODELS_DIR / name

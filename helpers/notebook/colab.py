@@ -2,8 +2,8 @@
 
 A notebook opened from GitHub in Colab has neither `helpers` nor the toy checkpoints. `SETUP_CELL` (the source of
 each notebook's first code cell, before the `parameters` cell) then pip-installs the project from its git URL (the
-wheel ships the checkpoints, see `helpers.core.paths`) and makes `/content/mechinterp` the working folder, where figures,
-caches and runs go. Everywhere else (JupyterLab on a checkout, papermill, nbval) the cell does nothing and prints
+wheel ships the checkpoints, see `helpers.core.paths`) and makes `/content/mechinterp` the working folder, where
+figures, caches and runs go. Everywhere else (JupyterLab on a checkout, papermill, nbval) the cell does nothing and prints
 nothing. This is the TransformerLens demos' and ARENA's pattern: detect Colab, install, carry on.
 
 The cell cannot import this module (it runs before the install), so it is self-contained; `tests/test_colab.py`

@@ -10,7 +10,8 @@ that match the real models in everything but the weights:
   exactly as a downloaded model would be.
 
 Everything lands under `data/real/` (gitignored; the Llama-3 tokenizer's licence forbids committing it) and is built
-once. `python -m helpers.sources.realsize fetch` gets the tokenizers; `python -m helpers.sources.realsize build NAME` a checkpoint.
+once. `python -m helpers.sources.realsize fetch` gets the tokenizers; `python -m helpers.sources.realsize build NAME`
+a checkpoint.
 """
 from __future__ import annotations
 

@@ -49,7 +49,8 @@ REFERENCE: dict[str, dict[str, object]] = {
         "MLP0 neurons needed (fraction)": 0.01,                                                            # Fig. 12b
         "top neurons classified at 0.6 (paper's statistic)": 0.91,
         **{f"knockout {op}: related vs unrelated accuracy": value                                          # Fig. 7
-           for op, value in {"+": "0.56 vs 0.86", "-": "0.64 vs 0.88", "*": "0.80 vs 0.89", "/": "0.78 vs 0.91"}.items()},
+           for op, value in {"+": "0.56 vs 0.86", "-": "0.64 vs 0.88", "*": "0.80 vs 0.89",
+                             "/": "0.78 vs 0.91"}.items()},
         "prompt-guided knockout below random control": "yes (Fig. 8)",
         "mean IoU of top neurons between operators": 0.54,                                                 # Fig. 15
     },

@@ -4,8 +4,9 @@ beside the original notebook's.
 
 Every measurement reads one position per prompt, the last real token of a `QuotePrompts` (right-padded prompts
 that end just before a closing quote); interventions act at that position only. The SAE techniques themselves
-live in `helpers.techniques.sae` (training, hooks, losses) and `helpers.techniques.sae_features` (logit effects, attribution, token
-statistics); this module strings them together the way the original notebook did.
+live in `helpers.techniques.sae` (format, hooks, losses), `helpers.techniques.sae_training` (the training loop) and
+`helpers.techniques.sae_features` (logit effects, attribution, token statistics); this module strings them together
+the way the original notebook did.
 """
 from __future__ import annotations
 

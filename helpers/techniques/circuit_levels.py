@@ -7,8 +7,8 @@
     level n+1   heads whose corrupted output, sent only to level n's query, key or value inputs, moves the metric
                 (`upstream_path_patch`: path patching from the heads that can reach the receivers).
 
-A knockout writes zero or the mean over a reference batch (`helpers.techniques.ablation`) into a head's output `hook_z`, at one
-position or all. The metric is any `logits -> scalar` where 1 is the intact behaviour, e.g. the logit difference as
+A knockout writes zero or the mean over a reference batch (`helpers.techniques.ablation`) into a head's output
+`hook_z`, at one position or all. The metric is any `logits -> scalar` where 1 is the intact behaviour, e.g. the logit difference as
 a fraction of the clean one (`patching.normalised_logit_diff(answers, clean_ld, 0.0)`).
 
 A head in layer `l` can only reach heads in later layers, so a receiver in layer 0 has no upstream heads: what it
@@ -112,8 +112,8 @@ def attention_from(cache, heads: Sequence[Head], query_pos: int) -> Float[Tensor
     """Each head's attention from `query_pos` to every key position, mean over the batch: `[len(heads), key_pos]`
     (rows sum to 1; keys after `query_pos` get 0 under the causal mask).
 
-    Reads a cache already made, such as a knocked-out run's (`KnockoutDLA.cache`); `helpers.techniques.attention.mean_patterns`
-    runs the model itself for the whole mean pattern."""
+    Reads a cache already made, such as a knocked-out run's (`KnockoutDLA.cache`);
+    `helpers.techniques.attention.mean_patterns` runs the model itself for the whole mean pattern."""
     rows = [cache[hook_name("head", layer, "pattern")][:, head, query_pos].mean(0) for layer, head in heads]
     if rows:
         return torch.stack(rows)

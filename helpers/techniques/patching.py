@@ -17,8 +17,8 @@ How a sweep runs: a patch cannot change what comes before it, neither the layers
 (attention being causal) the positions before its first position. So the corrupted tokens run once unpatched
 through the blocks (`replay.Trace`, the bridge's own blocks with its processed weights and hooks), and each variant
 starts at its first (layer, position): the residual stream there from that run, the run's keys and values for the
-earlier positions, only the later positions recomputed. Variants sharing a start run batched (the corrupted batch repeated
-once per variant, `[n_variants * batch, pos - start]`, one hook per hook point writing each variant's clean slice
+earlier positions, only the later positions recomputed. Variants sharing a start run batched (the corrupted batch
+repeated once per variant, `[n_variants * batch, pos - start]`, one hook per hook point writing each variant's clean slice
 into its own rows), and only the logits the metric reads are computed (those a `PositionalMetric` declares, or
 those `learn_reads` finds a plain `metric(logits)` depends on, from its gradient, checked; else every logit).
 `max_rows` bounds the rows of one pass; by default they fit `ACTIVATION_BUDGET`. Where a model's blocks cannot be
@@ -50,8 +50,9 @@ from tqdm.auto import tqdm
 
 from helpers.core import cache as result_cache
 from helpers.core.components import Component, Model, all_heads, device_of, hook_name, run_with_hooks
-from helpers.techniques.replay import (FAST_HOOKS, QUERY_AXIS_HOOKS, NoFastPath, Trace, block_calls, equal_up_to_rounding,
-                            fast_path, hooked_logits, logits_of, repeat_rows, sources_match_prefix)
+from helpers.techniques.replay import (FAST_HOOKS, QUERY_AXIS_HOOKS, NoFastPath, Trace, block_calls,
+                                       equal_up_to_rounding, fast_path, hooked_logits, logits_of, repeat_rows,
+                                       sources_match_prefix)
 
 Metric = Callable[[Tensor], Tensor]
 Site = tuple[str, tuple]  # (hook name, index into the activation after the batch dimension)

@@ -1,7 +1,7 @@
 """The real-model path, end to end: each notebook on a checkpoint of its real model's config at real size.
 
-The checkpoints (`helpers.sources.realsize`) have random weights and the real tokenizers, and load by folder path through
-`load_model`, as a downloaded model would. Sample sizes are cut so the tier fits CI; the code path is the notebooks'
+The checkpoints (`helpers.sources.realsize`) have random weights and the real tokenizers, and load by folder path
+through `load_model`, as a downloaded model would. Sample sizes are cut so the tier fits CI; the code path is the notebooks'
 own. On random weights a run must complete, say that the toy's bars were not asserted, and find nothing: every
 acceptance line reads FAIL. Each run appends its wall time and peak memory to `runs/realscale/report.jsonl`.
 

