@@ -71,7 +71,8 @@ class ModelSource:
 
     def weight_files(self, revision: str | None = None) -> list[Path]:
         """The local weight files of the model (at `revision`), for cache keys: a retrained toy never reads its
-        predecessor's entries. None for the hub, whose revisions are immutable names, or a GGUF (keyed by its hash)."""
+        predecessor's entries. Empty for the hub, whose revisions are immutable names, and for a GGUF file (it has no
+        training checkpoints to walk)."""
         if self.kind == "zoo":
             folder = self.revision_path(revision) if revision is not None else self.path
         elif self.kind == "local":
