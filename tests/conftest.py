@@ -108,3 +108,8 @@ def build_tiny_arithmetic(folder: Path, embed_scale: float = 1.0):
 def tiny_arithmetic(tmp_path_factory):
     """`(model, tokenizer)` of `build_tiny_arithmetic`, built once per session."""
     return build_tiny_arithmetic(tmp_path_factory.mktemp("tiny_arithmetic") / "m")
+
+
+def failed_bars(acceptance_checks, passing: dict, change: dict) -> list[str]:
+    """The bars a study's `acceptance_checks` fails on the `passing` figures with `change` applied."""
+    return [name for name, ok in acceptance_checks(**{**passing, **change}).items() if not ok]

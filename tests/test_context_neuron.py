@@ -8,7 +8,7 @@ import torch
 from helpers.techniques import neurons
 from helpers.techniques.losses import token_losses
 from helpers.studies import context_neuron
-from tests.conftest import ARCHITECTURES
+from tests.conftest import ARCHITECTURES, failed_bars
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)
@@ -141,8 +141,7 @@ def test_the_acceptance_checks_hold_for_a_clear_detector_and_fail_each_bar_alone
                            ({"english_change": -0.6}, [specific]),
                            ({"boost_german": 0.2}, ["direct boost larger on German unigrams"]),
                            ({"ngram_found": False}, ["downstream neuron completes a German word only with context"])]:
-        checks = context_neuron.acceptance_checks(**{**passing, **change})
-        assert [name for name, ok in checks.items() if not ok] == failed
+        assert failed_bars(context_neuron.acceptance_checks, passing, change) == failed
 
 
 def test_language_direction_and_writer_separation_equal_a_full_run(tiny):

@@ -1,5 +1,6 @@
 """Notebook 03's acceptance bars: a clear circuit passes, and each bar fails alone."""
 from helpers.studies import syllogism_circuit
+from tests.conftest import failed_bars
 
 
 def test_the_acceptance_checks_pass_a_clear_circuit_and_fail_each_bar_alone():
@@ -9,5 +10,4 @@ def test_the_acceptance_checks_pass_a_clear_circuit_and_fail_each_bar_alone():
     for change, failed in [({"heldout_top1": 0.94}, "held-out accuracy >= 95%"),
                            ({"n_movers": 0}, knockout), ({"knockout_left": 0.51}, knockout),
                            ({"n_level2": 0}, "path patching names earlier heads feeding the movers")]:
-        checks = syllogism_circuit.acceptance_checks(**{**passing, **change})
-        assert [name for name, ok in checks.items() if not ok] == [failed]
+        assert failed_bars(syllogism_circuit.acceptance_checks, passing, change) == [failed]

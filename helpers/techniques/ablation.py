@@ -19,12 +19,11 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from helpers.core.components import all_heads, all_mlps, Component, Model, run_with_hooks
+from helpers.core.components import all_heads, all_mlps, Component, Hook, Model, run_with_hooks
 from helpers.techniques.patching import PositionalMetric, unembedding_reads
 from helpers.techniques.replay import activations, hooked_logits
 from helpers.core.uncertainty import Interval, bootstrap_interval, faithfulness_statistic
 
-Hook = tuple[str, Callable]
 Metric = Callable[[Tensor], Tensor]
 METHODS = ("zero", "mean", "resample")
 

@@ -9,16 +9,15 @@ with these.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from helpers.core.components import Model, run_with_hooks
+from helpers.core.components import Hook, Model, run_with_hooks
 from helpers.techniques.replay import kept_run_available, replayed_logits
 
-Hook = tuple[str, Callable]
 LOGIT_ROWS_BUDGET = 2 ** 26  # floats of logits of one replayed run (256 MB in float32)
 LOSS_CHUNK = 2 ** 24  # floats of logits turned into losses at a time (64 MB in float32)
 
